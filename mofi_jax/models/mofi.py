@@ -1,0 +1,91 @@
+"""MOFI: an image tower, optionally a text tower and an entity head.
+
+Modes (the paper's three ways to train):
+  supervised   image tower + entity head
+  contrastive  image tower + text tower (CLIP-style)
+  multitask    all three; the image embedding feeds both losses.
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mofi_jax.models.heads import EntityHead
+from mofi_jax.models.text import TextTower
+from mofi_jax.models.vit import VisionTower, decode_variant
+
+MODES = ('supervised', 'contrastive', 'multitask')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def uses_text(mode):
+  return mode in ('contrastive', 'multitask')
+
+
+def uses_head(mode):
+  return mode in ('supervised', 'multitask')
+
+
+def image_kwargs(image_cfg):
+  kw = dict(image_cfg)
+  variant = kw.get('variant')
+  if variant:
+    kw = {**decode_variant(variant), **{k: v for k, v in kw.items()
+                                         if k != 'variant' and v is not None}}
+    kw['variant'] = variant
+  return kw
+
+
+class Mofi(nn.Module):
+  mode: str
+  embed_dim: int
+  image: dict
+  text: Optional[dict] = None
+  head: Optional[dict] = None
+  logit_scale_init: float = 1 / 0.07
+  logit_scale_max: float = 100.0
+  dtype: str = 'float32'
+  scan: bool = False
+  remat: str = 'none'
+
+  def setup(self):
+    if self.mode not in MODES:
+      raise ValueError(f'unknown mode {self.mode!r}; expected one of {MODES}')
+    common = dict(dtype=DTYPES[self.dtype], scan=self.scan, remat=self.remat)
+    self.image_tower = VisionTower(self.embed_dim, **image_kwargs(self.image),
+                                   **common)
+    if uses_text(self.mode):
+      self.text_tower = TextTower(self.embed_dim, **dict(self.text), **common)
+      self.log_logit_scale = self.param(
+          'log_logit_scale', nn.initializers.constant(
+              math.log(self.logit_scale_init)), ())
+    if uses_head(self.mode):
+      self.entity_head = EntityHead(**dict(self.head))
+
+  def encode_image(self, images):
+    return self.image_tower(images).astype(jnp.float32)
+
+  def encode_text(self, tokens):
+    return self.text_tower(tokens).astype(jnp.float32)
+
+  def logit_scale(self):
+    # Capped as in CLIP, so the contrastive temperature cannot collapse.
+    return jnp.exp(jnp.minimum(self.log_logit_scale,
+                               math.log(self.logit_scale_max)))
+
+  def __call__(self, images, text=None):
+    out = {'image_emb': self.encode_image(images)}
+    if uses_text(self.mode):
+      if text is None:
+        raise ValueError(f'mode {self.mode!r} needs text tokens')
+      out['text_emb'] = self.encode_text(text)
+      out['logit_scale'] = self.logit_scale()
+    if uses_head(self.mode):
+      out['head'] = self.entity_head(self.embed_dim)
+    return out
+
+
+def build(model_cfg):
+  cfg = dict(model_cfg)
+  return Mofi(**cfg)
