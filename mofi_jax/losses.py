@@ -191,7 +191,7 @@ _xent.defvjp(_xent_fwd, _xent_bwd)
 
 def entity_xent_sharded(x, kernel, bias, labels, weights, *, num_classes, mesh,
                         scale=None, normalize_kernel=False, tile_size=4096,
-                        dtype=jnp.float32):
+                        dtype=jnp.float32, batch_axes=None, class_axes=None):
   """Mean softmax cross-entropy of x @ kernel + bias against multi-hot targets.
 
   Args:
@@ -202,9 +202,11 @@ def entity_xent_sharded(x, kernel, bias, labels, weights, *, num_classes, mesh,
     num_classes: real classes; columns >= num_classes are padding, masked out.
     scale: cosine head: x and the kernel columns are L2-normalised and the
       logits multiplied by `scale`.
+    batch_axes, class_axes: mesh axes of the rows and the classes; default
+      from the logical rule table.
   """
-  batch_axes = sharding.mesh_axes('batch')
-  class_axes = sharding.mesh_axes('classes')
+  batch_axes = batch_axes or sharding.mesh_axes('batch')
+  class_axes = class_axes or sharding.mesh_axes('classes')
   n_class_shards = sharding.axes_size(mesh, class_axes)
   if kernel.shape[1] % n_class_shards:
     raise ValueError(f'{kernel.shape[1]} head classes do not split over '

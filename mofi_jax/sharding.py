@@ -122,3 +122,9 @@ def replicate_host_array(mesh, x):
   sharding = batch_sharding(mesh)
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def activate(mesh, rules=LOGICAL_RULES):
+  """Makes `mesh` and the rule table current for tracing (global setters)."""
+  jax.set_mesh(mesh)
+  nn.set_logical_axis_rules(rules)

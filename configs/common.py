@@ -1,0 +1,89 @@
+"""The base config every MOFI config derives from (big_vision-style ConfigDicts).
+
+Paths may use `{workdir}`; eval paths may also use `{data_dir}` (the corpus).
+"""
+import ml_collections as mlc
+
+
+def base_config(mode='multitask'):
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.total_steps = 10_000
+  c.log_every = 100
+  c.nonfinite = 'stop'          # 'stop' (exit naming the step) | 'skip' (drop the update)
+
+  # Mesh axes sizes over ('data', 'fsdp', 'model'); -1 = all remaining devices.
+  c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=1))
+
+  c.input = mlc.ConfigDict(dict(
+      data_dir='{workdir}/corpus',
+      batch_size=256,             # global
+      image_size=224,
+      max_entities=4,             # K: labels per image kept for the loss
+      text_source='entity',       # 'entity' (name + description) | 'alt_text'
+      entity_template='{name}, {description}',
+      text_len=77,
+      shuffle_buffer=10_000,
+      rrc_scale=(0.4, 1.0),
+      seed=0,
+  ))
+
+  c.model = mlc.ConfigDict(dict(
+      mode=mode,
+      embed_dim=512,
+      image=dict(variant='B/16', pool='cls', act='gelu', ln_pre=True),
+      text=dict(vocab_size=-1, context=77, width=512, depth=12, num_heads=8,
+                mlp_dim=2048, act='gelu'),   # vocab_size -1: from the tokenizer
+      head=dict(num_classes=-1, kind='linear', pad_multiple=4096,
+                bias_init=-10.0, scale_init=16.0, learn_scale=True),  # -1: corpus
+      logit_scale_init=1 / 0.07,
+      logit_scale_max=100.0,
+      dtype='bfloat16',
+      scan=True,
+      remat='none',               # none | full | dots | dots_no_batch
+  ))
+
+  c.loss = mlc.ConfigDict(dict(
+      entity_weight=1.0, contrastive_weight=1.0,
+      tile_size=4096,             # classes per tile of the entity loss
+      head_dtype='float32',       # matmul dtype inside the entity loss
+  ))
+
+  c.optim = mlc.ConfigDict(dict(
+      lr=1e-3, min_lr_ratio=0.0, warmup_steps=1000, weight_decay=0.1,
+      b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0, head_lr_mult=1.0))
+
+  c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.profile = mlc.ConfigDict(dict(enabled=False, first_step=10, num_steps=5))
+  c.evals = mlc.ConfigDict()
+  return c
+
+
+# CLIP-sized text towers, as paired with each image tower in CLIP / open_clip.
+TEXT_TOWERS = {
+    'B/16': dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
+    'L/14': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    'H/14': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+EMBED_DIMS = {'B/16': 512, 'L/14': 768, 'H/14': 1024}
+MODES = ('supervised', 'contrastive', 'multitask')
+
+
+def paper_config(variant, mode):
+  """MOFI at paper scale: 2M entities, 224 px, global batch 32,768, bf16,
+  FSDP over the parameters and a class-sharded head."""
+  if mode not in MODES:
+    raise ValueError(f'unknown variant {mode!r}; expected one of {MODES}')
+  c = base_config(mode)
+  c.total_steps = 1_200_000
+  c.log_every = 100
+  c.input.update(batch_size=32_768, image_size=224, text_len=77)
+  c.model.embed_dim = EMBED_DIMS[variant]
+  c.model.image.variant = variant
+  c.model.text.update(vocab_size=49_408, **TEXT_TOWERS[variant])
+  c.model.head.num_classes = 2_000_000
+  c.model.remat = 'full'
+  c.optim.update(lr=5e-4, warmup_steps=10_000, weight_decay=0.2)
+  c.ckpt.update(every_steps=2000, keep=3)
+  c.input.data_dir = 'gs://YOUR_BUCKET/i2e'   # the corpus from data_prep
+  return c

@@ -1,0 +1,214 @@
+"""tf.data input for training on an I2E corpus, and the GPR1200-layout eval loader.
+
+Determinism: every random choice is either an op-level seeded tf.data op (shuffle) or a
+stateless op whose seed is derived from (seed, hash of image/key, epoch):
+  * file order: `stateless_shuffle(files, seed=[seed, epoch])`, one order per epoch;
+  * per-example seed: `fold_in(fold_in([seed, process_index], hash(key)), epoch)`, split
+    into the augmentation seed and the entity-text seed.
+So the same image gets the same crop and the same entity text within an epoch, whatever
+its position in the stream; two datasets built with the same arguments yield
+bit-identical batches, and the iterator is checkpointable with
+`clu.data.dataset_iterator.TfDatasetIterator(ds, checkpoint=True)` (the checkpoint holds
+the shuffle buffer, i.e. up to `shuffle_buffer` serialized records).
+
+Text: with `text_source='entity'` each entity's `entity_template` text is tokenised once
+into a [C, L] table and one of the image's (kept) entities is gathered; with
+`text_source='alt_text'` the stored `alt_text/tokens` are re-fitted to L (truncated with
+<eot> kept last, then padded), so the tokenizer never runs inside the pipeline.
+"""
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from mofi_jax.data import preprocess
+from mofi_jax.data import schema
+from mofi_jax.data import tokenizer as tokenizer_lib
+
+TEXT_SOURCES = ('entity', 'alt_text')
+DEFAULT_ENTITY_TEMPLATE = '{name}, {description}'
+# Shards whose first record is checked at build time; enough to catch a wrong corpus
+# without reading thousands of GCS objects on every start.
+_VALIDATE_SHARDS = 4
+_MAX_CYCLE = 16
+_HASH_BUCKETS = 2**63 - 1
+_REQUIRED = object()
+
+
+def _get(cfg, key, default=_REQUIRED):
+  value = cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
+  if value is _REQUIRED:
+    raise ValueError(f'cfg_input.{key} is required by make_train_dataset but is missing.')
+  return value
+
+
+def process_files(files, process_index, process_count):
+  """This process's shards: sorted list, strided by process (disjoint and covering)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}.')
+  files = sorted(files)
+  if len(files) < process_count:
+    raise schema.CorpusError(
+        f'{len(files)} shard(s) cannot feed {process_count} processes: every process needs '
+        f'at least one shard ({os.path.dirname(files[0]) if files else "no files"}).')
+  return files[process_index::process_count]
+
+
+def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
+                       per_process_batch, seed=None):
+  """Infinite, deterministic dataset of batches for this process.
+
+  Yields dicts: image f32 [b,S,S,3], labels i32 [b,K] (-1 padded), label_weights f32
+  [b,K] (1/n over the n kept labels), text i32 [b,L]. `seed` defaults to cfg_input.seed.
+  """
+  seed = _get(cfg_input, 'seed') if seed is None else seed
+  global_batch = _get(cfg_input, 'batch_size', None)
+  if global_batch is not None and global_batch != per_process_batch * process_count:
+    raise ValueError(f'cfg_input.batch_size={global_batch} != per_process_batch '
+                     f'{per_process_batch} x process_count {process_count}.')
+  _, table = schema.validate_corpus(corpus_dir, max_shards=_VALIDATE_SHARDS)
+  files = process_files(schema.list_shards(corpus_dir), process_index, process_count)
+  tok = tokenizer_lib.load_tokenizer(os.path.join(corpus_dir, schema.TOKENIZER_FILE))
+  example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, process_index])
+
+  ds = tf.data.Dataset.counter().flat_map(lambda epoch: _epoch_records(files, seed, epoch))
+  # Before decoding, so that the buffer (and an iterator checkpoint) holds bytes.
+  ds = ds.shuffle(_get(cfg_input, 'shuffle_buffer'), seed=seed)
+  ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_process_batch, drop_remainder=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_records(files, seed, epoch):
+  """One pass over `files` in a per-epoch seeded order, records interleaved round-robin."""
+  order = tf.random.experimental.stateless_shuffle(
+      tf.constant(files), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+  ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+      lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
+      cycle_length=min(len(files), _MAX_CYCLE), block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.map(lambda f, r: dict(file=f, record=r, epoch=epoch))
+
+
+def _example_fn(cfg_input, table, tok, base_seed):
+  """Returns the per-record map function: parse, check, augment, labels, text."""
+  size = _get(cfg_input, 'image_size')
+  max_entities = _get(cfg_input, 'max_entities')
+  scale = tuple(_get(cfg_input, 'rrc_scale', (0.4, 1.0)))
+  text_fn = _text_fn(cfg_input, table, tok)
+  num_entities = len(table)
+  base_seed = tf.constant(base_seed, tf.int64)
+
+  def fn(x):
+    ex = schema.parse_examples(x['record'], example_names=x['file'])
+    classes = ex['entity/class']
+    ok = (tf.size(classes) > 0) & tf.reduce_all((classes >= 0) & (classes < num_entities))
+    check = tf.debugging.Assert(ok, [
+        'Bad field entity/class (expected 1+ indices in [0, %d)) in' % num_entities,
+        x['file'], 'image/key', ex['image/key'], 'entity/class', classes])
+    with tf.control_dependencies([check]):
+      classes = tf.identity(classes)
+    key_hash = tf.strings.to_hash_bucket_fast(ex['image/key'], _HASH_BUCKETS)
+    ex_seed = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(base_seed, key_hash), x['epoch'])
+    aug_seed, text_seed = tf.unstack(tf.random.experimental.stateless_split(ex_seed, 2))
+    labels, weights = _labels(classes, max_entities)
+    image = preprocess.train_image(ex['image/encoded'], size, aug_seed, scale=scale)
+    return dict(image=image, labels=labels, label_weights=weights,
+                text=text_fn(ex, labels, text_seed))
+  return fn
+
+
+def _labels(classes, k):
+  """First `k` classes padded with -1, and weights 1/n on the n kept ones."""
+  kept = classes[:k]
+  n = tf.size(kept)
+  labels = tf.pad(tf.cast(kept, tf.int32), [[0, k - n]], constant_values=-1)
+  weights = tf.pad(tf.fill([n], 1.0 / tf.cast(n, tf.float32)), [[0, k - n]])
+  return tf.ensure_shape(labels, [k]), tf.ensure_shape(weights, [k])
+
+
+def _text_fn(cfg_input, table, tok):
+  """(parsed example, labels [K], seed [2]) -> int32 [L] token row."""
+  source = _get(cfg_input, 'text_source')
+  length = _get(cfg_input, 'text_len')
+  eot = tokenizer_lib.eot_id(tok)
+  if source == 'alt_text':
+    return lambda ex, labels, seed: fit_tokens(ex['alt_text/tokens'], length, eot)
+  if source != 'entity':
+    raise ValueError(f'cfg_input.text_source must be one of {TEXT_SOURCES}, got {source!r}.')
+  texts = entity_texts(table, _get(cfg_input, 'entity_template', DEFAULT_ENTITY_TEMPLATE))
+  token_table = tf.constant(tokenizer_lib.tokenize(tok, texts, length))
+
+  def fn(ex, labels, seed):
+    del ex
+    n = tf.reduce_sum(tf.cast(labels >= 0, tf.int32))
+    pick = tf.random.stateless_uniform([], seed, minval=0, maxval=n, dtype=tf.int32)
+    return tf.gather(token_table, labels[pick])
+  return fn
+
+
+def entity_texts(table, template):
+  try:
+    return [template.format(name=n, description=d)
+            for n, d in zip(table.names, table.descriptions)]
+  except (KeyError, IndexError) as e:
+    raise ValueError(f'cfg_input.entity_template {template!r} may only use {{name}} and '
+                     f'{{description}} ({e!r}).') from e
+
+
+def fit_tokens(tokens, length, eot):
+  """1-D `<bos> ... <eot>` ids -> int32 [length]: truncated keeping <eot> last, 0-padded."""
+  head = tokens[:tf.minimum(tf.size(tokens), length) - 1]
+  row = tf.concat([tf.cast(head, tf.int32), tf.constant([eot], tf.int32)], 0)
+  row = tf.pad(row, [[0, length - tf.size(row)]], constant_values=tokenizer_lib.PAD_ID)
+  return tf.ensure_shape(row, [length])
+
+
+# ----------------------------------------------------------------------------------------
+# GPR1200-layout retrieval folder.
+
+_EVAL_NAME_RE = re.compile(r'^(\d+)_(.+)\.(jpe?g|png)$', re.IGNORECASE)
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+IMAGES_PER_CATEGORY = 10
+
+
+def list_eval_images(folder):
+  """(paths, categories, names) in the official order: by category, then file name."""
+  folder = os.fspath(folder)
+  if not tf.io.gfile.isdir(folder):
+    raise schema.CorpusError(f'{folder}: retrieval folder not found.')
+  rows = []
+  for name in tf.io.gfile.listdir(folder):
+    if not name.lower().endswith(_IMAGE_EXTENSIONS):
+      continue  # e.g. categories.json
+    match = _EVAL_NAME_RE.match(name)
+    if not match:
+      raise schema.CorpusError(f'{os.path.join(folder, name)}: file name must be '
+                               '{category}_{name}.jpg with an integer category.')
+    rows.append((int(match.group(1)), name))
+  if not rows:
+    raise schema.CorpusError(f'{folder}: no images named {{category}}_{{name}}.jpg.')
+  rows.sort()
+  categories = np.array([c for c, _ in rows], np.int64)
+  counts = np.bincount(categories)
+  bad = np.flatnonzero(counts != IMAGES_PER_CATEGORY)
+  if bad.size:
+    raise schema.CorpusError(
+        f'{folder}: category {bad[0]} has {counts[bad[0]]} images, expected exactly '
+        f'{IMAGES_PER_CATEGORY} (categories must be 0..R-1 with {IMAGES_PER_CATEGORY} each).')
+  names = [n for _, n in rows]
+  return [os.path.join(folder, n) for n in names], categories, names
+
+
+def make_eval_images(folder, size, batch_size=256):
+  """Returns (images f32 [N,S,S,3] via eval_image, categories int64 [N], file names)."""
+  paths, categories, names = list_eval_images(folder)
+  ds = tf.data.Dataset.from_tensor_slices(paths).map(
+      lambda p: preprocess.eval_image(tf.io.read_file(p), size),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
+  images = np.concatenate([b.numpy() for b in ds], 0)
+  return images, categories, names

@@ -1,0 +1,39 @@
+"""AdamW with warm-up + cosine decay, global-norm clipping, decay only on kernels,
+and an optional learning-rate multiplier for the entity head."""
+import optax
+from flax import traverse_util
+
+
+def schedule(cfg, total_steps):
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(total_steps, cfg.warmup_steps + 1),
+      end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def _path_mask(params, predicate):
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: predicate(k) for k in flat})
+
+
+def decay_mask(params):
+  # big_vision's convention: decay kernels (and token embeddings); never
+  # norms, biases, scales, position embeddings or the logit scale.
+  return _path_mask(params, lambda path: path[-1] in ('kernel', 'embedding'))
+
+
+def head_mask(params):
+  return _path_mask(params, lambda path: 'entity_head' in path)
+
+
+def make(cfg, total_steps):
+  lr = schedule(cfg, total_steps)
+  parts = [
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(lr),
+  ]
+  if cfg.head_lr_mult != 1.0:
+    parts.append(optax.masked(optax.scale(cfg.head_lr_mult), head_mask))
+  return optax.chain(*parts), lr

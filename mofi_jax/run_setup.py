@@ -1,0 +1,135 @@
+"""Small pieces of the training entry point: config checks, processes, paths,
+finite checks. Kept here so that train.py reads like a table of contents."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from mofi_jax import sharding
+from mofi_jax.data import schema
+from mofi_jax.data import tokenizer as tokenizer_lib
+from mofi_jax.models import mofi
+
+
+class ConfigError(ValueError):
+  pass
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+USER_ERRORS = (ConfigError, NonFiniteError, schema.CorpusError,
+               sharding.ShardingError)
+
+
+def init_processes(flags_):
+  """jax.distributed for multi-process runs; gloo collectives on CPU."""
+  if flags_.coordinator_address:
+    if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get(
+        'JAX_PLATFORMS') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(flags_.coordinator_address,
+                               num_processes=flags_.num_processes,
+                               process_id=flags_.process_id)
+  elif flags_.distributed:
+    jax.distributed.initialize()
+
+
+def validate_config(config):
+  choices = {
+      'model.mode': (config.model.mode, mofi.MODES),
+      'nonfinite': (config.nonfinite, ('stop', 'skip')),
+      'input.text_source': (config.input.text_source, ('entity', 'alt_text')),
+      'model.dtype': (config.model.dtype, tuple(mofi.DTYPES)),
+      'model.head.kind': (config.model.head.kind, ('linear', 'cosine')),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f'config.{key}={value!r}; expected one of {allowed}')
+  for key in ('total_steps', 'log_every', 'input.batch_size',
+              'input.image_size', 'ckpt.every_steps', 'loss.tile_size'):
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if int(value) <= 0:
+      raise ConfigError(f'config.{key}={value}; expected a positive integer')
+
+
+def resolve_path(path, **kw):
+  return os.path.abspath(path.format(**kw)) if '://' not in path else path.format(**kw)
+
+
+def on_process_zero(fn, name):
+  """Runs fn on process 0 only; every process waits for it."""
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def resolve_from_corpus(config, data_dir):
+  """Fills head.num_classes / text.vocab_size from the corpus where they are -1,
+  and checks them where they are set."""
+  config = config.copy_and_resolve_references()
+  meta = schema.load_corpus_meta(data_dir)
+  with config.unlocked():
+    head = config.model.head
+    if head.num_classes == -1:
+      head.num_classes = int(meta['num_entities'])
+    elif head.num_classes != int(meta['num_entities']):
+      raise ConfigError(
+          f'config.model.head.num_classes={head.num_classes} but the corpus '
+          f'{data_dir} has {meta["num_entities"]} entities')
+    if mofi.uses_text(config.model.mode) and config.model.text.vocab_size == -1:
+      tok = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer.json'))
+      config.model.text.vocab_size = tok.get_vocab_size()
+  return config
+
+
+def with_shardings(abstract, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+def log_param_counts(params):
+  flat = traverse_util.flatten_dict(params)
+  towers = {}
+  for path, x in flat.items():
+    towers[path[0]] = towers.get(path[0], 0) + int(np.prod(x.shape))
+  for name, n in sorted(towers.items()):
+    logging.info('Parameters %-14s %14s', name, f'{n:,}')
+  logging.info('Parameters %-14s %14s', 'total', f'{sum(towers.values()):,}')
+
+
+@jax.jit
+def _all_finite(params):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def check_finite(state, config):
+  """Raises NonFiniteError (policy 'stop') naming the first non-finite step."""
+  bad_step = int(state.nonfinite_step)
+  if bad_step >= 0 and config.nonfinite == 'stop':
+    raise NonFiniteError(
+        f'non-finite loss or gradient at step {bad_step}; the run stopped '
+        f'there (config.nonfinite="stop") and wrote no checkpoint after it. '
+        f'Lower the learning rate or set --config.nonfinite=skip.')
+  if int(state.skipped_steps):
+    logging.warning('%d updates skipped so far for non-finite values (first at '
+                    'step %d).', int(state.skipped_steps), bad_step)
+  if not bool(_all_finite(state.params)):
+    raise NonFiniteError(f'parameters hold non-finite values at step '
+                         f'{int(state.step)}; not saving them.')
+
+
+def flat_hparams(config):
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+          for k, v in flat.items()}

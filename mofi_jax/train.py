@@ -1,0 +1,167 @@
+r"""Trains MOFI: supervised entity classification, contrastive, or multi-task.
+
+  python -m mofi_jax.train --config configs/demo.py --workdir /tmp/mofi_demo
+  python -m mofi_jax.train --config configs/mofi_b16.py:multitask \
+      --workdir gs://BUCKET/run --config.input.batch_size=4096
+
+Reads like a table of contents: processes, config, mesh, input, model and
+optimizer, sharded init or restore, update step, evaluators, loop.
+Re-running the same command resumes from the newest checkpoint in --workdir.
+"""
+import signal
+import sys
+
+import jax
+from absl import app, flags, logging
+from clu import metric_writers, periodic_actions
+from clu.data import dataset_iterator
+from ml_collections import config_flags
+
+from mofi_jax import checkpointing, optim, periodic_evals, sharding, trainer
+from mofi_jax.data import pipeline, schema, synthetic
+from mofi_jax.models import mofi
+from mofi_jax import run_setup
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and caches.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 for jax.distributed (multi-process '
+                    'CPU/GPU). On TPU pods leave unset: it is auto-detected.')
+flags.DEFINE_integer('num_processes', None, 'For jax.distributed.')
+flags.DEFINE_integer('process_id', None, 'For jax.distributed.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
+                  'with auto-detection (TPU pods).')
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: saving a checkpoint, then exiting.',
+                    signum)
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir):
+  preemption = _Preemption()
+  # ---------------------------------------------------------------- config
+  run_setup.validate_config(config)
+  # ------------------------------------------------------------------ mesh
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.activate(mesh)
+  sharding.check_batch_divides(config.input.batch_size, mesh)
+  logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+  # ----------------------------------------------------------------- input
+  data_dir = run_setup.resolve_path(config.input.data_dir, workdir=workdir)
+  if config.input.get('synthetic'):
+    run_setup.on_process_zero(
+        lambda: synthetic.ensure_demo_corpus(data_dir, config.input.synthetic),
+        'synthetic_corpus')
+  schema.validate_corpus(data_dir)
+  config = run_setup.resolve_from_corpus(config, data_dir)
+  per_process_batch = config.input.batch_size // jax.process_count()
+  dataset = pipeline.make_train_dataset(
+      data_dir, config.input, process_index=jax.process_index(),
+      process_count=jax.process_count(), per_process_batch=per_process_batch,
+      seed=config.input.seed)
+  data_iter = dataset_iterator.TfDatasetIterator(dataset, checkpoint=True)
+  # ---------------------------------------------------- model and optimizer
+  model = mofi.build(config.model)
+  tx, lr_schedule = optim.make(config.optim, config.total_steps)
+  num_classes = config.model.head.num_classes
+  # --------------------------------------------- sharded init, or restore
+  batch_spec = trainer.dummy_batch(config)
+  abstract, shardings = trainer.state_shardings(model, tx, mesh, batch_spec)
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  restored = ckpt.restore_latest(
+      run_setup.with_shardings(abstract, shardings), data_iter)
+  if restored:
+    first_step, state, _ = restored
+  else:
+    first_step = 0
+    state = trainer.init_state(model, tx, mesh, batch_spec, shardings,
+                               config.seed)
+  run_setup.log_param_counts(state.params)
+  # ----------------------------------------------------------- update step
+  train_step = trainer.compile_train_step(
+      trainer.make_train_step(model, tx, lr_schedule, config, mesh, num_classes),
+      mesh, shardings)
+  # ------------------------------------------------------------ evaluators
+  embed_images = trainer.make_embed_fn(model, mofi.Mofi.encode_image, mesh,
+                                       shardings.params)
+  evaluators = periodic_evals.from_config(config, data_dir=data_dir,
+                                          workdir=workdir)
+  # ------------------------------------------------- metrics and progress
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams(run_setup.flat_hparams(config))
+  hooks = [periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, writer=writer,
+      every_steps=config.log_every)]
+  if config.profile.enabled and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, first_profile=config.profile.first_step,
+        num_profile_steps=config.profile.num_steps))
+  meta = {'config_hash': checkpointing.config_hash(config)}
+  # ------------------------------------------------------------------ loop
+  run_evals = lambda names, s: periodic_evals.run(
+      evaluators, names, s, lambda x: embed_images(state.params, x), writer,
+      workdir)
+  if first_step == 0:
+    run_evals(periodic_evals.due(evaluators, 0), 0)
+  acc = None
+  step = first_step
+  while step < config.total_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = sharding.global_batch(mesh, next(data_iter))
+      state, metrics = train_step(state, batch)
+    step += 1
+    acc = metrics if acc is None else acc.merge(metrics)
+    for hook in hooks:
+      hook(step)
+    last = step == config.total_steps
+    stop = preemption.requested or ckpt.reached_preemption(step)
+    if step % config.log_every == 0 or last or stop:
+      run_setup.check_finite(state, config)
+      writer.write_scalars(step, {f'train/{k}': v
+                                  for k, v in acc.compute().items()})
+      acc = None
+    run_evals(periodic_evals.due(evaluators, step, last), step)
+    if ckpt.should_save(step) or last or stop:
+      run_setup.check_finite(state, config)
+      ckpt.save(step, state, dict(meta, examples_seen=step *
+                                  config.input.batch_size), data_iter,
+                force=last or stop)
+    if stop:
+      logging.warning('Stopped at step %d after a preemption signal; re-run '
+                      'the same command to resume.', step)
+      break
+  ckpt.close()
+  writer.flush()
+  return state
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run_setup.init_processes(FLAGS)
+  if FLAGS.workdir is None:
+    sys.exit('mofi_jax.train: error: --workdir is required')
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except run_setup.USER_ERRORS as e:
+    logging.error('%s', e)
+    sys.exit(f'mofi_jax.train: error: {e}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

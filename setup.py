@@ -1,0 +1,44 @@
+"""mofi_jax: MOFI (Manifold OF Images, Wu et al., ICLR 2024) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges are the ones tested on Python 3.11 (see README); jax 0.10.x is the
+# newest line that supports 3.11.
+INSTALL_REQUIRES = [
+    'jax>=0.10.0,<0.11',
+    'jaxlib>=0.10.0,<0.11',
+    'flax>=0.12.0,<0.13',
+    'optax>=0.2.5,<0.3',
+    'orbax-checkpoint>=0.11.0,<0.13',
+    'clu>=0.0.12,<0.1',
+    'ml-collections>=1.0,<2',
+    'tensorflow-cpu>=2.18,<2.22',
+    'tensorflow-datasets>=4.9,<5',
+    'tensorboard>=2.18,<2.22',
+    'tokenizers>=0.20,<0.24',
+    'numpy>=1.26,<3',
+    'pillow>=10',
+    'tqdm>=4.66',
+    'absl-py>=2',
+]
+
+EXTRAS = {
+    # I2E construction (Apache Beam, spaCy NER, Parquet KB).
+    'prep': ['apache-beam>=2.60,<3', 'spacy>=3.7,<4', 'pyarrow>=15'],
+    # Checkpoint interop (PyTorch CPU build: pin it, a bare `torch` pulls CUDA).
+    'export': ['safetensors>=0.4', 'transformers>=4.45,<6', 'torch==2.13.0'],
+    # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
+    'tpu': ['jax[tpu]>=0.10.0,<0.11'],
+    'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+}
+
+setup(
+    name='mofi_jax',
+    version='0.1.0',
+    description='MOFI: image representations from entity-annotated web images, '
+                'in JAX/Flax, TPU-first.',
+    packages=find_packages(include=['mofi_jax', 'mofi_jax.*', 'configs',
+                                    'data_prep', 'data_prep.*']),
+    python_requires='>=3.11',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
