@@ -26,24 +26,25 @@ def config_hash(config):
 class Checkpointer:
 
   def __init__(self, workdir, ckpt_cfg):
+    self.every_steps = ckpt_cfg.every_steps
     self.dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.input_dir = os.path.join(os.path.abspath(workdir), 'input_state')
     self.mngr = ocp.CheckpointManager(
         self.dir, item_names=('state', 'meta'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=ckpt_cfg.keep,
-            save_interval_steps=ckpt_cfg.every_steps,
             enable_async_checkpointing=ckpt_cfg.async_save))
 
   def _input_path(self, step):
     return os.path.join(self.input_dir, str(step), f'process_{jax.process_index()}')
 
   def should_save(self, step):
-    return self.mngr.should_save(step)
+    # Our own interval: Orbax's default policy also saves the first step.
+    return step % self.every_steps == 0
 
   def save(self, step, state, meta, data_iter, force=False):
     """Saves if the interval (or `force`) says so; the state must be finite."""
-    if not (force or self.mngr.should_save(step)):
+    if not (force or self.should_save(step)):
       return False
     if step in self.mngr.all_steps():
       return False  # already saved (e.g. the final step coincides with one).
@@ -51,7 +52,7 @@ class Checkpointer:
     meta = dict(meta, step=int(step), saved_at=time.time())
     saved = self.mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                           force=force)
+                           force=True)
     self._prune_input_states()
     return saved
 
@@ -66,7 +67,8 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state, data_iter):
     """(step, state, meta) from the newest restorable checkpoint, or None."""
-    for step in sorted(self.mngr.all_steps(read=True), reverse=True):
+    self.mngr.reload()
+    for step in sorted(self.mngr.all_steps(), reverse=True):
       try:
         restored = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),

@@ -26,6 +26,18 @@ USER_ERRORS = (ConfigError, NonFiniteError, schema.CorpusError,
                sharding.ShardingError)
 
 
+class _DropLibraryInfo(logging.logging.Filter):
+  """Orbax logs every save at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorstore'))
+
+
+def quiet_libraries():
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
 def init_processes(flags_):
   """jax.distributed for multi-process runs; gloo collectives on CPU."""
   if flags_.coordinator_address:

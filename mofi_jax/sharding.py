@@ -24,7 +24,6 @@ LOGICAL_RULES = (
     ('heads', 'model'),
     ('kv', None),
     ('vocab', 'model'),
-    ('patch', None),
     ('layers', None),
     # The entity head: classes over every device, so that a 2M x D kernel and
     # its optimizer state are split N ways; its input dimension is replicated.

@@ -152,6 +152,7 @@ def train_and_evaluate(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run_setup.quiet_libraries()
   run_setup.init_processes(FLAGS)
   if FLAGS.workdir is None:
     sys.exit('mofi_jax.train: error: --workdir is required')

@@ -56,7 +56,7 @@ class VisionTower(nn.Module):
         self.width, (self.patch, self.patch), strides=self.patch,
         padding='VALID', use_bias=False, dtype=self.dtype, name='patch_embed',
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ('patch', 'patch', 'patch', 'embed')),
+            nn.initializers.lecun_normal(), (None, None, None, 'embed')),
     )(images.astype(self.dtype))
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)

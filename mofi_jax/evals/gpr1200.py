@@ -1,0 +1,247 @@
+"""GPR1200 retrieval mAP, reproducing the official protocol, plus the in-training evaluator.
+
+Protocol (github.com/Visual-Computing/GPR1200, `eval/utils.py` and `eval/GPR1200.py`):
+- every image is a query against all N images, ITSELF INCLUDED: the query counts as one of its own
+  positives and, with L2-normalised features, normally sits at rank 1;
+- similarity is the dot product of L2-normalised features (cosine); no cut-off, the whole list is ranked;
+- AP = mean over the query's positives p of (#positives ranked at or above p) / rank(p);
+- the official order puts category c at images 10c..10c+9 and the six domains in blocks of 2000 images:
+  Landmarks, iNat, Sketch (ImageNet-Sketch), INSTRE, SOP, Faces. A domain's mAP averages the APs of its
+  2000 queries, each ranked against all 12000 images.
+- ties: the official code ranks with `np.argsort(sims)[::-1]` (numpy's default, unstable sort; a later
+  version uses torch's, also unstable), so the order of equal similarities is unspecified there. We fix
+  it as that code does with a stable sort: among equal similarities the LARGER index ranks first. This
+  only matters for exact duplicates or collapsed features, which then score an arbitrary-looking mAP
+  in the official code too.
+- the official code rounds to 4 decimals for printing; we return unrounded floats.
+
+Implementation: NumPy on the host, queries in blocks of `block_size`, so memory is about
+2 x block_size x N x itemsize (the similarities and their sorted copy), never N x N. Only the ranks of
+the positives matter, so we sort similarity VALUES per block (much faster than argsort) and find each
+positive's rank by binary search; ranks are exact integer counts, with no tolerance anywhere. We keep
+this on the host rather than in JAX so that it takes no accelerator memory from the training state,
+compiles nothing, and handles categories of any size without padding.
+"""
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+GPR1200_SIZE = 12000
+GPR1200_IMAGES_PER_CATEGORY = 10
+GPR1200_DOMAINS = {
+    'landmarks': slice(0, 2000),
+    'inat': slice(2000, 4000),
+    'sketch': slice(4000, 6000),
+    'instre': slice(6000, 8000),
+    'sop': slice(8000, 10000),
+    'faces': slice(10000, 12000),
+}
+
+
+def gpr1200_categories():
+  """Category of each image in the official order: image i is in category i // 10."""
+  return np.arange(GPR1200_SIZE) // GPR1200_IMAGES_PER_CATEGORY
+
+
+def validate_features(features, n_expected=None):
+  """Returns `features` as a float array [N, D], or raises ValueError saying what is wrong."""
+  features = np.asarray(features)
+  if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
+    raise ValueError(f'Features must be real numbers, got dtype {features.dtype}.')
+  if features.ndim != 2 or 0 in features.shape:
+    raise ValueError(f'Features must be [N, D] with one non-empty row per image, got shape {features.shape}.')
+  if n_expected is not None and features.shape[0] != n_expected:
+    raise ValueError(f'Features have {features.shape[0]} rows but {n_expected} were expected '
+                     '(one per image, as many as there are category labels).')
+  bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+  if bad_rows.size:
+    raise ValueError(f'{bad_rows.size} of {features.shape[0]} feature rows contain NaN or Inf '
+                     f'(first: {bad_rows[:5].tolist()}); expected finite features.')
+  return features.astype(np.result_type(features.dtype, np.float32), copy=False)
+
+
+def _l2_normalize(features):
+  # Divide by the row's max |x| first so that squaring cannot overflow; all-zero rows stay zero
+  # (similarity 0 to everything) instead of turning into NaN.
+  scale = np.max(np.abs(features), axis=1, keepdims=True)
+  features = features / np.where(scale > 0, scale, 1)
+  norms = np.linalg.norm(features, axis=1, keepdims=True)
+  return features / np.where(norms > 0, norms, 1)
+
+
+def _category_members(categories):
+  """Per image, the ascending indices of all images of its category (itself included)."""
+  _, codes = np.unique(categories, return_inverse=True)
+  codes = codes.reshape(-1)
+  by_category = np.argsort(codes, kind='stable')  # stable: members stay in ascending index order
+  bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
+  return [by_category[bounds[c]:bounds[c + 1]] for c in codes]
+
+
+def _query_average_precision(sims, sorted_sims, positives):
+  """AP of one query from its similarity row, that row sorted ascending, and its positives' indices."""
+  values = sims[positives]
+  n_at_most = np.searchsorted(sorted_sims, values, side='right')
+  n_below = np.searchsorted(sorted_sims, values, side='left')
+  ranks = sims.shape[0] - n_at_most + 1  # 1 + number strictly more similar
+  for i in np.flatnonzero(n_at_most - n_below > 1):  # ties: larger indices rank first (see module doc)
+    ranks[i] += np.count_nonzero(sims[positives[i] + 1:] == values[i])
+  # The same order restricted to positives gives the number of positives at or above each one.
+  order = np.lexsort((-positives, -values))
+  hits = np.empty(len(positives))
+  hits[order] = np.arange(1, len(positives) + 1)
+  return np.mean(hits / ranks)
+
+
+def average_precisions(features, categories, *, block_size=1024):
+  """Per-query AP [N] (float64) under the GPR1200 protocol; see the module docstring."""
+  categories = np.asarray(categories)
+  if categories.ndim != 1:
+    raise ValueError(f'Categories must be 1-D (one label per image), got shape {categories.shape}.')
+  features = _l2_normalize(validate_features(features, n_expected=len(categories)))
+  if block_size < 1:
+    raise ValueError(f'block_size must be a positive number of queries, got {block_size}.')
+  members = _category_members(categories)
+  aps = np.empty(len(categories))
+  for start in range(0, len(categories), block_size):
+    sims = features[start:start + block_size] @ features.T
+    sorted_sims = np.sort(sims, axis=1)
+    for row in range(sims.shape[0]):
+      aps[start + row] = _query_average_precision(sims[row], sorted_sims[row], members[start + row])
+  return aps
+
+
+def is_gpr1200_layout(categories):
+  """True when `categories` are the official ones: 12000 images, image i in category i // 10."""
+  categories = np.asarray(categories)
+  if categories.shape != (GPR1200_SIZE,):
+    return False
+  try:
+    return bool(np.array_equal(categories.astype(np.int64), gpr1200_categories()))
+  except (TypeError, ValueError):  # labels that are not integers (or digit strings)
+    return False
+
+
+def mean_average_precision(features, categories, *, block_size=1024, domains=None):
+  """GPR1200-protocol mAP: {'all': mAP over all queries, <domain>: mAP over that domain's queries}.
+
+  Args:
+    features: [N, D] features, any scale (rows are L2-normalised here).
+    categories: [N] labels; images with equal labels are each other's positives.
+    block_size: queries per block; memory is about 2 * block_size * N * itemsize bytes.
+    domains: {name: slice or index array of queries}. None means the six GPR1200 domains when
+      `categories` are in the official layout (see `is_gpr1200_layout`), else none.
+  """
+  if domains is None:
+    domains = GPR1200_DOMAINS if is_gpr1200_layout(categories) else {}
+  aps = average_precisions(features, categories, block_size=block_size)
+  scores = {'all': float(np.mean(aps))}
+  for name, queries in domains.items():
+    domain_aps = aps[queries]
+    if domain_aps.size == 0:
+      raise ValueError(f'Domain {name!r} selects no queries out of {len(aps)}; expected a non-empty subset.')
+    scores[name] = float(np.mean(domain_aps))
+  return scores
+
+
+def _expected_random_ap(category_size, n):
+  """E[AP] of a query whose category has `category_size` images among `n`, with random features.
+
+  With continuous i.i.d. random features the query itself is first (similarity 1) and the other n - 1
+  images come in uniformly random order. With R = category_size - 1 other positives among M = n - 1
+  others, linearity over rank positions r = 1..M (overall rank r + 1) gives
+    E[sum_p hits_p / rank_p] = sum_r [2 R/M + (r - 1) R(R - 1)/(M(M - 1))] / (r + 1),
+  where the 2 counts the query itself plus the positive at r, and (r - 1) R(R-1)/(M(M-1)) the expected
+  positives ranked above it among the others.
+  """
+  others, other_positives = n - 1, category_size - 1
+  if others == 0:
+    return 1.0
+  harmonic = np.sum(1.0 / np.arange(2, n + 1))  # sum_{r=1..M} 1 / (r + 1)
+  pairs = other_positives * (other_positives - 1) / (others * (others - 1)) if others > 1 else 0.0
+  expected = 1 + 2 * other_positives / others * harmonic + pairs * (others - 2 * harmonic)
+  return expected / category_size
+
+
+def chance_map(categories, num_trials=0, seed=0, dim=32):
+  """Expected mAP ('all') of random features for this category layout.
+
+  num_trials=0 (default) gives the exact closed form (see `_expected_random_ap`), valid for any
+  continuous i.i.d. features such as Gaussians in dim >= 2. num_trials > 0 instead averages
+  `mean_average_precision` over that many draws of Gaussian [N, dim] features, as a check.
+  """
+  categories = np.asarray(categories)
+  if num_trials > 0:
+    rng = np.random.default_rng(seed)
+    trials = [mean_average_precision(rng.standard_normal((len(categories), dim)), categories,
+                                      domains={})['all'] for _ in range(num_trials)]
+    return float(np.mean(trials))
+  _, sizes = np.unique(categories, return_counts=True)
+  # Each category of size m contributes m queries with the same expected AP.
+  total = sum(m * _expected_random_ap(m, len(categories)) for m in sizes)
+  return float(total / len(categories))
+
+
+def score_features_file(path):
+  """Scores an .npy of [12000, D] features in the official GPR1200 order: {'all': ..., <domain>: ...}."""
+  features = np.load(path, allow_pickle=False)
+  if features.ndim != 2 or features.shape[0] != GPR1200_SIZE:
+    raise ValueError(f'{path}: expected GPR1200 features [{GPR1200_SIZE}, D] in the official order, '
+                     f'got shape {features.shape}.')
+  return mean_average_precision(features, gpr1200_categories())
+
+
+def embed_images(embed_fn, images, batch_size):
+  """Runs `embed_fn` over `images` in batches of exactly `batch_size` (last one zero-padded)."""
+  batches = []
+  for start in tqdm(range(0, len(images), batch_size), desc='retrieval eval', disable=None):
+    batch = images[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:  # pad so that a jitted embed_fn sees one shape and compiles once
+      batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:], batch.dtype)])
+    embeddings = np.asarray(embed_fn(batch))
+    if embeddings.ndim != 2 or embeddings.shape[0] != batch_size:
+      raise ValueError(f'embed_fn must map a batch [{batch_size}, ...] to [{batch_size}, D], '
+                       f'got shape {embeddings.shape}.')
+    batches.append(embeddings[:real])
+  return np.concatenate(batches)
+
+
+class Evaluator:
+  """Retrieval mAP (GPR1200 protocol) on a folder of `{category}_{name}.jpg` images.
+
+  cfg: `data_dir` (the folder), `batch_size`, optional `block_size` (queries per scoring block).
+  Images are decoded and preprocessed once, here; `run` only embeds and scores.
+  """
+
+  def __init__(self, cfg, *, image_size):
+    from mofi_jax.data import pipeline  # lazy: only runs that configure this eval pay for the input stack
+    self.images, self.categories, self.names = pipeline.make_eval_images(cfg.data_dir, image_size)
+    self.categories = np.asarray(self.categories)
+    if len(self.images) != len(self.categories) or len(self.images) == 0:
+      raise ValueError(f'{cfg.data_dir}: expected one category per image and at least one image, got '
+                       f'{len(self.images)} images and {len(self.categories)} categories.')
+    self.batch_size = int(cfg.batch_size)
+    self.block_size = int(cfg.get('block_size', 1024))
+    self.chance = chance_map(self.categories)
+
+  def run(self, embed_fn):
+    """embed_fn: images [batch_size, S, S, 3] -> np.ndarray [batch_size, D]. Returns the metrics."""
+    features = embed_images(embed_fn, self.images, self.batch_size)
+    scores = mean_average_precision(features, self.categories, block_size=self.block_size)
+    metrics = {'map': scores.pop('all'), 'chance_map': self.chance}
+    metrics.update({f'map/{name}': value for name, value in scores.items()})
+    return metrics
+
+
+def main(argv):
+  """python -m mofi_jax.evals.gpr1200 FEATURES.npy"""
+  if len(argv) != 2:
+    raise SystemExit(f'usage: python -m mofi_jax.evals.gpr1200 FEATURES.npy  (got {argv[1:]})')
+  for name, value in score_features_file(argv[1]).items():
+    print(f'{name}: {value:.4f}')
+
+
+if __name__ == '__main__':
+  main(sys.argv)

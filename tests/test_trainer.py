@@ -1,0 +1,177 @@
+"""The update step: sharded over 8 devices == one device; optimizer masks;
+non-finite policies; paper-scale configs trace."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import demo, mofi_b16, mofi_h14, mofi_l14
+from mofi_jax import optim, sharding, trainer
+from mofi_jax.models import mofi
+
+NUM_CLASSES, VOCAB = 50, 64
+
+
+def small_config(mode='multitask'):
+  c = demo.get_config(mode)
+  c.input.batch_size = 16
+  c.model.head.num_classes = NUM_CLASSES
+  c.model.text.vocab_size = VOCAB
+  c.model.image.update(width=32, depth=2, num_heads=2, mlp_dim=64)
+  c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.model.embed_dim = 16
+  c.model.head.pad_multiple = 16
+  c.loss.tile_size = 8
+  c.optim.warmup_steps = 1
+  return c
+
+
+def random_batch(c, seed):
+  rng = np.random.default_rng(seed)
+  b, s = c.input.batch_size, c.input.image_size
+  labels = rng.integers(0, NUM_CLASSES, (b, c.input.max_entities)).astype(np.int32)
+  labels[:, 2:] = -1
+  weights = (labels >= 0) / (labels >= 0).sum(1, keepdims=True)
+  text = rng.integers(1, VOCAB, (b, c.input.text_len)).astype(np.int32)
+  text[:, 10:] = 0
+  return dict(image=rng.normal(size=(b, s, s, 3)).astype(np.float32),
+              labels=labels, label_weights=weights.astype(np.float32), text=text)
+
+
+def run_steps(c, devices, mesh_cfg, num_steps=3):
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  sharding.activate(mesh)
+  model = mofi.build(c.model)
+  tx, lr = optim.make(c.optim, c.total_steps)
+  spec = trainer.dummy_batch(c)
+  _, sh = trainer.state_shardings(model, tx, mesh, spec)
+  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
+  step = trainer.compile_train_step(
+      trainer.make_train_step(model, tx, lr, c, mesh, NUM_CLASSES), mesh, sh)
+  losses = []
+  for i in range(num_steps):
+    state, metrics = step(state, sharding.global_batch(mesh, random_batch(c, i)))
+    losses.append(float(metrics.compute()['loss']))
+  return jax.device_get(state), losses
+
+
+@pytest.mark.parametrize('mode', ['supervised', 'contrastive', 'multitask'])
+def test_sharded_step_equals_single_device(mode):
+  c = small_config(mode)
+  ref_state, ref_losses = run_steps(c, jax.devices()[:1], dict(data=1, fsdp=1, model=1))
+  for mesh_cfg in (dict(data=1, fsdp=-1, model=1), dict(data=2, fsdp=2, model=2)):
+    state, losses = run_steps(c, jax.devices(), mesh_cfg)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    flat, ref = (traverse_util.flatten_dict(s.params) for s in (state, ref_state))
+    for k in ref:
+      np.testing.assert_allclose(flat[k], ref[k], rtol=2e-4, atol=2e-6,
+                                 err_msg=str(k))
+  assert ref_losses[-1] < ref_losses[0]
+
+
+def test_params_are_sharded_not_replicated():
+  c = small_config()
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
+  sharding.activate(mesh)
+  model = mofi.build(c.model)
+  tx, _ = optim.make(c.optim, 10)
+  spec = trainer.dummy_batch(c)
+  _, sh = trainer.state_shardings(model, tx, mesh, spec)
+  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
+  kernel = state.params['entity_head']['kernel']
+  shard_shapes = {s.data.shape for s in kernel.addressable_shards}
+  assert shard_shapes == {(16, kernel.shape[1] // 8)}
+  # Adam's moments follow the parameters' sharding.
+  mu = state.opt_state[1][0].mu['entity_head']['kernel']
+  assert mu.sharding.spec == kernel.sharding.spec
+  fc1 = state.params['image_tower']['encoder']['layers_0']['mlp']['fc1']['kernel']
+  assert {s.data.shape for s in fc1.addressable_shards} == {(32 // 8, 64)}
+
+
+def test_decay_and_head_masks():
+  params = {'image_tower': {'proj': {'kernel': 1}, 'ln_post': {'scale': 1, 'bias': 1},
+                            'pos_embedding': 1},
+            'text_tower': {'token_embedding': {'embedding': 1}},
+            'entity_head': {'kernel': 1, 'bias': 1}, 'log_logit_scale': 1}
+  decay = traverse_util.flatten_dict(optim.decay_mask(params), sep='/')
+  assert {k for k, v in decay.items() if v} == {
+      'image_tower/proj/kernel', 'text_tower/token_embedding/embedding',
+      'entity_head/kernel'}
+  head = traverse_util.flatten_dict(optim.head_mask(params), sep='/')
+  assert {k for k, v in head.items() if v} == {'entity_head/kernel', 'entity_head/bias'}
+
+
+def test_head_lr_multiplier_scales_only_head_updates():
+  c = small_config('supervised')
+  params = {'entity_head': {'kernel': jnp.ones((2, 2))}, 'w': {'kernel': jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  def update(mult):
+    c.optim.head_lr_mult = mult
+    tx, _ = optim.make(c.optim, 100)
+    state = tx.init(params)
+    state = tx.update(grads, state, params)[1]   # past warm-up's zero lr
+    return tx.update(grads, state, params)[0]
+  base, scaled = update(1.0), update(10.0)
+  np.testing.assert_allclose(scaled['entity_head']['kernel'],
+                             10 * base['entity_head']['kernel'], rtol=1e-6)
+  np.testing.assert_allclose(scaled['w']['kernel'], base['w']['kernel'])
+
+
+def test_schedule_matches_formula():
+  c = small_config()
+  c.optim.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  lr = optim.schedule(c.optim, 110)
+  assert float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0)
+  expected = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 100))
+  assert float(lr(60)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('policy', ['stop', 'skip'])
+def test_nonfinite_step_leaves_state_untouched(policy):
+  c = small_config('supervised')
+  c.nonfinite = policy
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
+  sharding.activate(mesh)
+  model = mofi.build(c.model)
+  tx, lr = optim.make(c.optim, 10)
+  spec = trainer.dummy_batch(c)
+  _, sh = trainer.state_shardings(model, tx, mesh, spec)
+  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
+  step = trainer.compile_train_step(
+      trainer.make_train_step(model, tx, lr, c, mesh, NUM_CLASSES), mesh, sh)
+  state, _ = step(state, sharding.global_batch(mesh, random_batch(c, 0)))
+  before = jax.device_get(state.params)
+  bad = random_batch(c, 1)
+  bad['image'][3, 0, 0, 0] = np.nan
+  state, metrics = step(state, sharding.global_batch(mesh, bad))
+  assert not np.isfinite(float(metrics.compute()['loss']))
+  assert int(state.nonfinite_step) == 1 and int(state.skipped_steps) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  state, _ = step(state, sharding.global_batch(mesh, random_batch(c, 2)))
+  moved = any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)))
+  # 'stop' freezes the state for the host to report; 'skip' carries on.
+  assert moved == (policy == 'skip')
+
+
+@pytest.mark.parametrize('module', [mofi_b16, mofi_l14, mofi_h14])
+@pytest.mark.parametrize('mode', ['supervised', 'contrastive', 'multitask'])
+def test_paper_configs_build_and_trace(module, mode):
+  c = module.get_config(mode)
+  assert c.model.head.num_classes == 2_000_000 and c.input.batch_size == 32_768
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
+  sharding.activate(mesh)
+  model = mofi.build(c.model)
+  tx, lr = optim.make(c.optim, c.total_steps)
+  spec = trainer.dummy_batch(c)
+  abstract, sh = trainer.state_shardings(model, tx, mesh, spec)
+  step = trainer.make_train_step(model, tx, lr, c, mesh, c.model.head.num_classes)
+  new_state, _ = jax.eval_shape(step, abstract, spec)
+  assert jax.tree.map(lambda a: a.shape, new_state.params) == jax.tree.map(
+      lambda a: a.shape, abstract.params)
+  if mofi.uses_head(mode):
+    assert abstract.params['entity_head']['kernel'].shape == (
+        c.model.embed_dim, 2_002_944)
+    assert sh.params['entity_head']['kernel'].spec == (None, ('data', 'fsdp', 'model'))
