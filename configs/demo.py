@@ -15,7 +15,7 @@ from mofi_jax.data import synthetic
 
 def get_config(mode='multitask'):
   c = common.base_config(mode)
-  c.total_steps = 1200
+  c.total_steps = 700
   c.log_every = 100
   c.input.update(batch_size=128, image_size=32, text_len=16,
                  shuffle_buffer=2000, rrc_scale=(0.5, 1.0))
@@ -28,8 +28,8 @@ def get_config(mode='multitask'):
   c.model.head.update(pad_multiple=64)
   c.loss.tile_size = 128
   c.optim.update(lr=2e-3, warmup_steps=100, weight_decay=0.05)
-  c.ckpt.update(every_steps=400, keep=2)
+  c.ckpt.update(every_steps=350, keep=2)
   c.evals.retrieval = mlc.ConfigDict(dict(
-      type='gpr1200', data_dir='{data_dir}/retrieval', every_steps=400,
+      type='gpr1200', data_dir='{data_dir}/retrieval', every_steps=350,
       batch_size=200))
   return c

@@ -65,7 +65,8 @@ def train_and_evaluate(config, workdir):
     run_setup.on_process_zero(
         lambda: synthetic.ensure_demo_corpus(data_dir, config.input.synthetic),
         'synthetic_corpus')
-  schema.validate_corpus(data_dir)
+  # A sample of shards up front; every later record is checked as it is read.
+  schema.validate_corpus(data_dir, max_shards=64)
   config = run_setup.resolve_from_corpus(config, data_dir)
   per_process_batch = config.input.batch_size // jax.process_count()
   dataset = pipeline.make_train_dataset(

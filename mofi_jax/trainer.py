@@ -49,9 +49,8 @@ def _init_fn(model, tx, batch):
 
 def state_shardings(model, tx, mesh, batch):
   """(abstract TrainState, its NamedShardings), from shapes only."""
-  boxed = jax.eval_shape(model.init, jax.random.key(0),
-                         jnp.zeros(batch['image'].shape),
-                         jnp.ones(batch['text'].shape, jnp.int32))['params']
+  boxed = jax.eval_shape(model.init, jax.random.key(0), batch['image'],
+                         batch['text'])['params']
   param_sh = sharding.tree_shardings(mesh, nn.get_partition_spec(boxed))
   abstract = jax.eval_shape(_init_fn(model, tx, batch), jax.random.key(0))
   rep = sharding.replicated(mesh)
@@ -97,7 +96,7 @@ def make_train_step(model, tx, lr_schedule, config, mesh, num_classes):
   def train_step(state, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

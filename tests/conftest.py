@@ -5,3 +5,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# ~130 images of 20 entities: big enough for multi-entity and noisy records, built in < 1 s.
+TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shards=4,
+                          image_size=24, multi_entity_frac=0.3, retrieval_categories=5,
+                          text_len=12, vocab_size=400)
+
+
+@pytest.fixture(scope='session')
+def tiny_corpus(tmp_path_factory):
+  """Path (str) of a tiny synthetic I2E corpus in the production format."""
+  # Imported here so that test sessions that never use it do not pay for TensorFlow.
+  from mofi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.ensure_demo_corpus(tmp_path_factory.mktemp('data') / 'tiny_corpus',
+                                      TINY_CORPUS_CONFIG)

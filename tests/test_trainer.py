@@ -50,17 +50,19 @@ def run_steps(c, devices, mesh_cfg, num_steps=3):
   step = trainer.compile_train_step(
       trainer.make_train_step(model, tx, lr, c, mesh, NUM_CLASSES), mesh, sh)
   losses = []
-  for i in range(num_steps):
-    state, metrics = step(state, sharding.global_batch(mesh, random_batch(c, i)))
+  for _ in range(num_steps):
+    # One batch, repeated: the loss must fall as the model fits it.
+    state, metrics = step(state, sharding.global_batch(mesh, random_batch(c, 0)))
     losses.append(float(metrics.compute()['loss']))
   return jax.device_get(state), losses
 
 
-@pytest.mark.parametrize('mode', ['supervised', 'contrastive', 'multitask'])
-def test_sharded_step_equals_single_device(mode):
-  c = small_config(mode)
+def test_sharded_step_equals_single_device():
+  """Multitask (both losses, all towers) on a 2x2x2 mesh vs one device; the
+  single-mode paths are covered loss by loss in test_losses.py."""
+  c = small_config('multitask')
   ref_state, ref_losses = run_steps(c, jax.devices()[:1], dict(data=1, fsdp=1, model=1))
-  for mesh_cfg in (dict(data=1, fsdp=-1, model=1), dict(data=2, fsdp=2, model=2)):
+  for mesh_cfg in (dict(data=2, fsdp=2, model=2),):
     state, losses = run_steps(c, jax.devices(), mesh_cfg)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     flat, ref = (traverse_util.flatten_dict(s.params) for s in (state, ref_state))
@@ -83,7 +85,7 @@ def test_params_are_sharded_not_replicated():
   shard_shapes = {s.data.shape for s in kernel.addressable_shards}
   assert shard_shapes == {(16, kernel.shape[1] // 8)}
   # Adam's moments follow the parameters' sharding.
-  mu = state.opt_state[1][0].mu['entity_head']['kernel']
+  mu = state.opt_state[1].mu['entity_head']['kernel']
   assert mu.sharding.spec == kernel.sharding.spec
   fc1 = state.params['image_tower']['encoder']['layers_0']['mlp']['fc1']['kernel']
   assert {s.data.shape for s in fc1.addressable_shards} == {(32 // 8, 64)}
@@ -174,4 +176,5 @@ def test_paper_configs_build_and_trace(module, mode):
   if mofi.uses_head(mode):
     assert abstract.params['entity_head']['kernel'].shape == (
         c.model.embed_dim, 2_002_944)
-    assert sh.params['entity_head']['kernel'].spec == (None, ('data', 'fsdp', 'model'))
+    assert sh.params['entity_head']['kernel'].spec == jax.sharding.PartitionSpec(
+        None, ('data', 'fsdp', 'model'))

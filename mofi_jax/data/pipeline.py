@@ -3,11 +3,12 @@
 Determinism: every random choice is either an op-level seeded tf.data op (shuffle) or a
 stateless op whose seed is derived from (seed, hash of image/key, epoch):
   * file order: `stateless_shuffle(files, seed=[seed, epoch])`, one order per epoch;
-  * per-example seed: `fold_in(fold_in([seed, process_index], hash(key)), epoch)`, split
-    into the augmentation seed and the entity-text seed.
+  * per-example seed: `fold_in(fold_in([seed, 0], hash(image/key)), epoch)` (hash:
+    `tf.strings.to_hash_bucket_fast`, epoch: completed passes over this process's
+    files), split into the augmentation seed and the entity-text seed.
 So the same image gets the same crop and the same entity text within an epoch, whatever
-its position in the stream; two datasets built with the same arguments yield
-bit-identical batches, and the iterator is checkpointable with
+its position in the stream or the number of processes. Two datasets built with the same
+arguments yield bit-identical batches, and the iterator is checkpointable with
 `clu.data.dataset_iterator.TfDatasetIterator(ds, checkpoint=True)` (the checkpoint holds
 the shuffle buffer, i.e. up to `shuffle_buffer` serialized records).
 
@@ -70,7 +71,7 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   _, table = schema.validate_corpus(corpus_dir, max_shards=_VALIDATE_SHARDS)
   files = process_files(schema.list_shards(corpus_dir), process_index, process_count)
   tok = tokenizer_lib.load_tokenizer(os.path.join(corpus_dir, schema.TOKENIZER_FILE))
-  example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, process_index])
+  example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, 0])
 
   ds = tf.data.Dataset.counter().flat_map(lambda epoch: _epoch_records(files, seed, epoch))
   # Before decoding, so that the buffer (and an iterator checkpoint) holds bytes.

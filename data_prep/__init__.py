@@ -1,0 +1,1 @@
+"""Offline tools that build I2E corpora in the format of mofi_jax/data/schema.py."""

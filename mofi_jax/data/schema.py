@@ -1,0 +1,310 @@
+"""The I2E corpus: TFRecord schema, folder layout, entity table and validation.
+
+This module is the single source of truth for the corpus format; docs/corpus_schema.md
+explains it in prose. A corpus folder holds:
+
+  train-XXXXX-of-YYYYY.tfrecord  tf.train.Example records (FEATURES below)
+  entities.jsonl                 one entity per line, in class-index order
+  tokenizer.json                 HF tokenizers byte-level BPE (see tokenizer.py)
+  corpus.json                    metadata (REQUIRED_META_KEYS and more)
+
+File access goes through tf.io.gfile so that a corpus can live on GCS.
+"""
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from mofi_jax.data import tokenizer as tokenizer_lib
+
+SCHEMA_VERSION = 1
+ENTITIES_FILE = 'entities.jsonl'
+TOKENIZER_FILE = 'tokenizer.json'
+META_FILE = 'corpus.json'
+SHARD_GLOB = 'train-*-of-*.tfrecord'
+SHARD_RE = re.compile(r'^train-(\d{5})-of-(\d{5})\.tfrecord$')
+REQUIRED_META_KEYS = ('schema_version', 'num_entities', 'num_train_examples', 'num_shards',
+                      'text_len')
+ENTITY_KEYS = ('index', 'id', 'name', 'description', 'count')
+
+# name -> (tf.train.Feature kind, dtype, is a list). Scalars hold exactly one value;
+# lists hold one or more (alt_text/tokens: zero or more is tolerated by the parser).
+FEATURES = {
+    'image/encoded': ('bytes_list', tf.string, False),
+    'image/key': ('bytes_list', tf.string, False),
+    'entity/class': ('int64_list', tf.int64, True),
+    'entity/id': ('bytes_list', tf.string, True),
+    'entity/score': ('float_list', tf.float32, True),
+    'alt_text': ('bytes_list', tf.string, False),
+    'alt_text/tokens': ('int64_list', tf.int64, True),
+}
+ENTITY_LIST_FIELDS = ('entity/class', 'entity/id', 'entity/score')
+
+
+class CorpusError(ValueError):
+  """A corpus folder or record does not match the schema."""
+
+
+def shard_name(index, num_shards):
+  return f'train-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+# ----------------------------------------------------------------------------------------
+# Records.
+
+
+def _bytes(values):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def make_example(*, image, key, classes, entity_ids, scores, alt_text, alt_text_tokens):
+  """Serialises one corpus record. `image` is JPEG bytes; str arguments are UTF-8 encoded."""
+  enc = lambda s: s.encode('utf-8') if isinstance(s, str) else bytes(s)
+  classes, entity_ids, scores = list(classes), list(entity_ids), list(scores)
+  if not classes or not len(classes) == len(entity_ids) == len(scores):
+    raise ValueError(f'make_example(key={key!r}): entity/class, entity/id and entity/score '
+                     f'must be non-empty and of equal length, got {len(classes)}, '
+                     f'{len(entity_ids)}, {len(scores)}.')
+  feature = {
+      'image/encoded': _bytes([enc(image)]),
+      'image/key': _bytes([enc(key)]),
+      'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=classes)),
+      'entity/id': _bytes([enc(i) for i in entity_ids]),
+      'entity/score': tf.train.Feature(float_list=tf.train.FloatList(value=scores)),
+      'alt_text': _bytes([enc(alt_text)]),
+      'alt_text/tokens': tf.train.Feature(
+          int64_list=tf.train.Int64List(value=list(alt_text_tokens))),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def feature_spec():
+  """tf.io parsing spec: scalars are required; lists parse as ragged (dense when single)."""
+  spec = {}
+  for name, (_, dtype, is_list) in FEATURES.items():
+    spec[name] = (tf.io.RaggedFeature(dtype, row_splits_dtype=tf.int64) if is_list
+                  else tf.io.FixedLenFeature([], dtype))
+  return spec
+
+
+def parse_examples(serialized, example_names=None):
+  """Parses a scalar or a [B] batch of serialized records (usable inside tf.data).
+
+  A scalar gives 1-D tensors for list fields; a batch gives tf.RaggedTensors.
+  TF's own error names the offending field when one is missing or has the wrong type;
+  `example_names` (same shape as `serialized`, e.g. the shard path) is quoted in it.
+  """
+  serialized = tf.convert_to_tensor(serialized, tf.string)
+  if serialized.shape.rank != 0:
+    return tf.io.parse_example(serialized, feature_spec(), example_names=example_names)
+  # parse_single_example drops `example_names` from its errors; a batch of 1 keeps them.
+  names = None if example_names is None else tf.reshape(example_names, [1])
+  batch = tf.io.parse_example(serialized[None], feature_spec(), example_names=names)
+  return {k: v[0] for k, v in batch.items()}
+
+
+def check_example_proto(serialized, num_entities, where, eot_id=None, entity_ids=None):
+  """Checks one serialized record against the schema in pure Python (no TF graph).
+
+  Optional checks: `alt_text/tokens` ends with `eot_id`; `entity/id` agrees with the
+  entity table's `entity_ids` (catches shards and table from different builds).
+  Raises CorpusError naming `where` (e.g. the shard file) and the offending field.
+  """
+  try:
+    example = tf.train.Example.FromString(serialized)
+  except Exception as e:  # protobuf's DecodeError; its module path varies by version.
+    raise CorpusError(f'{where}: record is not a tf.train.Example ({e}).') from e
+  feats = example.features.feature
+  values = {}
+  for name, (kind, _, is_list) in FEATURES.items():
+    if name not in feats:
+      raise CorpusError(f'{where}: field {name!r} is missing (expected {kind}).')
+    got = feats[name].WhichOneof('kind')
+    if got != kind:
+      raise CorpusError(f'{where}: field {name!r} has type {got}, expected {kind}.')
+    values[name] = list(getattr(feats[name], kind).value)
+    if not is_list and len(values[name]) != 1:
+      raise CorpusError(f'{where}: field {name!r} must hold exactly 1 value, '
+                        f'got {len(values[name])}.')
+  _check_entity_lists(values, num_entities, where)
+  if entity_ids is not None:
+    got = [i.decode('utf-8', 'replace') for i in values['entity/id']]
+    want = [entity_ids[c] for c in values['entity/class']]
+    if got != want:
+      raise CorpusError(f"{where}: field 'entity/id' is {got} but {ENTITIES_FILE} gives "
+                        f'{want} for entity/class {values["entity/class"]}.')
+  tokens = values['alt_text/tokens']
+  if eot_id is not None and (not tokens or tokens[-1] != eot_id):
+    raise CorpusError(f'{where}: field \'alt_text/tokens\' must end with <eot> (id {eot_id}), '
+                      f'got {tokens[-3:]}.')
+  return values
+
+
+def _check_entity_lists(values, num_entities, where):
+  lens = [len(values[n]) for n in ENTITY_LIST_FIELDS]
+  if lens[0] == 0:
+    raise CorpusError(f'{where}: field \'entity/class\' is empty (expected 1+ entities).')
+  if len(set(lens)) != 1:
+    raise CorpusError(f'{where}: fields {ENTITY_LIST_FIELDS} must have equal lengths, '
+                      f'got {lens}.')
+  classes = values['entity/class']
+  bad = [c for c in classes if not 0 <= c < num_entities]
+  if bad:
+    raise CorpusError(f'{where}: field \'entity/class\' has index {bad[0]} out of range '
+                      f'[0, {num_entities}) of {ENTITIES_FILE}.')
+  if len(set(classes)) != len(classes):
+    raise CorpusError(f'{where}: field \'entity/class\' repeats an entity: {classes}.')
+
+
+# ----------------------------------------------------------------------------------------
+# Entity table and metadata.
+
+
+@dataclasses.dataclass
+class EntityTable:
+  """Entities in class-index order (class i is row i)."""
+  ids: list
+  names: list
+  descriptions: list
+  counts: np.ndarray  # int64 [C]: train images carrying the entity.
+
+  def __len__(self):
+    return len(self.ids)
+
+
+def write_entities(corpus_dir, table):
+  path = os.path.join(corpus_dir, ENTITIES_FILE)
+  with tf.io.gfile.GFile(path, 'w') as f:
+    for i in range(len(table)):
+      row = dict(index=i, id=table.ids[i], name=table.names[i],
+                 description=table.descriptions[i], count=int(table.counts[i]))
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+
+
+def load_entities(corpus_dir):
+  path = os.path.join(corpus_dir, ENTITIES_FILE)
+  if not tf.io.gfile.exists(path):
+    raise CorpusError(f'{path}: entity table not found.')
+  rows = []
+  with tf.io.gfile.GFile(path, 'r') as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        rows.append(_parse_entity_line(line, path, line_no, expected_index=len(rows)))
+  if not rows:
+    raise CorpusError(f'{path}: entity table is empty.')
+  return EntityTable(ids=[r['id'] for r in rows], names=[r['name'] for r in rows],
+                     descriptions=[r['description'] for r in rows],
+                     counts=np.array([r['count'] for r in rows], np.int64))
+
+
+def _parse_entity_line(line, path, line_no, expected_index):
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise CorpusError(f'{path}:{line_no}: not valid JSON ({e}).') from e
+  missing = [k for k in ENTITY_KEYS if k not in row]
+  if missing:
+    raise CorpusError(f'{path}:{line_no}: missing field(s) {missing}.')
+  if row['index'] != expected_index:
+    raise CorpusError(f'{path}:{line_no}: field \'index\' is {row["index"]}, expected '
+                      f'{expected_index} (indices must be 0..C-1 in order, no gaps).')
+  return row
+
+
+def write_corpus_meta(corpus_dir, meta):
+  with tf.io.gfile.GFile(os.path.join(corpus_dir, META_FILE), 'w') as f:
+    f.write(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+
+
+def load_corpus_meta(corpus_dir):
+  path = os.path.join(corpus_dir, META_FILE)
+  if not tf.io.gfile.exists(path):
+    raise CorpusError(f'{path}: corpus metadata not found.')
+  with tf.io.gfile.GFile(path, 'r') as f:
+    try:
+      meta = json.loads(f.read())
+    except json.JSONDecodeError as e:
+      raise CorpusError(f'{path}: not valid JSON ({e}).') from e
+  missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+  if missing:
+    raise CorpusError(f'{path}: missing field(s) {missing}.')
+  if meta['schema_version'] != SCHEMA_VERSION:
+    raise CorpusError(f'{path}: field \'schema_version\' is {meta["schema_version"]}, '
+                      f'this code reads version {SCHEMA_VERSION}.')
+  return meta
+
+
+def list_shards(corpus_dir):
+  """Sorted full paths of the train shards."""
+  return sorted(tf.io.gfile.glob(os.path.join(corpus_dir, SHARD_GLOB)))
+
+
+# ----------------------------------------------------------------------------------------
+# Validation.
+
+
+def validate_corpus(corpus_dir, max_shards=None):
+  """Checks the layout, metadata, entity table and the first record of each shard.
+
+  `max_shards` limits how many shards get their first record read (None: all).
+  Returns (meta, entity_table). Raises CorpusError naming the file and field.
+  """
+  corpus_dir = os.fspath(corpus_dir)
+  if not tf.io.gfile.isdir(corpus_dir):
+    raise CorpusError(f'{corpus_dir}: corpus directory not found.')
+  if not tf.io.gfile.listdir(corpus_dir):
+    raise CorpusError(f'{corpus_dir}: corpus directory is empty (expected {SHARD_GLOB} '
+                      f'shards, {ENTITIES_FILE}, {TOKENIZER_FILE}, {META_FILE}).')
+  shards = list_shards(corpus_dir)
+  if not shards:
+    raise CorpusError(f'{corpus_dir}: no shards matching {SHARD_GLOB}.')
+  meta = load_corpus_meta(corpus_dir)
+  table = load_entities(corpus_dir)
+  tok_path = os.path.join(corpus_dir, TOKENIZER_FILE)
+  if not tf.io.gfile.exists(tok_path):
+    raise CorpusError(f'{tok_path}: tokenizer not found.')
+  try:
+    eot = tokenizer_lib.eot_id(tokenizer_lib.load_tokenizer(tok_path))
+  except (OSError, ValueError) as e:
+    raise CorpusError(str(e)) from e
+  _check_meta_consistency(corpus_dir, meta, table, shards)
+  for path in shards[:max_shards]:
+    values = check_example_proto(_first_record(path), len(table), where=path, eot_id=eot,
+                                 entity_ids=table.ids)
+    _check_image(values['image/encoded'][0], path)
+  return meta, table
+
+
+def _check_image(image_bytes, where):
+  try:
+    tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  except tf.errors.OpError as e:
+    raise CorpusError(f"{where}: field 'image/encoded' does not decode as an image "
+                      f'({e.message}).') from e
+
+
+def _check_meta_consistency(corpus_dir, meta, table, shards):
+  meta_path = os.path.join(corpus_dir, META_FILE)
+  if meta['num_entities'] != len(table):
+    raise CorpusError(f'{meta_path}: field \'num_entities\' is {meta["num_entities"]} but '
+                      f'{ENTITIES_FILE} has {len(table)} rows.')
+  if meta['num_shards'] != len(shards):
+    raise CorpusError(f'{meta_path}: field \'num_shards\' is {meta["num_shards"]} but '
+                      f'{len(shards)} shard files exist.')
+  for path in shards:
+    match = SHARD_RE.match(os.path.basename(path))
+    if not match or int(match.group(2)) != len(shards):
+      raise CorpusError(f'{path}: shard name must be {shard_name(0, len(shards))} style '
+                        f'with YYYYY = {len(shards)} shards.')
+
+
+def _first_record(path):
+  try:
+    for record in tf.data.TFRecordDataset(path).take(1):
+      return record.numpy()
+  except tf.errors.OpError as e:
+    raise CorpusError(f'{path}: cannot read a TFRecord ({e.message}).') from e
+  raise CorpusError(f'{path}: shard holds no records.')

@@ -1,0 +1,265 @@
+"""Tests for mofi_jax/data/pipeline.py against NumPy references computed from raw records."""
+import os
+import shutil
+
+from clu.data import dataset_iterator
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mofi_jax.data import pipeline
+from mofi_jax.data import preprocess
+from mofi_jax.data import schema
+from mofi_jax.data import tokenizer as tokenizer_lib
+
+TEMPLATE = '{name}, {description}'
+
+
+def make_cfg(corpus_dir, **overrides):
+  cfg = dict(data_dir=corpus_dir, image_size=16, max_entities=2, text_source='entity',
+             entity_template=TEMPLATE, text_len=12, shuffle_buffer=32, rrc_scale=(0.4, 1.0),
+             seed=0)
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def take(ds, n):
+  it = iter(ds)
+  return [{k: v.numpy() for k, v in next(it).items()} for _ in range(n)]
+
+
+def shard_records(path):
+  out = []
+  for record in tf.data.TFRecordDataset(path):
+    f = tf.train.Example.FromString(record.numpy()).features.feature
+    out.append(dict(classes=list(f['entity/class'].int64_list.value),
+                    tokens=list(f['alt_text/tokens'].int64_list.value)))
+  return out
+
+
+def fit(ids, length, eot):
+  ids = list(ids) if len(ids) <= length else list(ids[:length - 1]) + [eot]
+  return np.array(ids + [0] * (length - len(ids)), np.int32)
+
+
+@pytest.fixture(scope='module')
+def tok(tiny_corpus):
+  return tokenizer_lib.load_tokenizer(os.path.join(tiny_corpus, schema.TOKENIZER_FILE))
+
+
+def ordered_batches(corpus_dir, process_index, num_batches, **overrides):
+  """One shard per process and no shuffle buffer: rows follow the shard's record order."""
+  cfg = make_cfg(corpus_dir, shuffle_buffer=1, **overrides)
+  ds = pipeline.make_train_dataset(corpus_dir, cfg, process_index=process_index,
+                                   process_count=4, per_process_batch=4)
+  rows = take(ds, num_batches)
+  records = shard_records(schema.list_shards(corpus_dir)[process_index])
+  return {k: np.concatenate([b[k] for b in rows]) for k in rows[0]}, records
+
+
+@pytest.mark.parametrize('process_index, max_entities', [(0, 2), (3, 1)])
+def test_labels_and_entity_text_match_raw_records(tiny_corpus, tok, process_index, max_entities):
+  batch, records = ordered_batches(tiny_corpus, process_index, 12, max_entities=max_entities)
+  table = schema.load_entities(tiny_corpus)
+  eot = tokenizer_lib.eot_id(tok)
+  entity_tokens = [fit(tok.encode(TEMPLATE.format(name=n, description=d)).ids, 12, eot)
+                   for n, d in zip(table.names, table.descriptions)]
+  assert len(batch['labels']) > len(records)  # Wraps into the second epoch.
+  chosen_positions = set()
+  for i, (labels, weights, text) in enumerate(
+      zip(batch['labels'], batch['label_weights'], batch['text'])):
+    kept = records[i % len(records)]['classes'][:max_entities]
+    expected = np.full(max_entities, -1)
+    expected[:len(kept)] = kept
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_allclose(weights, np.where(expected >= 0, 1.0 / len(kept), 0.0))
+    matches = [j for j, c in enumerate(kept) if np.array_equal(text, entity_tokens[c])]
+    assert matches, f'row {i}: text is not the text of one of its entities {kept}'
+    if len(kept) > 1:
+      chosen_positions.update(matches)
+  if max_entities == 2:
+    assert chosen_positions == {0, 1}  # Both entities of multi-entity images get picked.
+
+
+def test_alt_text_source_refits_stored_tokens(tiny_corpus, tok):
+  batch, records = ordered_batches(tiny_corpus, 1, 6, text_source='alt_text', text_len=5)
+  eot = tokenizer_lib.eot_id(tok)
+  for i, text in enumerate(batch['text']):
+    np.testing.assert_array_equal(text, fit(records[i % len(records)]['tokens'], 5, eot))
+
+
+@pytest.mark.parametrize('source', ['entity', 'alt_text'])
+def test_truncated_text_ends_with_eot(tiny_corpus, tok, source):
+  cfg = make_cfg(tiny_corpus, text_source=source, text_len=4)
+  ds = pipeline.make_train_dataset(tiny_corpus, cfg, process_index=0, process_count=1,
+                                   per_process_batch=8)
+  for b in take(ds, 4):
+    n = np.count_nonzero(b['text'], axis=1)
+    assert np.all(b['text'][np.arange(len(n)), n - 1] == tokenizer_lib.eot_id(tok))
+    assert np.all(b['text'][:, 0] == tokenizer_lib.bos_id(tok))
+
+
+def test_batch_spec(tiny_corpus):
+  cfg = make_cfg(tiny_corpus, max_entities=3)
+  ds = pipeline.make_train_dataset(tiny_corpus, cfg, process_index=0, process_count=1,
+                                   per_process_batch=8)
+  b = take(ds, 1)[0]
+  assert b['image'].shape == (8, 16, 16, 3) and b['image'].dtype == np.float32
+  assert b['labels'].shape == (8, 3) and b['labels'].dtype == np.int32
+  assert b['label_weights'].shape == (8, 3) and b['label_weights'].dtype == np.float32
+  assert b['text'].shape == (8, 12) and b['text'].dtype == np.int32
+  np.testing.assert_allclose(b['label_weights'].sum(1), 1.0, rtol=1e-6)
+  assert np.all(b['labels'][:, 2] == -1)  # The corpus has at most 2 entities per image.
+  # CLIP-normalised pixels in [0, 1] land in roughly [-1.8, 2.2].
+  assert np.isfinite(b['image']).all() and -1.9 < b['image'].min() < b['image'].max() < 2.2
+
+
+def test_same_seed_same_batches_other_seed_differs(tiny_corpus):
+  def batches(seed, process_index=0):
+    ds = pipeline.make_train_dataset(tiny_corpus, make_cfg(tiny_corpus), seed=seed,
+                                     process_index=process_index, process_count=2,
+                                     per_process_batch=4)
+    return take(ds, 3)
+  a, b, c, d = batches(7), batches(7), batches(8), batches(7, process_index=1)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+  assert not np.array_equal(a[0]['labels'], c[0]['labels'])
+  assert not np.array_equal(a[0]['image'], d[0]['image'])
+
+
+def test_augmentation_differs_across_epochs(tiny_corpus):
+  batch, records = ordered_batches(tiny_corpus, 2, 2 * 9)
+  n = len(records)
+  assert not np.array_equal(batch['image'][0], batch['image'][n])  # Same record, next epoch.
+  np.testing.assert_array_equal(batch['labels'][0], batch['labels'][n])
+
+
+def test_process_files_disjoint_and_covering(tiny_corpus):
+  files = schema.list_shards(tiny_corpus)
+  for count in range(1, len(files) + 1):
+    parts = [pipeline.process_files(files[::-1], i, count) for i in range(count)]
+    assert sorted(f for p in parts for f in p) == sorted(files)
+    assert sum(len(p) for p in parts) == len(files)
+  with pytest.raises(schema.CorpusError, match='4 shard.* cannot feed 5 processes'):
+    pipeline.make_train_dataset(tiny_corpus, make_cfg(tiny_corpus), process_index=0,
+                                process_count=5, per_process_batch=2)
+
+
+def test_iterator_save_restore_equals_uninterrupted(tiny_corpus, tmp_path):
+  def iterator():
+    ds = pipeline.make_train_dataset(tiny_corpus, make_cfg(tiny_corpus), process_index=0,
+                                     process_count=1, per_process_batch=4)
+    return dataset_iterator.TfDatasetIterator(ds, checkpoint=True)
+  # ~130 records / 4: the checkpoint sits just before the first epoch boundary.
+  before, after = 30, 6
+  uninterrupted = [next(it) for it in [iterator()] for _ in range(before + after)]
+  first = iterator()
+  for _ in range(before):
+    next(first)
+  first.save(tmp_path / 'ckpt')
+  resumed = iterator()
+  resumed.restore(tmp_path / 'ckpt')
+  for step in range(after):
+    got, want = next(resumed), uninterrupted[before + step]
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'step {step} {k}')
+
+
+def rewrite_shard(path, bad_record, position):
+  records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+  records.insert(position, bad_record)
+  with tf.io.TFRecordWriter(path) as w:
+    for r in records:
+      w.write(r)
+
+
+def bad_record(**fields):
+  """A record that is valid (real JPEG included) except for `fields` (None: removed)."""
+  jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+  feature = {
+      'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+      'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'k'])),
+      'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+      'entity/id': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'Q1'])),
+      'entity/score': tf.train.Feature(float_list=tf.train.FloatList(value=[0.3])),
+      'alt_text': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'hi'])),
+      'alt_text/tokens': tf.train.Feature(int64_list=tf.train.Int64List(value=[1, 2])),
+  }
+  for k, v in fields.items():
+    if v is None:
+      del feature[k]
+    else:
+      feature[k] = v
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'image/key': None}, 'image/key'),
+    ({'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[99]))},
+     'entity/class'),
+    ({'entity/class': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'3']))},
+     'entity/class'),
+])
+def test_bad_record_error_names_field_and_file(tiny_corpus, tmp_path, fields, message):
+  corpus = str(tmp_path / 'c')
+  shutil.copytree(tiny_corpus, corpus)
+  shard = schema.list_shards(corpus)[0]
+  rewrite_shard(shard, bad_record(**fields), position=3)  # Past the validated first record.
+  cfg = make_cfg(corpus, shuffle_buffer=1)
+  ds = pipeline.make_train_dataset(corpus, cfg, process_index=0, process_count=4,
+                                   per_process_batch=2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=rf'(?s)(?=.*{message})(?=.*{shard})'):
+    take(ds, 3)
+
+
+def test_bad_first_record_fails_at_build_time(tiny_corpus, tmp_path):
+  corpus = str(tmp_path / 'c')
+  shutil.copytree(tiny_corpus, corpus)
+  shard = schema.list_shards(corpus)[1]
+  rewrite_shard(shard, bad_record(alt_text=None), position=0)
+  with pytest.raises(schema.CorpusError, match=f"{shard}: field 'alt_text' is missing"):
+    pipeline.make_train_dataset(corpus, make_cfg(corpus), process_index=0, process_count=1,
+                                per_process_batch=2)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(text_source='caption'), 'text_source must be one of'),
+    (dict(entity_template='{title}'), 'entity_template'),
+    (dict(batch_size=7), 'batch_size=7'),
+])
+def test_config_errors(tiny_corpus, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.make_train_dataset(tiny_corpus, make_cfg(tiny_corpus, **overrides),
+                                process_index=0, process_count=1, per_process_batch=2)
+
+
+# ----------------------------------------------------------------------------- eval images
+
+
+def test_eval_images_order_and_pixels(tiny_corpus):
+  folder = os.path.join(tiny_corpus, 'retrieval')
+  images, categories, names = pipeline.make_eval_images(folder, 16)
+  assert images.shape == (50, 16, 16, 3) and images.dtype == np.float32
+  np.testing.assert_array_equal(categories, np.arange(50) // 10)
+  on_disk = [n for n in os.listdir(folder) if n.endswith('.jpg')]
+  assert names == sorted(on_disk, key=lambda n: (int(n.split('_')[0]), n))
+  for i in (0, 37):
+    raw = tf.io.read_file(os.path.join(folder, names[i]))
+    np.testing.assert_array_equal(images[i], preprocess.eval_image(raw, 16).numpy())
+
+
+def test_eval_images_errors(tiny_corpus, tmp_path):
+  folder = tmp_path / 'r'
+  with pytest.raises(schema.CorpusError, match='retrieval folder not found'):
+    pipeline.make_eval_images(folder, 16)
+  shutil.copytree(os.path.join(tiny_corpus, 'retrieval'), folder)
+  victim = sorted(n for n in os.listdir(folder) if n.startswith('2_'))[0]
+  os.rename(folder / victim, folder / 'two.jpg')
+  with pytest.raises(schema.CorpusError, match='two.jpg: file name must be'):
+    pipeline.make_eval_images(folder, 16)
+  os.remove(folder / 'two.jpg')
+  with pytest.raises(schema.CorpusError, match='category 2 has 9 images, expected exactly 10'):
+    pipeline.make_eval_images(folder, 16)

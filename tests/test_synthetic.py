@@ -1,0 +1,180 @@
+"""Tests for mofi_jax/data/synthetic.py: the demo corpus, read back with raw APIs."""
+import collections
+import io
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from mofi_jax.data import schema
+from mofi_jax.data import synthetic
+from mofi_jax.data import tokenizer as tokenizer_lib
+
+SMALL = dict(seed=3, num_entities=6, images_per_entity=3, num_shards=2, image_size=16,
+             retrieval_categories=2, vocab_size=300)
+DESCRIPTION_RE = re.compile(r'^an? (\w+) (\w+) on a ([\w ]+) background$')
+
+
+def read_records(corpus_dir):
+  """All records, parsed with the raw protobuf API (independent of schema.parse_examples)."""
+  out = []
+  for path in schema.list_shards(corpus_dir):
+    for record in tf.data.TFRecordDataset(path):
+      f = tf.train.Example.FromString(record.numpy()).features.feature
+      out.append(dict(
+          image=f['image/encoded'].bytes_list.value[0], key=f['image/key'].bytes_list.value[0],
+          classes=list(f['entity/class'].int64_list.value),
+          ids=[i.decode() for i in f['entity/id'].bytes_list.value],
+          scores=list(f['entity/score'].float_list.value),
+          alt_text=f['alt_text'].bytes_list.value[0].decode(),
+          tokens=list(f['alt_text/tokens'].int64_list.value)))
+  return out
+
+
+@pytest.fixture(scope='module')
+def corpus(tiny_corpus):
+  return dict(dir=tiny_corpus, meta=schema.load_corpus_meta(tiny_corpus),
+              table=schema.load_entities(tiny_corpus), records=read_records(tiny_corpus))
+
+
+def test_counts_and_frequency_order(corpus):
+  table, records = corpus['table'], corpus['records']
+  assert len(records) == corpus['meta']['num_train_examples']
+  counts = np.bincount([c for r in records for c in r['classes']], minlength=len(table))
+  np.testing.assert_array_equal(table.counts, counts)
+  assert np.all(np.diff(table.counts) <= 0)  # Most frequent first.
+
+
+def test_records_are_consistent(corpus):
+  table, records, meta = corpus['table'], corpus['records'], corpus['meta']
+  tok = tokenizer_lib.load_tokenizer(os.path.join(corpus['dir'], schema.TOKENIZER_FILE))
+  eot = tokenizer_lib.eot_id(tok)
+  sizes = collections.Counter(len(r['classes']) for r in records)
+  assert set(sizes) == {1, 2} and sizes[2] > 0.1 * len(records)  # multi_entity_frac=0.3.
+  assert len({r['key'] for r in records}) == len(records)
+  for r in records:
+    assert len(set(r['classes'])) == len(r['classes'])
+    assert r['ids'] == [table.ids[c] for c in r['classes']]
+    assert all(0.2 - 1e-6 <= s <= 0.4 + 1e-6 for s in r['scores'])  # float32 storage.
+    ids = tok.encode(r['alt_text']).ids
+    expected = ids if len(ids) <= meta['text_len'] else ids[:meta['text_len'] - 1] + [eot]
+    assert r['tokens'] == expected
+    image = Image.open(io.BytesIO(r['image']))
+    assert image.format == 'JPEG' and image.size == (24, 24) and image.mode == 'RGB'
+
+
+def test_entity_table(corpus):
+  table = corpus['table']
+  assert len(set(table.names)) == len(table) and all(n.isalpha() for n in table.names)
+  assert len(set(table.ids)) == len(table) and all(re.fullmatch(r'Q\d+', i) for i in table.ids)
+  assert len(set(table.descriptions)) == len(table)
+  for d in table.descriptions:
+    color, shape, background = DESCRIPTION_RE.match(d).groups()
+    assert color in synthetic.COLORS and shape in synthetic.SHAPES
+    assert background in synthetic.BACKGROUNDS
+
+
+def dominant_colour(jpeg):
+  """Mean RGB of the saturated (non-grey) pixels: the drawn shapes."""
+  pixels = np.asarray(Image.open(io.BytesIO(jpeg)), np.float32).reshape(-1, 3)
+  saturated = pixels.max(1) - pixels.min(1) > 80
+  return pixels[saturated].mean(0)
+
+
+def test_drawn_colour_matches_description(corpus):
+  table = corpus['table']
+  palette = np.array(list(synthetic.COLORS.values()), np.float32)
+  hits = []
+  for r in corpus['records']:
+    if len(r['classes']) == 1:
+      nearest = list(synthetic.COLORS)[np.argmin(
+          np.linalg.norm(palette - dominant_colour(r['image']), axis=1))]
+      hits.append(nearest == DESCRIPTION_RE.match(table.descriptions[r['classes'][0]]).group(1))
+  assert np.mean(hits) >= 0.95, np.mean(hits)
+
+
+def test_alt_texts_are_noisy_but_labels_are_not(corpus):
+  names = corpus['table'].names
+  right = wrong = nameless = 0
+  for r in corpus['records']:
+    mentioned = {i for i, n in enumerate(names) if re.search(rf'\b{n}\b', r['alt_text'])}
+    right += bool(mentioned & set(r['classes']))
+    wrong += bool(mentioned - set(r['classes'])) and not mentioned & set(r['classes'])
+    nameless += not mentioned
+  n = len(corpus['records'])
+  assert right > 0.6 * n and 0 < wrong < 0.3 * n and 0 < nameless < 0.3 * n
+
+
+def test_retrieval_folder_holds_unseen_categories(corpus):
+  folder = os.path.join(corpus['dir'], synthetic.RETRIEVAL_DIR)
+  with open(os.path.join(folder, 'categories.json')) as f:
+    categories = json.load(f)
+  assert [c['category'] for c in categories] == list(range(5))
+  assert not {c['description'] for c in categories} & set(corpus['table'].descriptions)
+  names = sorted(n for n in os.listdir(folder) if n.endswith('.jpg'))
+  per_category = collections.Counter(int(re.fullmatch(r'(\d+)_\w+\.jpg', n).group(1))
+                                     for n in names)
+  assert per_category == {c: 10 for c in range(5)}
+
+
+def test_idempotent_and_config_mismatch(corpus):
+  meta_path = os.path.join(corpus['dir'], schema.META_FILE)
+  before = os.stat(meta_path).st_mtime_ns
+  cfg = corpus['meta']['synthetic_config']
+  assert synthetic.ensure_demo_corpus(corpus['dir'], cfg) == corpus['dir']
+  assert os.stat(meta_path).st_mtime_ns == before
+  with pytest.raises(schema.CorpusError, match='corpus.json: a corpus with a different config'):
+    synthetic.ensure_demo_corpus(corpus['dir'], {**cfg, 'seed': 99})
+
+
+def corpus_bytes(corpus_dir):
+  files = [schema.ENTITIES_FILE, schema.TOKENIZER_FILE] + [
+      os.path.basename(p) for p in schema.list_shards(corpus_dir)]
+  return {f: open(os.path.join(corpus_dir, f), 'rb').read() for f in files}
+
+
+def test_deterministic_in_seed(tmp_path):
+  a = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'a', SMALL))
+  b = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'b', SMALL))
+  c = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'c', {**SMALL, 'seed': 4}))
+  assert a == b
+  assert a.keys() == c.keys() and a['train-00000-of-00002.tfrecord'] != c[
+      'train-00000-of-00002.tfrecord']
+  schema.validate_corpus(str(tmp_path / 'c'))
+
+
+def test_overwrite_replaces_demo_corpus(tmp_path):
+  out = synthetic.ensure_demo_corpus(tmp_path / 'x', SMALL)
+  synthetic.ensure_demo_corpus(out, {**SMALL, 'num_entities': 7}, overwrite=True)
+  assert schema.load_corpus_meta(out)['num_entities'] == 7
+  assert sorted(os.listdir(tmp_path)) == ['x']  # No temporary folders left behind.
+
+
+def test_killed_run_leaves_no_half_corpus(tmp_path, monkeypatch):
+  def crash(*args):
+    raise KeyboardInterrupt('killed')
+  monkeypatch.setattr(synthetic, '_write_retrieval', crash)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.ensure_demo_corpus(tmp_path / 'half', SMALL)
+  assert os.listdir(tmp_path) == []
+
+
+def test_refuses_foreign_folder(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  with pytest.raises(schema.CorpusError, match='not empty'):
+    synthetic.ensure_demo_corpus(tmp_path, SMALL)
+  assert os.listdir(tmp_path) == ['notes.txt']
+
+
+@pytest.mark.parametrize('cfg, message', [
+    ({'num_entitys': 3}, r"unknown field\(s\) \['num_entitys'\]"),
+    ({'num_entities': 500, 'retrieval_categories': 40}, '512 attribute combinations'),
+    ({'num_shards': 0}, 'num_shards >= 1'),
+])
+def test_config_errors(cfg, message):
+  with pytest.raises(ValueError, match=message):
+    synthetic.resolve_config(cfg)
