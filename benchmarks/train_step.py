@@ -1,0 +1,104 @@
+r"""Train-step throughput: images/s, achieved FLOP/s (compiler cost analysis) and
+MFU against a matmul peak measured on the same machine.
+
+  python benchmarks/train_step.py --config configs/mofi_b16.py:supervised \
+      --config.model.image.variant=S/16 --config.model.dtype=float32 \
+      --config.model.remat=none --config.input.batch_size=32 \
+      --config.model.head.num_classes=1000 --config.model.head.pad_multiple=1024
+
+Feeds random batches (no input pipeline), so it measures the model and loss.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mofi_jax import optim, sharding, trainer
+from mofi_jax.models import mofi
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file[:variant].')
+flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
+flags.DEFINE_integer('matmul_size', 4096, 'Square matmul size for the peak.')
+flags.DEFINE_integer('vocab_size', 49408, 'Text vocabulary if the config has -1.')
+
+
+def measure_matmul_peak(n, dtype, reps=10):
+  """Best-of FLOP/s of an n x n x n matmul in `dtype` on device 0."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best * jax.device_count()
+
+
+def random_batch(config, num_classes, vocab):
+  rng = np.random.default_rng(0)
+  b, s = config.input.batch_size, config.input.image_size
+  k, l = config.input.max_entities, config.input.text_len
+  labels = rng.integers(0, num_classes, (b, k)).astype(np.int32)
+  text = rng.integers(1, vocab, (b, l)).astype(np.int32)
+  return dict(image=rng.normal(size=(b, s, s, 3)).astype(np.float32),
+              labels=labels, label_weights=np.full((b, k), 1 / k, np.float32),
+              text=text)
+
+
+def flops_of(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  with config.unlocked():
+    if config.model.text.vocab_size == -1:
+      config.model.text.vocab_size = FLAGS.vocab_size
+  num_classes = config.model.head.num_classes
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.activate(mesh)
+  model = mofi.build(config.model)
+  tx, lr = optim.make(config.optim, config.total_steps)
+  spec = trainer.dummy_batch(config)
+  _, shardings = trainer.state_shardings(model, tx, mesh, spec)
+  state = trainer.init_state(model, tx, mesh, spec, shardings, config.seed)
+  step = trainer.compile_train_step(
+      trainer.make_train_step(model, tx, lr, config, mesh, num_classes),
+      mesh, shardings)
+  batch = sharding.global_batch(mesh, random_batch(
+      config, num_classes, config.model.text.vocab_size))
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  flops = flops_of(compiled)
+  state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, m = compiled(state, batch)
+  jax.block_until_ready((state, m))
+  step_s = (time.perf_counter() - t) / FLAGS.steps
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  peak = measure_matmul_peak(FLAGS.matmul_size, dtype)
+  image = mofi.image_kwargs(config.model.image)
+  print(f'config: mode={config.model.mode} image={image.get("variant") or image} '
+        f'{config.input.image_size}px batch={config.input.batch_size} '
+        f'classes={num_classes} dtype={config.model.dtype} '
+        f'devices={jax.device_count()} ({jax.devices()[0].platform})')
+  print(f'compile_s={compile_s:.1f} step_s={step_s:.4f} '
+        f'images_per_s={config.input.batch_size / step_s:.1f}')
+  print(f'flops_per_step={flops:.4g} achieved_flops_per_s={flops / step_s:.4g} '
+        f'matmul_peak_flops_per_s={peak:.4g} mfu={flops / step_s / peak:.3f}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,148 @@
+"""Model towers: published parameter counts, pooling, causality, dtypes,
+scan == unrolled, remat == plain."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mofi_jax.models import mofi, text, vit
+
+
+def n_params(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(module, *args):
+  return jax.eval_shape(module.init, jax.random.key(0), *args)['params']
+
+
+def test_vit_b16_and_text_tower_match_openai_clip_parameter_counts():
+  # OpenAI CLIP ViT-B/16: visual 86,192,640; text side 63,428,096 (+1 logit scale).
+  image = vit.VisionTower(512, **vit.decode_variant('B/16'))
+  p = abstract_params(image, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  assert n_params(p) == 86_192_640
+  tower = text.TextTower(512, vocab_size=49408, context=77, width=512, depth=12,
+                         num_heads=8, mlp_dim=2048)
+  p = abstract_params(tower, jax.ShapeDtypeStruct((1, 77), jnp.int32))
+  assert n_params(p) == 63_428_096
+
+
+@pytest.mark.parametrize('variant,width,depth', [('Ti/16', 192, 12), ('S/14', 384, 12),
+                                                 ('L/14', 1024, 24), ('H/14', 1280, 32)])
+def test_presets_and_any_image_size(variant, width, depth):
+  kw = vit.decode_variant(variant)
+  assert (kw['width'], kw['depth']) == (width, depth)
+  for size in (112, 140):
+    p = abstract_params(vit.VisionTower(64, **kw),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    tokens = (size // kw['patch']) ** 2 + 1
+    assert p['pos_embedding'].shape == (tokens, width)
+
+
+def test_unknown_variant_is_a_clear_error():
+  with pytest.raises(ValueError, match='unknown ViT variant'):
+    vit.decode_variant('X/16')
+
+
+def small_vit(**kw):
+  base = dict(embed_dim=8, width=16, depth=2, num_heads=2, mlp_dim=32, patch=4)
+  return vit.VisionTower(**{**base, **kw})
+
+
+def test_gap_pooling_has_no_cls_token():
+  tower = small_vit(pool='gap')
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  params = tower.init(jax.random.key(0), x)
+  assert 'cls' not in params['params']
+  cls_params = small_vit(pool='cls').init(jax.random.key(0), x)
+  assert 'cls' in cls_params['params']
+
+
+def test_bf16_compute_keeps_fp32_params_and_is_close_to_fp32():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  params = small_vit(dtype=jnp.bfloat16).init(jax.random.key(0), x)
+  assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  out16 = small_vit(dtype=jnp.bfloat16).apply(params, x)
+  out32 = small_vit().apply(params, x)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(out16), out32, rtol=0.1, atol=0.05)
+  assert not np.allclose(np.float32(out16), out32, rtol=0, atol=1e-6)
+
+
+def small_text(**kw):
+  base = dict(embed_dim=8, vocab_size=50, context=10, width=16, depth=2,
+              num_heads=2, mlp_dim=32)
+  return text.TextTower(**{**base, **kw})
+
+
+def test_text_pools_at_eot_and_is_causal():
+  tokens = jnp.array([[1, 5, 7, 2, 0, 0, 0, 0, 0, 0]])   # <bos> a b <eot> pad...
+  tower = small_text()
+  params = tower.init(jax.random.key(0), tokens)
+  out = tower.apply(params, tokens)
+  # Padding after <eot> is invisible, whatever its ids.
+  noisy_pad = tokens.at[0, 5].set(9)
+  assert np.allclose(tower.apply(params, noisy_pad.at[0, 4].set(0)), out)
+  # A token before <eot> matters.
+  assert not np.allclose(tower.apply(params, tokens.at[0, 1].set(6)), out)
+  # Pooling index follows the length: a longer text pools later.
+  longer = jnp.array([[1, 5, 7, 8, 2, 0, 0, 0, 0, 0]])
+  assert not np.allclose(tower.apply(params, longer), out)
+
+
+def test_scanned_stack_equals_unrolled_stack():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  unrolled = small_vit()
+  params = unrolled.init(jax.random.key(0), x)['params']
+  enc = params['encoder']
+  stacked = jax.tree.map(lambda *ls: jnp.stack(ls), enc['layers_0'], enc['layers_1'])
+  scanned_params = dict(params, encoder={'layers': stacked})
+  scanned = small_vit(scan=True)
+  ref_shapes = jax.tree.map(lambda a: a.shape, abstract_params(scanned, x))
+  assert jax.tree.map(lambda a: a.shape, scanned_params) == ref_shapes
+  np.testing.assert_allclose(scanned.apply({'params': scanned_params}, x),
+                             unrolled.apply({'params': params}, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_does_not_change_gradients(policy):
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  plain, remat = small_vit(scan=True), small_vit(scan=True, remat=policy)
+  params = plain.init(jax.random.key(0), x)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
+  for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mofi_modes_create_only_their_parts():
+  cfg = dict(embed_dim=8, image=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch=4),
+             text=dict(vocab_size=50, context=10, width=16, depth=1, num_heads=2,
+                       mlp_dim=32),
+             head=dict(num_classes=10, pad_multiple=16))
+  x = jnp.zeros((1, 16, 16, 3))
+  t = jnp.ones((1, 10), jnp.int32)
+  for mode, parts in [('supervised', {'image_tower', 'entity_head'}),
+                      ('contrastive', {'image_tower', 'text_tower', 'log_logit_scale'}),
+                      ('multitask', {'image_tower', 'text_tower', 'log_logit_scale',
+                                     'entity_head'})]:
+    model = mofi.Mofi(mode=mode, **cfg)
+    params = model.init(jax.random.key(0), x, t)['params']
+    assert set(params) == parts
+    out = model.apply({'params': params}, x, t)
+    if 'entity_head' in parts:   # big-label-space init: zero kernel, negative bias
+      assert out['head']['kernel'].shape == (8, 16)
+      assert np.all(out['head']['kernel'] == 0) and np.all(out['head']['bias'] == -10)
+    if 'text_tower' in parts:
+      assert float(out['logit_scale']) == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_logit_scale_is_capped_at_100():
+  cfg = dict(embed_dim=8, image=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch=4),
+             text=dict(vocab_size=50, context=10, width=16, depth=1, num_heads=2,
+                       mlp_dim=32))
+  model = mofi.Mofi(mode='contrastive', **cfg)
+  x, t = jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 10), jnp.int32)
+  params = model.init(jax.random.key(0), x, t)['params']
+  params = dict(params, log_logit_scale=jnp.log(500.0))
+  assert float(model.apply({'params': params}, x, t)['logit_scale']) == pytest.approx(100.0)

@@ -1,0 +1,205 @@
+"""`python -m mofi_jax.train` end to end, as a user runs it: resume after
+SIGTERM and SIGKILL equals an uninterrupted run; a corrupted newest checkpoint
+falls back to the previous one; non-finite values stop the run; bad input gets
+one clear message, a non-zero exit, and leaves existing checkpoints alone."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL, EVERY = 30, 5
+
+CONFIG = textwrap.dedent(f'''
+    from configs import demo
+
+    def get_config(arg='synthetic'):
+      c = demo.get_config('multitask')
+      c.total_steps = {TOTAL}
+      c.log_every = {EVERY}
+      c.ckpt.update(every_steps={EVERY}, keep=3)
+      c.input.update(batch_size=16, shuffle_buffer=64)
+      c.input.synthetic.update(num_entities=20, images_per_entity=6, num_shards=4,
+                               retrieval_categories=5, vocab_size=400, image_size=24)
+      c.model.image.update(depth=1, width=32, num_heads=2, mlp_dim=64)
+      c.model.text.update(depth=1, width=32, num_heads=2, mlp_dim=64)
+      c.model.embed_dim = 16
+      c.evals.retrieval.update(every_steps=10, batch_size=50)
+      if arg == 'nosynth':
+        del c.input['synthetic']
+      return c
+''')
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('train')
+  (tmp / 'tiny.py').write_text(CONFIG)
+  return tmp
+
+
+def train_cmd(tmp, workdir, *overrides, variant='synthetic'):
+  return [sys.executable, '-m', 'mofi_jax.train',
+          f'--config={tmp / "tiny.py"}:{variant}', f'--workdir={workdir}',
+          f'--config.input.data_dir={tmp / "corpus"}', *overrides]
+
+
+def env(devices=1):
+  e = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+           XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+           TF_CPP_MIN_LOG_LEVEL='2')
+  return e
+
+
+def run(cmd, devices=1, check=True):
+  p = subprocess.run(cmd, cwd=ROOT, env=env(devices), capture_output=True,
+                     text=True, timeout=600)
+  if check and p.returncode:
+    raise AssertionError(f'exit {p.returncode}\n{p.stderr[-4000:]}')
+  return p
+
+
+def steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def final_params(workdir, step=TOTAL):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  return traverse_util.flatten_dict(state['params'])
+
+
+def assert_same_params(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=0,
+                               atol=1e-6, err_msg=str(k))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(setup):
+  workdir = setup / 'uninterrupted'
+  run(train_cmd(setup, workdir))
+  assert steps(workdir) == [20, 25, 30]
+  return workdir
+
+
+def start_and_signal(cmd, workdir, min_step, sig):
+  """Starts training, sends `sig` once a checkpoint >= min_step exists."""
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not any(s >= min_step for s in steps(workdir)):
+    assert p.poll() is None and time.time() < deadline, 'training ended early'
+    time.sleep(0.02)
+  p.send_signal(sig)
+  _, err = p.communicate(timeout=300)
+  return p.returncode, err
+
+
+def test_interrupted_runs_resume_to_identical_params(setup, uninterrupted):
+  workdir = setup / 'interrupted'
+  cmd = train_cmd(setup, workdir)
+  code, err = start_and_signal(cmd, workdir, 5, signal.SIGTERM)
+  assert code == 0, err[-3000:]
+  assert 'Stopped at step' in err
+  assert max(steps(workdir)) < TOTAL
+  code, _ = start_and_signal(cmd, workdir, 15, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  resumed_from = max(steps(workdir))
+  p = run(cmd)
+  assert f'Restored checkpoint step {resumed_from}' in p.stderr
+  assert_same_params(final_params(workdir), final_params(uninterrupted))
+
+
+def test_corrupt_newest_checkpoint_falls_back(setup, uninterrupted):
+  workdir = setup / 'corrupt'
+  shutil.copytree(uninterrupted, workdir)
+  state_dir = os.path.join(workdir, 'checkpoints', str(TOTAL), 'state')
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'r+b') as fh:   # truncate every data file
+        fh.truncate(os.path.getsize(path) // 3)
+  p = run(train_cmd(setup, workdir))
+  assert f'Checkpoint step {TOTAL}' in p.stderr and 'cannot be restored' in p.stderr
+  assert 'Restored checkpoint step 25' in p.stderr
+  assert any(n.startswith(f'{TOTAL}.corrupt') for n in
+             os.listdir(os.path.join(workdir, 'checkpoints')))
+  # Retrained from 25 with the restored input position: same result.
+  assert_same_params(final_params(workdir), final_params(uninterrupted))
+
+
+def test_nonfinite_loss_stops_naming_the_step(setup):
+  workdir = setup / 'nonfinite'
+  p = run(train_cmd(setup, workdir, '--config.optim.lr=1e30',
+                    '--config.optim.warmup_steps=1', '--config.optim.clip_norm=1e30'),
+          check=False)
+  assert p.returncode != 0
+  assert 'non-finite loss or gradient at step' in p.stderr
+  assert steps(workdir) == []
+
+
+def tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      h.update(f.encode())
+      with open(os.path.join(root, f), 'rb') as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
+def bad_corpus(setup, uninterrupted):
+  """A copy of the corpus whose first shard holds a record without an image."""
+  corpus = setup / 'bad_corpus'
+  if not corpus.exists():
+    shutil.copytree(setup / 'corpus', corpus)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    shard = sorted(corpus.glob('train-*.tfrecord'))[0]
+    example = tf.train.Example()
+    example.features.feature['entity/class'].int64_list.value.append(0)
+    with tf.io.TFRecordWriter(str(shard)) as w:
+      w.write(example.SerializeToString())
+  return corpus
+
+
+@pytest.mark.parametrize('case', ['missing_corpus', 'empty_corpus', 'bad_record',
+                                  'unknown_key', 'batch_does_not_divide'])
+def test_bad_input_fails_cleanly_without_touching_checkpoints(setup, uninterrupted, case):
+  workdir = setup / f'bad_{case}'
+  shutil.copytree(uninterrupted, workdir)
+  before = tree_digest(workdir / 'checkpoints')
+  devices, variant, extra = 1, 'nosynth', []
+  if case == 'missing_corpus':
+    extra, expect = [f'--config.input.data_dir={setup}/nowhere'], 'nowhere'
+  elif case == 'empty_corpus':
+    (setup / 'empty').mkdir(exist_ok=True)
+    extra, expect = [f'--config.input.data_dir={setup}/empty'], 'empty'
+  elif case == 'bad_record':
+    corpus = bad_corpus(setup, uninterrupted)
+    extra, expect = [f'--config.input.data_dir={corpus}'], 'image/encoded'
+  elif case == 'unknown_key':
+    extra, expect = ['--config.model.no_such_key=3'], 'no_such_key'
+  else:
+    devices, variant = 8, 'synthetic'
+    extra, expect = ['--config.input.batch_size=12'], 'batch_size=12'
+  cmd = train_cmd(setup, workdir, variant=variant)
+  cmd = [a for a in cmd if not (extra and a.startswith('--config.input.data_dir')
+                                and case not in ('unknown_key', 'batch_does_not_divide'))]
+  p = run(cmd + extra, devices=devices, check=False)
+  assert p.returncode != 0
+  assert expect in p.stderr, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr
+  assert tree_digest(workdir / 'checkpoints') == before
