@@ -164,6 +164,18 @@ def main(argv):
     sys.exit(f'mofi_jax.train: error: {e}')
 
 
+def parse_flags(argv):
+  """absl parsing, with config-override errors as one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    what = (f'unknown config key {e}' if isinstance(e, (AttributeError, KeyError))
+            else f'{type(e).__name__}: {e}')
+    sys.exit(f'mofi_jax.train: error: bad command line ({what}); config '
+             f'overrides given: {overrides}')
+
+
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
