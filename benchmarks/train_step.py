@@ -7,6 +7,9 @@ MFU against a matmul peak measured on the same machine.
       --config.model.head.num_classes=1000 --config.model.head.pad_multiple=1024
 
 Feeds random batches (no input pipeline), so it measures the model and loss.
+The layer stack is unrolled (model.scan=False) unless --keep_scan: XLA's cost
+analysis counts a while-loop body once, so a scanned stack would report ~1/depth
+of the real FLOPs and a meaningless MFU.
 """
 import time
 
@@ -24,6 +27,7 @@ config_flags.DEFINE_config_file('config', None, 'Config file[:variant].')
 flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
 flags.DEFINE_integer('matmul_size', 4096, 'Square matmul size for the peak.')
 flags.DEFINE_integer('vocab_size', 49408, 'Text vocabulary if the config has -1.')
+flags.DEFINE_bool('keep_scan', False, 'Keep model.scan from the config.')
 
 
 def measure_matmul_peak(n, dtype, reps=10):
@@ -62,6 +66,8 @@ def main(argv):
   with config.unlocked():
     if config.model.text.vocab_size == -1:
       config.model.text.vocab_size = FLAGS.vocab_size
+    if not FLAGS.keep_scan:
+      config.model.scan = False
   num_classes = config.model.head.num_classes
   mesh = sharding.make_mesh(config.mesh)
   sharding.activate(mesh)
