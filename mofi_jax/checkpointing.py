@@ -33,6 +33,9 @@ class Checkpointer:
         self.dir, item_names=('state', 'meta'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=ckpt_cfg.keep,
+            # A killed run leaves <step>.orbax-checkpoint-tmp behind; a re-save
+            # of that step must not mix with its stale per-process metadata.
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=ckpt_cfg.async_save))
 
   def _input_path(self, step):
@@ -57,13 +60,27 @@ class Checkpointer:
     return saved
 
   def _prune_input_states(self):
+    """Drops this process's input states older than every kept checkpoint.
+
+    Each process removes only its own files (the folder may be shared by all
+    processes); whoever finds a folder empty removes it.
+    """
     steps = self.mngr.all_steps()
     if not steps or not tf.io.gfile.isdir(self.input_dir):
       return
     for name in tf.io.gfile.listdir(self.input_dir):
       name = name.rstrip('/')
-      if name.isdigit() and int(name) < min(steps):
-        tf.io.gfile.rmtree(os.path.join(self.input_dir, name))
+      if not (name.isdigit() and int(name) < min(steps)):
+        continue
+      folder = os.path.join(self.input_dir, name)
+      mine = tf.io.gfile.glob(os.path.join(folder, f'process_{jax.process_index()}.*'))
+      try:
+        for path in mine:
+          tf.io.gfile.remove(path)
+        if not tf.io.gfile.listdir(folder):
+          tf.io.gfile.rmtree(folder)
+      except tf.errors.NotFoundError:
+        pass  # another process emptied and removed it first.
 
   def restore_latest(self, abstract_state, data_iter):
     """(step, state, meta) from the newest restorable checkpoint, or None."""

@@ -36,11 +36,17 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """Single process: SIGTERM sets a flag; the loop saves and exits cleanly.
+
+  With several processes every process must stop at the same step, so the
+  signal is left to jax.distributed's preemption service, which Orbax's
+  `reached_preemption(step)` consults in agreement across processes.
+  """
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame

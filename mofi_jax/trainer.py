@@ -9,6 +9,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
@@ -132,8 +133,14 @@ def make_embed_fn(model, method, mesh, param_shardings):
   fn = jax.jit(embed, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                out_shardings=sharding.replicated(mesh))
 
+  shards = sharding.axes_size(mesh, sharding.mesh_axes('batch'))
+
   def run(params, host_batch):
+    n = len(host_batch)
+    pad = -n % shards   # any eval batch size works on any mesh
+    if pad:
+      host_batch = np.concatenate([host_batch, np.zeros_like(host_batch[:1]).repeat(pad, 0)])
     with nn.logical_axis_rules(sharding.LOGICAL_RULES):
       out = fn(params, sharding.replicate_host_array(mesh, host_batch))
-    return jax.device_get(out.addressable_data(0))
+    return jax.device_get(out.addressable_data(0))[:n]
   return run
