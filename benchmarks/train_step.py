@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mofi_jax import optim, sharding, trainer
+from mofi_jax import sharding, trainer
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -27,6 +27,7 @@ config_flags.DEFINE_config_file('config', None, 'Config file[:variant].')
 flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
 flags.DEFINE_integer('matmul_size', 4096, 'Square matmul size for the peak.')
 flags.DEFINE_integer('vocab_size', 49408, 'Text vocabulary if the config has -1.')
+flags.DEFINE_integer('num_classes', 1000, 'Entity classes if the config has -1.')
 flags.DEFINE_bool('keep_scan', False, 'Keep model.scan from the config.')
 
 
@@ -66,23 +67,19 @@ def main(argv):
   with config.unlocked():
     if config.model.text.vocab_size == -1:
       config.model.text.vocab_size = FLAGS.vocab_size
+    if config.model.head.num_classes == -1:
+      config.model.head.num_classes = FLAGS.num_classes
     if not FLAGS.keep_scan:
       config.model.scan = False
   num_classes = config.model.head.num_classes
   mesh = sharding.make_mesh(config.mesh)
   sharding.activate(mesh)
-  model = mofi.build(config.model)
-  tx, lr = optim.make(config.optim, config.total_steps)
-  spec = trainer.dummy_batch(config)
-  _, shardings = trainer.state_shardings(model, tx, mesh, spec)
-  state = trainer.init_state(model, tx, mesh, spec, shardings, config.seed)
-  step = trainer.compile_train_step(
-      trainer.make_train_step(model, tx, lr, config, mesh, num_classes),
-      mesh, shardings)
+  setup = trainer.build(config, mesh)
+  state = setup.init(mesh, config.seed)
   batch = sharding.global_batch(mesh, random_batch(
       config, num_classes, config.model.text.vocab_size))
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = setup.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   flops = flops_of(compiled)
   state, m = compiled(state, batch)

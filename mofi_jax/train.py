@@ -17,7 +17,7 @@ from clu import metric_writers, periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
-from mofi_jax import checkpointing, optim, periodic_evals, sharding, trainer
+from mofi_jax import checkpointing, periodic_evals, sharding, trainer
 from mofi_jax.data import pipeline, schema, synthetic
 from mofi_jax.models import mofi
 from mofi_jax import run_setup
@@ -80,30 +80,20 @@ def train_and_evaluate(config, workdir):
       process_count=jax.process_count(), per_process_batch=per_process_batch,
       seed=config.input.seed)
   data_iter = dataset_iterator.TfDatasetIterator(dataset, checkpoint=True)
-  # ---------------------------------------------------- model and optimizer
-  model = mofi.build(config.model)
-  tx, lr_schedule = optim.make(config.optim, config.total_steps)
-  num_classes = config.model.head.num_classes
+  # -------------------------------------- model, optimizer and update step
+  setup = trainer.build(config, mesh)
   # --------------------------------------------- sharded init, or restore
-  batch_spec = trainer.dummy_batch(config)
-  abstract, shardings = trainer.state_shardings(model, tx, mesh, batch_spec)
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
   restored = ckpt.restore_latest(
-      run_setup.with_shardings(abstract, shardings), data_iter)
+      run_setup.with_shardings(setup.abstract, setup.shardings), data_iter)
   if restored:
     first_step, state, _ = restored
   else:
-    first_step = 0
-    state = trainer.init_state(model, tx, mesh, batch_spec, shardings,
-                               config.seed)
+    first_step, state = 0, setup.init(mesh, config.seed)
   run_setup.log_param_counts(state.params)
-  # ----------------------------------------------------------- update step
-  train_step = trainer.compile_train_step(
-      trainer.make_train_step(model, tx, lr_schedule, config, mesh, num_classes),
-      mesh, shardings)
   # ------------------------------------------------------------ evaluators
-  embed_images = trainer.make_embed_fn(model, mofi.Mofi.encode_image, mesh,
-                                       shardings.params)
+  embed_images = trainer.make_embed_fn(setup.model, mofi.Mofi.encode_image,
+                                       mesh, setup.shardings.params)
   evaluators = periodic_evals.from_config(config, data_dir=data_dir,
                                           workdir=workdir)
   # ------------------------------------------------- metrics and progress
@@ -129,7 +119,7 @@ def train_and_evaluate(config, workdir):
   while step < config.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding.global_batch(mesh, next(data_iter))
-      state, metrics = train_step(state, batch)
+      state, metrics = setup.train_step(state, batch)
     step += 1
     acc = metrics if acc is None else acc.merge(metrics)
     for hook in hooks:

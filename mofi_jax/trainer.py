@@ -3,6 +3,7 @@
 Shapes come from `jax.eval_shape`; parameters are created inside
 `jax.jit(..., out_shardings=...)`, so no device ever holds the whole model.
 """
+import dataclasses
 from typing import Any
 
 import flax
@@ -13,7 +14,8 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
-from mofi_jax import losses, sharding
+from mofi_jax import losses, optim, sharding
+from mofi_jax.models import mofi
 
 
 @flax.struct.dataclass
@@ -144,3 +146,31 @@ def make_embed_fn(model, method, mesh, param_shardings):
       out = fn(params, sharding.replicate_host_array(mesh, host_batch))
     return jax.device_get(out.addressable_data(0))[:n]
   return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the loop needs that follows from (config, mesh)."""
+  model: Any
+  tx: Any
+  lr_schedule: Any
+  batch_spec: dict
+  abstract: TrainState      # shapes only
+  shardings: TrainState     # NamedShardings, same tree
+  train_step: Any           # jitted with in/out shardings, donates the state
+
+  def init(self, mesh, seed):
+    return init_state(self.model, self.tx, mesh, self.batch_spec,
+                      self.shardings, seed)
+
+
+def build(config, mesh):
+  """Model, optimizer, state shardings and the compiled-on-first-call step."""
+  model = mofi.build(config.model)
+  tx, lr_schedule = optim.make(config.optim, config.total_steps)
+  batch_spec = dummy_batch(config)
+  abstract, shardings = state_shardings(model, tx, mesh, batch_spec)
+  step = make_train_step(model, tx, lr_schedule, config, mesh,
+                         config.model.head.num_classes)
+  return Setup(model, tx, lr_schedule, batch_spec, abstract, shardings,
+               compile_train_step(step, mesh, shardings))

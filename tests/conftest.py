@@ -21,3 +21,13 @@ def tiny_corpus(tmp_path_factory):
   from mofi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   return synthetic.ensure_demo_corpus(tmp_path_factory.mktemp('data') / 'tiny_corpus',
                                       TINY_CORPUS_CONFIG)
+
+
+@pytest.fixture(autouse=True)
+def _no_mesh_leaks_between_tests():
+  """Tests that call sharding.activate set a global mesh; clear it after."""
+  yield
+  import sys  # pylint: disable=g-import-not-at-top
+  if 'jax' in sys.modules:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.set_mesh(None)

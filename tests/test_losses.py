@@ -1,11 +1,10 @@
 """Entity and contrastive losses vs float64 NumPy references, on 1 and 8 devices."""
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hlo_utils import collective_shapes
 from mofi_jax import losses, sharding
 
 MESHES = {
@@ -196,20 +195,6 @@ def test_two_million_classes_forward_backward(two_million):
   ref_dk = np.float64(x).T @ (p - onehot) / x.shape[0]
   assert rel_err(np.asarray(dk)[:, cols], ref_dk) < 1e-4
   assert np.all(np.isfinite(np.asarray(dx)))
-
-
-COLLECTIVE = re.compile(r'(all-gather|all-reduce|reduce-scatter|all-to-all|'
-                        r'collective-permute)(-start)?\(')
-
-
-def collective_shapes(hlo_text):
-  shapes = []
-  for line in hlo_text.splitlines():
-    if COLLECTIVE.search(line) and '=' in line:
-      lhs = line.split('=', 1)[1].split(COLLECTIVE.search(line).group(0))[0]
-      shapes += [tuple(int(d) for d in dims.split(',') if d)
-                 for dims in re.findall(r'\[([\d,]*)\]', lhs)]
-  return shapes
 
 
 def test_no_class_sized_collectives_and_tile_bounded_memory(two_million):

@@ -224,21 +224,15 @@ def two_process_reference(setup, num_steps):
   """In-process, 4 devices: the global batches that 2 processes would build
   (each reading its own files), fed to the library's train step."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mofi_jax import optim, run_setup, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from mofi_jax import run_setup, sharding, trainer  # pylint: disable=g-import-not-at-top
   from mofi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mofi_jax.models import mofi  # pylint: disable=g-import-not-at-top
   c = load_tiny_config(setup, 'nosynth')
   corpus = str(setup / 'corpus')
   c = run_setup.resolve_from_corpus(c, corpus)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:4])
   sharding.activate(mesh)
-  model = mofi.build(c.model)
-  tx, lr = optim.make(c.optim, c.total_steps)
-  spec = trainer.dummy_batch(c)
-  _, sh = trainer.state_shardings(model, tx, mesh, spec)
-  state = trainer.init_state(model, tx, mesh, spec, sh, c.seed)
-  step = trainer.compile_train_step(trainer.make_train_step(
-      model, tx, lr, c, mesh, c.model.head.num_classes), mesh, sh)
+  setup = trainer.build(c, mesh)
+  state, step = setup.init(mesh, c.seed), setup.train_step
   half = c.input.batch_size // 2
   iters = [pipeline.make_train_dataset(
       corpus, c.input, process_index=i, process_count=2, per_process_batch=half,

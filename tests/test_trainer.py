@@ -7,7 +7,9 @@ import pytest
 from flax import traverse_util
 
 from configs import demo, mofi_b16, mofi_h14, mofi_l14
+from hlo_utils import collective_shapes
 from mofi_jax import optim, sharding, trainer
+from mofi_jax.run_setup import with_shardings
 from mofi_jax.models import mofi
 
 NUM_CLASSES, VOCAB = 50, 64
@@ -39,16 +41,15 @@ def random_batch(c, seed):
               labels=labels, label_weights=weights.astype(np.float32), text=text)
 
 
-def run_steps(c, devices, mesh_cfg, num_steps=3):
+def build(c, mesh_cfg, devices=None):
   mesh = sharding.make_mesh(mesh_cfg, devices)
   sharding.activate(mesh)
-  model = mofi.build(c.model)
-  tx, lr = optim.make(c.optim, c.total_steps)
-  spec = trainer.dummy_batch(c)
-  _, sh = trainer.state_shardings(model, tx, mesh, spec)
-  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
-  step = trainer.compile_train_step(
-      trainer.make_train_step(model, tx, lr, c, mesh, NUM_CLASSES), mesh, sh)
+  return mesh, trainer.build(c, mesh)
+
+
+def run_steps(c, devices, mesh_cfg, num_steps=3):
+  mesh, setup = build(c, mesh_cfg, devices)
+  state, step = setup.init(mesh, seed=0), setup.train_step
   losses = []
   for _ in range(num_steps):
     # One batch, repeated: the loss must fall as the model fits it.
@@ -74,13 +75,8 @@ def test_sharded_step_equals_single_device():
 
 def test_params_are_sharded_not_replicated():
   c = small_config()
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
-  sharding.activate(mesh)
-  model = mofi.build(c.model)
-  tx, _ = optim.make(c.optim, 10)
-  spec = trainer.dummy_batch(c)
-  _, sh = trainer.state_shardings(model, tx, mesh, spec)
-  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
+  mesh, setup = build(c, dict(data=1, fsdp=-1, model=1))
+  state = setup.init(mesh, seed=0)
   kernel = state.params['entity_head']['kernel']
   shard_shapes = {s.data.shape for s in kernel.addressable_shards}
   assert shard_shapes == {(16, kernel.shape[1] // 8)}
@@ -134,15 +130,8 @@ def test_schedule_matches_formula():
 def test_nonfinite_step_leaves_state_untouched(policy):
   c = small_config('supervised')
   c.nonfinite = policy
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
-  sharding.activate(mesh)
-  model = mofi.build(c.model)
-  tx, lr = optim.make(c.optim, 10)
-  spec = trainer.dummy_batch(c)
-  _, sh = trainer.state_shardings(model, tx, mesh, spec)
-  state = trainer.init_state(model, tx, mesh, spec, sh, seed=0)
-  step = trainer.compile_train_step(
-      trainer.make_train_step(model, tx, lr, c, mesh, NUM_CLASSES), mesh, sh)
+  mesh, setup = build(c, dict(data=1, fsdp=-1, model=1))
+  state, step = setup.init(mesh, seed=0), setup.train_step
   state, _ = step(state, sharding.global_batch(mesh, random_batch(c, 0)))
   before = jax.device_get(state.params)
   bad = random_batch(c, 1)
@@ -163,14 +152,9 @@ def test_nonfinite_step_leaves_state_untouched(policy):
 def test_paper_configs_build_and_trace(module, mode):
   c = module.get_config(mode)
   assert c.model.head.num_classes == 2_000_000 and c.input.batch_size == 32_768
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1))
-  sharding.activate(mesh)
-  model = mofi.build(c.model)
-  tx, lr = optim.make(c.optim, c.total_steps)
-  spec = trainer.dummy_batch(c)
-  abstract, sh = trainer.state_shardings(model, tx, mesh, spec)
-  step = trainer.make_train_step(model, tx, lr, c, mesh, c.model.head.num_classes)
-  new_state, _ = jax.eval_shape(step, abstract, spec)
+  _, setup = build(c, dict(data=1, fsdp=-1, model=1))
+  abstract, sh = setup.abstract, setup.shardings
+  new_state, _ = jax.eval_shape(setup.train_step, abstract, setup.batch_spec)
   assert jax.tree.map(lambda a: a.shape, new_state.params) == jax.tree.map(
       lambda a: a.shape, abstract.params)
   if mofi.uses_head(mode):
@@ -178,3 +162,18 @@ def test_paper_configs_build_and_trace(module, mode):
         c.model.embed_dim, 2_002_944)
     assert sh.params['entity_head']['kernel'].spec == jax.sharding.PartitionSpec(
         None, ('data', 'fsdp', 'model'))
+
+
+def test_compiled_train_step_moves_no_class_sized_arrays():
+  """The whole multitask step on 8 devices: the [B, C] logits and the [D, C]
+  kernel (or any class-sized slice of them) never enter a collective."""
+  c = small_config('multitask')
+  c.model.head.num_classes = 400_000
+  c.loss.tile_size = 4096
+  _, setup = build(c, dict(data=2, fsdp=2, model=2))
+  compiled = setup.train_step.lower(
+      with_shardings(setup.abstract, setup.shardings), setup.batch_spec).compile()
+  shapes = collective_shapes(compiled.as_text())
+  local_classes = 400_000 // 8
+  assert any(len(s) == 2 for s in shapes)      # FSDP gathers do happen
+  assert all(max(s, default=0) < local_classes for s in shapes), shapes
