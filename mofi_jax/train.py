@@ -4,8 +4,8 @@ r"""Trains MOFI: supervised entity classification, contrastive, or multi-task.
   python -m mofi_jax.train --config configs/mofi_b16.py:multitask \
       --workdir gs://BUCKET/run --config.input.batch_size=4096
 
-Reads like a table of contents: processes, config, mesh, input, model and
-optimizer, sharded init or restore, update step, evaluators, loop.
+Reads like a table of contents: config, mesh, input, model/optimizer/update
+step, sharded init or restore, evaluators, metrics, loop.
 Re-running the same command resumes from the newest checkpoint in --workdir.
 """
 import signal
@@ -17,10 +17,9 @@ from clu import metric_writers, periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
-from mofi_jax import checkpointing, periodic_evals, sharding, trainer
+from mofi_jax import checkpointing, periodic_evals, run_setup, sharding, trainer
 from mofi_jax.data import pipeline, schema, synthetic
 from mofi_jax.models import mofi
-from mofi_jax import run_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
