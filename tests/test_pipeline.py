@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from records import raw_example
 from mofi_jax.data import pipeline
 from mofi_jax.data import preprocess
 from mofi_jax.data import schema
@@ -179,21 +180,7 @@ def rewrite_shard(path, bad_record, position):
 def bad_record(**fields):
   """A record that is valid (real JPEG included) except for `fields` (None: removed)."""
   jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
-  feature = {
-      'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
-      'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'k'])),
-      'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-      'entity/id': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'Q1'])),
-      'entity/score': tf.train.Feature(float_list=tf.train.FloatList(value=[0.3])),
-      'alt_text': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'hi'])),
-      'alt_text/tokens': tf.train.Feature(int64_list=tf.train.Int64List(value=[1, 2])),
-  }
-  for k, v in fields.items():
-    if v is None:
-      del feature[k]
-    else:
-      feature[k] = v
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  return raw_example(image=jpeg, **fields)
 
 
 @pytest.mark.parametrize('fields, message', [

@@ -7,29 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from records import raw_example
 from mofi_jax.data import schema
 
 RECORD = dict(image=b'\xff\xd8jpeg-bytes', key='abc123', classes=[7, 2], entity_ids=['Q7', 'Q2'],
               scores=[0.25, 0.375], alt_text='Zorvath und Freunde ✓', alt_text_tokens=[1, 40, 2])
-
-
-def raw_example(**overrides):
-  """A record built with the raw protobuf API, independently of make_example."""
-  feature = {
-      'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'img'])),
-      'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'k'])),
-      'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-      'entity/id': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'Q1'])),
-      'entity/score': tf.train.Feature(float_list=tf.train.FloatList(value=[0.3])),
-      'alt_text': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'hi'])),
-      'alt_text/tokens': tf.train.Feature(int64_list=tf.train.Int64List(value=[1, 2])),
-  }
-  for name, value in overrides.items():
-    if value is None:
-      del feature[name]
-    else:
-      feature[name] = value
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def test_make_example_matches_raw_proto():
