@@ -22,7 +22,6 @@ positive's rank by binary search; ranks are exact integer counts, with no tolera
 this on the host rather than in JAX so that it takes no accelerator memory from the training state,
 compiles nothing, and handles categories of any size without padding.
 """
-import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -233,15 +232,3 @@ class Evaluator:
     metrics = {'map': scores.pop('all'), 'chance_map': self.chance}
     metrics.update({f'map/{name}': value for name, value in scores.items()})
     return metrics
-
-
-def main(argv):
-  """python -m mofi_jax.evals.gpr1200 FEATURES.npy"""
-  if len(argv) != 2:
-    raise SystemExit(f'usage: python -m mofi_jax.evals.gpr1200 FEATURES.npy  (got {argv[1:]})')
-  for name, value in score_features_file(argv[1]).items():
-    print(f'{name}: {value:.4f}')
-
-
-if __name__ == '__main__':
-  main(sys.argv)
