@@ -98,7 +98,7 @@ def resolve_from_corpus(config, data_dir):
           f'config.model.head.num_classes={head.num_classes} but the corpus '
           f'{data_dir} has {meta["num_entities"]} entities')
     if mofi.uses_text(config.model.mode) and config.model.text.vocab_size == -1:
-      tok = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer.json'))
+      tok = tokenizer_lib.load_tokenizer(os.path.join(data_dir, schema.TOKENIZER_FILE))
       config.model.text.vocab_size = tok.get_vocab_size()
   return config
 

@@ -18,7 +18,7 @@ from clu.data import dataset_iterator
 from ml_collections import config_flags
 
 from mofi_jax import checkpointing, periodic_evals, run_setup, sharding, trainer
-from mofi_jax.data import pipeline, schema, synthetic
+from mofi_jax.data import pipeline, synthetic
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -70,14 +70,14 @@ def train_and_evaluate(config, workdir):
     run_setup.on_process_zero(
         lambda: synthetic.ensure_demo_corpus(data_dir, config.input.synthetic),
         'synthetic_corpus')
-  # A sample of shards up front; every later record is checked as it is read.
-  schema.validate_corpus(data_dir, max_shards=64)
-  config = run_setup.resolve_from_corpus(config, data_dir)
+  # Validates the corpus (the first shards up front; every later record as it
+  # is read) before anything reads the corpus metadata.
   per_process_batch = config.input.batch_size // jax.process_count()
   dataset = pipeline.make_train_dataset(
       data_dir, config.input, process_index=jax.process_index(),
       process_count=jax.process_count(), per_process_batch=per_process_batch,
       seed=config.input.seed)
+  config = run_setup.resolve_from_corpus(config, data_dir)
   data_iter = dataset_iterator.TfDatasetIterator(dataset, checkpoint=True)
   # -------------------------------------- model, optimizer and update step
   setup = trainer.build(config, mesh)
