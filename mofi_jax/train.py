@@ -17,7 +17,8 @@ from clu import metric_writers, periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
-from mofi_jax import checkpointing, periodic_evals, run_setup, sharding, trainer
+from mofi_jax import (checkpointing, inference, periodic_evals, run_setup,
+                      sharding, trainer)
 from mofi_jax.data import pipeline, synthetic
 from mofi_jax.models import mofi
 
@@ -78,6 +79,7 @@ def train_and_evaluate(config, workdir):
       process_count=jax.process_count(), per_process_batch=per_process_batch,
       seed=config.input.seed)
   config = run_setup.resolve_from_corpus(config, data_dir)
+  inference.write_config(workdir, config, data_dir)
   data_iter = dataset_iterator.TfDatasetIterator(dataset, checkpoint=True)
   # -------------------------------------- model, optimizer and update step
   setup = trainer.build(config, mesh)
