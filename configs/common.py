@@ -54,6 +54,10 @@ def base_config(mode='multitask'):
       b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0, head_lr_mult=1.0))
 
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  # Initialise the towers from foreign weights before step 0 (never on resume):
+  # a Hugging Face CLIP folder on local disk (OpenAI CLIP layout or a released
+  # MOFI folder), see mofi_jax/interop.
+  c.init = mlc.ConfigDict(dict(hf_clip=''))
   c.profile = mlc.ConfigDict(dict(enabled=False, first_step=10, num_steps=5))
   c.evals = mlc.ConfigDict()
   return c
