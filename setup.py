@@ -23,12 +23,15 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # I2E construction (Apache Beam, spaCy NER, Parquet KB).
-    'prep': ['apache-beam>=2.60,<3', 'spacy>=3.7,<4', 'pyarrow>=15'],
+    'prep': ['apache-beam>=2.70,<3', 'spacy>=3.7,<4', 'pyarrow>=15,<27',
+             'imagehash>=4.3'],
     # Checkpoint interop (PyTorch CPU build: pin it, a bare `torch` pulls CUDA).
-    'export': ['safetensors>=0.4', 'transformers>=4.45,<6', 'torch==2.13.0'],
+    'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.13.0'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
-    'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+    # scikit-learn is an oracle in tests; nbclient/ipykernel execute notebooks.
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.5',
+             'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8'],
 }
 
 setup(
