@@ -14,6 +14,7 @@ A training run writes `config.json` (the resolved config) beside its checkpoints
 `load` rebuilds the model from it and restores only what inference needs.
 """
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -109,9 +110,10 @@ class Encoder:
 
   def preprocess(self, images_bytes, resize=None):
     """Encoded images -> float32 [N, S, S, 3]: resize, centre crop, CLIP mean/std."""
-    return np.stack([preprocess.eval_image(b, self.image_size, resize).numpy()
-                     for b in images_bytes]) if len(images_bytes) else np.zeros(
-                         (0, self.image_size, self.image_size, 3), np.float32)
+    fn = _eval_preprocess_fn(self.image_size, resize)
+    out = [fn(tf.constant(b)).numpy() for b in images_bytes]
+    return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3),
+                                              np.float32)
 
   def embed_images(self, images, batch_size=256):
     """float32 [N, S, S, 3] (preprocessed) -> float32 [N, D], L2-normalised."""
@@ -147,6 +149,13 @@ class Encoder:
   def _batched(self, fn, x, batch_size):
     out = [fn(self.params, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_preprocess_fn(size, resize):
+  # Traced once per (size, resize): eager TF per image is ~3x slower.
+  return tf.function(lambda b: preprocess.eval_image(b, size, resize),
+                     input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def _param_shardings(model, config, mesh):
