@@ -1,0 +1,129 @@
+"""Builds the I2E knowledge base from a Wikidata JSON dump, on Apache Beam.
+
+  python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out /data/kb [--language en]
+  python -m data_prep.build_kb --wikidata gs://b/latest-all.json.bz2 --out gs://b/kb \
+      --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
+
+Flags this module does not know go to Beam's PipelineOptions. Without --runner: the local
+DirectRunner on both cores (multi-processing). The KB is built in a staging folder beside --out and
+moved into place when the pipeline has finished, so a failed build never touches an existing KB;
+an existing non-empty --out is replaced only with --overwrite. Layout: see data_prep/i2e/kb.py.
+"""
+import argparse
+import json
+import re
+import sys
+import uuid
+
+from apache_beam.io.filesystems import FileSystems
+
+LOCAL_DEFAULTS = ['--runner=DirectRunner', '--direct_num_workers=2',
+                  '--direct_running_mode=multi_processing']
+
+
+class UsageError(ValueError):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):   # one line, not argparse's usage block
+    raise UsageError(message)
+
+
+def parse_args(argv):
+  parser = _Parser(prog='python -m data_prep.build_kb', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--wikidata', required=True,
+                      help='dump file or glob (.json, .json.bz2, .json.gz), any Beam filesystem')
+  parser.add_argument('--out', required=True, help='KB folder to create')
+  parser.add_argument('--language', default='en', help='label/description/alias language')
+  parser.add_argument('--num_shards', type=int, default=0,
+                      help='Parquet shards per table (0: the runner decides)')
+  parser.add_argument('--min_sitelinks', type=int, default=0,
+                      help='skip items with fewer sitelinks (the KB is held in memory by workers)')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing KB in --out')
+  args, beam_args = parser.parse_known_args(argv)
+  if not re.fullmatch(r'[a-z]{2,3}(-[a-z0-9]+)*', args.language):
+    raise UsageError(f'--language {args.language!r} is not a Wikidata language code (e.g. en, '
+                     'de, pt-br)')
+  if args.num_shards < 0 or args.min_sitelinks < 0:
+    raise UsageError(f'--num_shards and --min_sitelinks must be >= 0, got {args.num_shards} and '
+                     f'{args.min_sitelinks}')
+  if not any(a == '--runner' or a.startswith('--runner=') for a in beam_args):
+    beam_args = LOCAL_DEFAULTS + beam_args
+  return args, beam_args
+
+
+def _files_under(folder):
+  return [m.path for m in FileSystems.match([FileSystems.join(folder, '*')])[0].metadata_list]
+
+
+def check_paths(args):
+  matched = FileSystems.match([args.wikidata])[0].metadata_list
+  if not matched:
+    raise UsageError(f'--wikidata {args.wikidata}: no such file')
+  if _files_under(args.out) and not args.overwrite:
+    raise UsageError(f'--out {args.out} exists and is not empty; pass --overwrite to replace it')
+
+
+def move_into_place(staging, out):
+  """Replaces `out`'s files by the staging folder's; kb.json, the completeness marker, last."""
+  old = _files_under(out)
+  if old:
+    FileSystems.delete(old)
+  if not FileSystems.exists(out):
+    FileSystems.mkdirs(out)
+  new = sorted(_files_under(staging), key=lambda p: p.endswith('/kb.json'))
+  dests = [FileSystems.join(out, p.rsplit('/', 1)[-1]) for p in new]
+  for src, dst in zip(new, dests):   # one by one: kb.json must land after the tables
+    FileSystems.rename([src], [dst])
+  _delete_folder(staging)
+
+
+def _delete_folder(folder):
+  """Deletes a flat folder's files, then the folder where the filesystem has folders."""
+  files = _files_under(folder)
+  if files:
+    FileSystems.delete(files)
+  if FileSystems.exists(folder):
+    FileSystems.delete([folder])
+
+
+def run(args, beam_args):
+  # pylint: disable=import-outside-toplevel
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from data_prep.i2e import kb
+  staging = f'{args.out.rstrip("/")}.staging-{uuid.uuid4().hex[:8]}'
+  try:
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+      kb.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
+                        min_sitelinks=args.min_sitelinks)
+    with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:
+      meta = json.loads(f.read().decode('utf-8'))
+    move_into_place(staging, args.out)
+  except BaseException:
+    _delete_folder(staging)
+    raise
+  return meta
+
+
+def main(argv=None):
+  try:
+    args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_paths(args)
+    meta = run(args, beam_args)
+  except (UsageError, IOError) as e:
+    print(f'build_kb: error: {e}', file=sys.stderr)
+    return 1
+  except Exception as e:  # pylint: disable=broad-except
+    msg = ' '.join(str(e).split())[:400]
+    print(f'build_kb: error: the pipeline failed: {type(e).__name__}: {msg}', file=sys.stderr)
+    return 1
+  print(f'build_kb: {meta["num_entities"]} entities, {meta["num_aliases"]} aliases -> {args.out} '
+        f'(skipped {meta["skipped"]}, dead-lettered {meta["dead_letter"]})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,164 @@
+"""The Wikidata KB builder (data_prep/i2e/kb.py, data_prep/build_kb.py) and its loader."""
+import bz2
+import gzip
+import json
+import os
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from data_prep import build_kb
+from data_prep.i2e import kb
+from data_prep.i2e import types
+
+IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
+
+
+def _item(qid, labels=None, descriptions=None, aliases=None, sitelinks=0, kind='item'):
+  obj = {'type': kind, 'id': qid,
+         'labels': {l: {'language': l, 'value': v} for l, v in (labels or {}).items()},
+         'descriptions': {l: {'language': l, 'value': v} for l, v in (descriptions or {}).items()},
+         'aliases': {l: [{'language': l, 'value': v} for v in vs]
+                     for l, vs in (aliases or {}).items()},
+         'sitelinks': {f'wiki{i}': {'site': f'wiki{i}', 'title': 't'} for i in range(sitelinks)},
+         'claims': {'P31': [{'mainsnak': {'property': 'P31'}}]}}
+  return json.dumps(obj).encode('utf-8')
+
+
+# 11 entity lines: 3 entities, 3 skipped, 5 dead letters.
+ENTITY_LINES = [
+    _item('Q1', {'en': 'Paris', 'fr': 'Paris'}, {'en': 'capital of France'},
+          {'en': ['City of Light', 'paris']}, sitelinks=3),
+    _item('P31', {'en': 'instance of'}, kind='property'),             # skipped: not_item
+    _item('Q2', {'de': 'Berlin'}, {'de': 'Hauptstadt'}),                # skipped: no_label
+    b'{"type": "item", "id": "Q9", "labels": {',                        # dead: malformed_json
+    _item('Q3', {'mul': 'Ada Lovelace'}, {'en': 'English mathematician'},
+          {'en': ['Countess of Lovelace']}, sitelinks=1),               # label from 'mul'
+    b'{"type": "item", "id": "Q8", "labels": "\xff\xfe"}',              # dead: not_utf8
+    _item('Q1', {'en': 'Paris'}, {'en': 'a stale copy'}, sitelinks=1),  # dead: duplicate_id
+    _item('L7', {'en': 'run'}, kind='lexeme'),                          # skipped: not_item
+    b'[1, 2]',                                                          # dead: not_an_object
+    _item('Qx', {'en': 'nothing'}),                                     # dead: bad_id
+    _item('Q4', {'en': '  New   York '}),                               # whitespace collapsed
+]
+
+EXPECTED_ENTITIES = [
+    types.Entity('Q1', 'Paris', 'capital of France', ('City of Light', 'paris'), 3),
+    types.Entity('Q3', 'Ada Lovelace', 'English mathematician', ('Countess of Lovelace',), 1),
+    types.Entity('Q4', 'New York', '', (), 0),
+]
+# 'paris' (alias) normalises like the label: one row, with the label's quality.
+EXPECTED_ALIASES = sorted([('city of light', 'Q1', 0.8), ('paris', 'Q1', 1.0),
+                           ('ada lovelace', 'Q3', 1.0), ('countess of lovelace', 'Q3', 0.8),
+                           ('new york', 'Q4', 1.0)])
+EXPECTED_DEAD = sorted([('bad_id', 'Qx'), ('duplicate_id', 'Q1'), ('malformed_json', ''),
+                        ('not_an_object', ''), ('not_utf8', '')])
+
+
+def write_dump(path, lines=ENTITY_LINES):
+  """The official layout: '[', one entity per line with a trailing comma but the last, ']'."""
+  body = b'[\n' + b',\n'.join(lines) + b'\n]\n'
+  opener = {'.bz2': bz2.open, '.gz': gzip.open}.get(os.path.splitext(path)[1], open)
+  with opener(path, 'wb') as f:
+    f.write(body)
+  return str(path)
+
+
+def _alias_table(knowledge_base):
+  return sorted((a, q, h.quality) for a, q in knowledge_base.alias_items()
+                for h in knowledge_base.lookup(a) if h.entity_id == q)
+
+
+@pytest.mark.parametrize('suffix', ['.json', '.json.bz2', '.json.gz'])
+def test_build_kb_from_each_dump_compression(tmp_path, suffix):
+  dump = write_dump(tmp_path / f'latest-all{suffix}')
+  out = str(tmp_path / 'kb')
+  with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    kb.build_pipeline(p, dump, out, language='en', num_shards=2)
+  meta = json.loads((tmp_path / 'kb' / 'kb.json').read_text())
+  assert meta['num_entities'] == 3 and meta['num_aliases'] == 5
+  assert meta['skipped'] == {'not_item': 2, 'no_label': 1}
+  assert meta['dead_letter'] == {'bad_id': 1, 'duplicate_id': 1, 'malformed_json': 1,
+                                 'not_an_object': 1, 'not_utf8': 1}
+  # Every entity line of the dump is accounted for exactly once.
+  assert (meta['num_entities'] + sum(meta['skipped'].values()) +
+          sum(meta['dead_letter'].values())) == len(ENTITY_LINES)
+  assert meta['entity_files'] == ['entities-00000-of-00002.parquet',
+                                  'entities-00001-of-00002.parquet']
+  dead = [json.loads(l) for l in (tmp_path / 'kb' / 'dead_letter.jsonl').read_text().splitlines()]
+  assert sorted((d['reason'], d['key']) for d in dead) == EXPECTED_DEAD
+  assert {d['source'] for d in dead if d['reason'] != 'duplicate_id'} == {dump}
+
+  loaded = kb.KnowledgeBase.load(out)
+  assert [loaded.entity(q) for q in loaded.ids()] == EXPECTED_ENTITIES
+  assert _alias_table(loaded) == EXPECTED_ALIASES
+
+
+def test_parse_stage_alone_routes_every_line():
+  lines = [('dump', l) for l in [b'['] + [l + b',' for l in ENTITY_LINES] + [b']']]
+  with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    out = p | beam.Create(lines) | kb.ParseWikidata('en')
+    assert_that(out['main'] | 'Ids' >> beam.Map(lambda e: e.id), equal_to(['Q1', 'Q3', 'Q4']),
+                label='main')
+    assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.reason, f.key)),
+                equal_to([('not_item', 'P31'), ('no_label', 'Q2'), ('not_item', 'L7')]),
+                label='filtered')
+    assert_that(out['dead_letter'] | 'D' >> beam.Map(lambda d: (d.reason, d.key)),
+                equal_to(EXPECTED_DEAD), label='dead')
+
+
+def test_language_option_picks_labels_descriptions_and_aliases():
+  line = _item('Q5', {'en': 'Germany', 'de': 'Deutschland'}, {'en': 'country', 'de': 'Staat'},
+               {'de': ['BRD']}, sitelinks=2)
+  assert kb.parse_line(line, 'de') == types.Entity('Q5', 'Deutschland', 'Staat', ('BRD',), 2)
+  assert kb.parse_line(line, 'en') == types.Entity('Q5', 'Germany', 'country', (), 2)
+  assert kb.parse_line(b'[') is None and kb.parse_line(b' ]\n') is None
+  with pytest.raises(Exception, match='2 sitelinks < 3') as info:
+    kb.parse_line(line, 'en', min_sitelinks=3)
+  assert info.value.reason == 'few_sitelinks' and 'few_sitelinks' in kb.SKIP_REASONS
+
+
+def test_normalize_alias_nfkc_casefold_whitespace():
+  assert kb.normalize_alias('\uff30\uff41\uff52\uff49\uff53\u00a0 Stra\u00dfe\t') == 'paris strasse'
+
+
+def test_loader_lookup_and_clear_errors(tmp_path):
+  entities = [types.Entity('Q1', 'Paris', 'capital', ('City of Light',), 5),
+              types.Entity('Q2', 'Paris Hilton', 'socialite', ('Paris',), 2)]
+  kb.write_small_kb(str(tmp_path / 'kb'), entities)
+  loaded = kb.KnowledgeBase.load(str(tmp_path / 'kb'))
+  assert len(loaded) == 2 and loaded.ids() == ['Q1', 'Q2']
+  # Label hit (1.0) before alias hit (0.8); the query is normalised like the index.
+  assert loaded.lookup('  PARIS ') == [types.AliasHit('Q1', 1.0, 'paris'),
+                                       types.AliasHit('Q2', 0.8, 'paris')]
+  assert loaded.lookup('Lyon') == []
+  with pytest.raises(KeyError, match="'Q3'"):
+    loaded.entity('Q3')
+  os.remove(tmp_path / 'kb' / 'kb.json')
+  with pytest.raises(kb.KBError, match='kb.json not found'):
+    kb.KnowledgeBase.load(str(tmp_path / 'kb'))
+
+
+def test_cli_builds_and_never_overwrites(tmp_path, capsys):
+  dump = write_dump(tmp_path / 'latest-all.json.gz')
+  out = tmp_path / 'kb'
+  args = ['--wikidata', dump, '--out', str(out), '--num_shards', '1'] + IN_MEMORY
+  assert build_kb.main(args) == 0
+  assert 'build_kb: 3 entities, 5 aliases' in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path)) == ['kb', 'latest-all.json.gz']   # no staging left
+  before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+  assert build_kb.main(args) == 1                     # exists: refused, untouched
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and '--overwrite' in err
+  assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+  assert build_kb.main(['--wikidata', str(tmp_path / 'none.json'), '--out',
+                        str(tmp_path / 'kb2')] + IN_MEMORY) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'none.json: no such file' in err
+  assert build_kb.main(['--out', str(tmp_path / 'kb3')]) == 1
+  assert '--wikidata' in capsys.readouterr().err

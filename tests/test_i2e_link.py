@@ -1,0 +1,113 @@
+"""Stage d, LinkEntities (data_prep/i2e/link.py): scores computed by hand from the docstring."""
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from data_prep.i2e import kb
+from data_prep.i2e import link
+from data_prep.i2e import types
+
+IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
+M = types.Mention
+
+ENTITIES = [
+    types.Entity('Q90', 'Paris', 'capital of France', (), 99),
+    types.Entity('Q47899', 'Paris Hilton', 'American media personality', ('Paris',), 49),
+    types.Entity('Q35694', 'Jaguar', 'large cat species of the Americas', (), 9),
+    types.Entity('Q30055', 'Jaguar', 'British car brand', (), 9),
+    types.Entity('Q3783', 'Amazon rainforest', 'tropical rainforest of the Americas', (), 4),
+]
+JAGUAR_TEXT = (M(0, 6, 'Jaguar', 'kb'), M(14, 31, 'Amazon rainforest', 'kb'))
+
+# Default weights 0.3 / 0.4 / 0.3.
+# 'Paris' alone (no coherence): Q90 prior 100/150, label match 1.0; Q47899 prior 50/150, alias 0.8.
+PARIS_Q90 = (0.3 * 100 / 150 + 0.4 * 1.0) / 0.7           # 0.857
+PARIS_HILTON = (0.3 * 50 / 150 + 0.4 * 0.8) / 0.7          # 0.6
+# 'Jaguar' + 'Amazon rainforest'. Words: jaguar/large/cat/species/americas,
+# jaguar/british/car/brand, amazon/rainforest/tropical/americas: J(animal, forest) = 1/8, J(car,
+# forest) = 0. Priors tie (10/20 each), both exact labels.
+JAGUAR_ANIMAL = 0.3 * 0.5 + 0.4 * 1.0 + 0.3 * (1 / 8)      # 0.5875
+JAGUAR_CAR = 0.3 * 0.5 + 0.4 * 1.0 + 0.3 * 0.0             # 0.55
+FOREST = 0.3 * 1.0 + 0.4 * 1.0 + 0.3 * (1 / 8)             # 0.7375
+
+
+@pytest.fixture(scope='module')
+def kb_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('kb') / 'kb')
+  kb.write_small_kb(path, ENTITIES)
+  return path
+
+
+@pytest.fixture(scope='module')
+def knowledge_base(kb_dir):
+  return kb.KnowledgeBase.load(kb_dir)
+
+
+def _scores(candidates):
+  return [(c.entity_id, c.mention, pytest.approx(c.link_score, abs=1e-9)) for c in candidates]
+
+
+def _all_scores(linker, mentions):
+  return [(m, [(e.id, pytest.approx(s, abs=1e-9)) for e, s in scored])
+          for m, scored in linker.score(mentions)]
+
+
+def test_ambiguous_alias_resolved_by_popularity_prior(knowledge_base):
+  linker = link.EntityLinker(knowledge_base, min_score=0.0)
+  paris = M(0, 5, 'Paris', 'kb')
+  assert _all_scores(linker, (paris,)) == [(paris, [('Q90', PARIS_Q90),
+                                                    ('Q47899', PARIS_HILTON)])]
+  assert _scores(linker.link((paris,))) == [('Q90', paris, PARIS_Q90)]
+  # Upper case matches only after case folding: match quality x 0.9.
+  upper = M(0, 5, 'PARIS', 'kb')
+  assert _all_scores(linker, (upper,)) == [(upper, [
+      ('Q90', (0.3 * 100 / 150 + 0.4 * 0.9) / 0.7),
+      ('Q47899', (0.3 * 50 / 150 + 0.4 * 0.8 * 0.9) / 0.7)])]
+
+
+def test_tied_priors_resolved_by_coherence(knowledge_base):
+  linker = link.EntityLinker(knowledge_base, min_score=0.0)
+  assert _all_scores(linker, JAGUAR_TEXT) == [
+      (JAGUAR_TEXT[0], [('Q30055', JAGUAR_CAR), ('Q35694', JAGUAR_ANIMAL)]),
+      (JAGUAR_TEXT[1], [('Q3783', FOREST)])]
+  assert _scores(linker.link(JAGUAR_TEXT)) == [('Q3783', JAGUAR_TEXT[1], FOREST),
+                                               ('Q35694', JAGUAR_TEXT[0], JAGUAR_ANIMAL)]
+  # Without coherence the priors and matches tie; the tie goes to the smaller Q-number, the car.
+  no_coherence = link.EntityLinker(knowledge_base, coherence_weight=0.0, min_score=0.0)
+  assert [c.entity_id for c in no_coherence.link(JAGUAR_TEXT)] == ['Q3783', 'Q30055']
+
+
+def test_min_score_and_one_candidate_per_entity(knowledge_base):
+  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.6).link(
+      JAGUAR_TEXT)] == ['Q3783']                     # 0.5875 < 0.6 <= 0.7375
+  assert link.EntityLinker(knowledge_base, min_score=0.8).link(JAGUAR_TEXT) == ()
+  # The same entity from two mentions: kept once (the first, equal scores); no coherence between
+  # mentions of the same text.
+  twice = (M(0, 5, 'Paris', 'kb'), M(7, 12, 'Paris', 'kb'))
+  assert _scores(link.EntityLinker(knowledge_base).link(twice)) == [
+      ('Q90', twice[0], PARIS_Q90)]
+
+
+def test_link_stage_routes_pairs(kb_dir):
+  def mp(key, *ms):
+    return types.MentionedPair(types.Pair(key, b'x', 'text', 's'), tuple(ms))
+  pairs = [mp('k1', *JAGUAR_TEXT), mp('k2', M(0, 4, 'Lyon', 'ner:GPE')),   # not in the KB
+           mp('k3', M(0, 5, 'Paris', 'kb'))]
+  with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    out = p | beam.Create(pairs) | link.LinkEntities(kb_dir, min_score=0.6)
+    assert_that(out['main'] | 'Main' >> beam.Map(
+        lambda lp: (lp.pair.key, [(c.entity_id, round(c.link_score, 6)) for c in lp.candidates])),
+                equal_to([('k1', [('Q3783', round(FOREST, 6))]),
+                          ('k3', [('Q90', round(PARIS_Q90, 6))])]), label='main')
+    assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.stage, f.reason, f.key)),
+                equal_to([('link', 'no_candidate', 'k2')]), label='filtered')
+    assert_that(out['dead_letter'], equal_to([]), label='dead')
+
+
+def test_bad_settings_are_clear_errors(kb_dir):
+  with pytest.raises(ValueError, match='min_score must be in'):
+    link.LinkEntities(kb_dir, min_score=1.5)
+  with pytest.raises(ValueError, match='weights must be >= 0'):
+    link.LinkEntities(kb_dir, prior_weight=-1.0)
