@@ -110,6 +110,7 @@ class Encoder:
 
   def preprocess(self, images_bytes, resize=None):
     """Encoded images -> float32 [N, S, S, 3]: resize, centre crop, CLIP mean/std."""
+    resize = resize or self.config.input.get('eval_resize')   # set by HF imports
     fn = _eval_preprocess_fn(self.image_size, resize)
     out = [fn(tf.constant(b)).numpy() for b in images_bytes]
     return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3),

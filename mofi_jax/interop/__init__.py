@@ -1,0 +1,13 @@
+"""Checkpoint interop: Hugging Face CLIP folders and TF SavedModels.
+
+  clip_config     our config.model <-> CLIPConfig; what CLIPModel cannot express
+  clip_params     our Flax parameters <-> a CLIPModel state dict (both directions)
+  clip_files      reading and writing safetensors weights (never pickle)
+  clip_tokenizer  tokenizers across the boundary, and where the text tower pools
+  outputs         output folders: written aside, renamed when complete
+  hf_export       a training checkpoint -> a CLIPModel folder (+ the entity head)
+  hf_import       a CLIPModel folder -> an inference.Encoder, or training init
+  savedmodel      the image and text encoders -> a TF SavedModel (jax2tf)
+
+Only safetensors and Orbax files are ever read: never pickle (see docs/interop.md).
+"""

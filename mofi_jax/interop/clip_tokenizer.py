@@ -1,0 +1,155 @@
+"""Tokenizers across the boundary, and where the text tower pools.
+
+transformers' CLIPTextModel pools at the first `eos_token_id` in the ids, except
+that a config with eos_token_id == 2 (written before its PR #24773) selects the
+legacy rule argmax(ids). Our corpus tokenizer has <pad>=0, <bos>=1, <eot>=2 and
+our tower pools at the last non-pad id. <eot>=2 would trigger the legacy rule,
+so the export swaps ids 2 and V-1 (V the vocabulary size) in both the tokenizer
+file and the token embedding: the exported model then pools at its first
+<eot> = V-1, which is where ours pools on every text the tokenizer produces.
+
+On import, the folder's config decides the pool rule (text.pool 'first_eot' or
+'max_id', see models/text.py) and its tokenizer.json is used as is; rows are
+padded with <eot>, which neither rule can mistake for the real one.
+"""
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import tokenizers
+
+from mofi_jax.data import tokenizer as tokenizer_lib
+from mofi_jax.interop.clip_config import LEGACY_EOS_ID, InteropError
+
+PROBE_TEXTS = ('a', 'a photo of a cat', 'Lequyl, a cyan star', 'x' * 40, '')
+
+
+@dataclasses.dataclass(frozen=True)
+class TextIds:
+  """Special ids of an exported tokenizer, and the id swap that produced them."""
+  bos: Optional[int]
+  eot: int
+  pad: int
+  config_eos: int                 # text_config.eos_token_id: eot, or 2 for argmax
+  swap: Optional[tuple] = None    # (a, b): ids a and b trade places
+
+  def hf_config_ids(self):
+    return dict(bos_token_id=self.bos, eos_token_id=self.config_eos, pad_token_id=self.pad)
+
+
+def _swapped(i, swap):
+  if swap and i in swap:
+    return swap[1] if i == swap[0] else swap[0]
+  return i
+
+
+def plan_text_ids(text_cfg, tok, vocab_size):
+  """The TextIds that make transformers pool where our text tower does."""
+  pool = text_cfg.get('pool', 'last_nonpad')
+  probe = tok.encode('a').ids
+  if pool == 'last_nonpad':
+    eot, pad = tokenizer_lib.eot_id(tok), tokenizer_lib.PAD_ID
+  elif pool == 'first_eot':
+    eot = pad = int(text_cfg['eot_id'])
+  else:  # 'max_id': the legacy rule, kept as is.
+    eot = pad = probe[-1]
+  if not probe or probe[-1] != eot:
+    raise InteropError(f'the tokenizer ends texts with id {probe[-1:]}, but the text tower '
+                       f'(pool={pool!r}) pools at <eot> id {eot}.')
+  bos = probe[0] if len(probe) > 2 else None
+  if pool == 'max_id':
+    return TextIds(bos, eot, pad, config_eos=LEGACY_EOS_ID)
+  swap = (eot, vocab_size - 1) if eot == LEGACY_EOS_ID else None
+  s = lambda i: None if i is None else _swapped(i, swap)
+  return TextIds(s(bos), s(eot), s(pad), config_eos=s(eot), swap=swap)
+
+
+def _remap_ids(node, swap):
+  """Swaps ids in a tokenizer.json post-processor (any nesting)."""
+  if isinstance(node, dict):
+    return {k: ([_swapped(i, swap) for i in v] if k == 'ids' else
+                _swapped(v, swap) if k == 'id' and isinstance(v, int) else
+                _remap_ids(v, swap)) for k, v in node.items()}
+  if isinstance(node, list):
+    if len(node) == 2 and isinstance(node[0], str) and isinstance(node[1], int):
+      return [node[0], _swapped(node[1], swap)]   # Roberta/Bert ('</s>', 2)
+    return [_remap_ids(v, swap) for v in node]
+  return node
+
+
+def swapped_tokenizer(tok, swap):
+  """A copy of `tok` whose ids `swap` = (a, b) trade places; checked on probe texts."""
+  if not swap:
+    return tok
+  spec = json.loads(tok.to_str())
+  vocab = spec['model']['vocab']
+  if isinstance(vocab, dict):
+    spec['model']['vocab'] = {t: _swapped(i, swap) for t, i in vocab.items()}
+  else:  # Unigram: a list whose index is the id.
+    a, b = swap
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+  for added in spec.get('added_tokens') or []:
+    added['id'] = _swapped(added['id'], swap)
+  spec['post_processor'] = _remap_ids(spec.get('post_processor'), swap)
+  new = tokenizers.Tokenizer.from_str(json.dumps(spec))
+  for text in PROBE_TEXTS:
+    want = [_swapped(i, swap) for i in tok.encode(text).ids]
+    if new.encode(text).ids != want:
+      raise InteropError(f'swapping token ids {swap} changed how {text!r} tokenizes; '
+                         'this tokenizer layout is not supported for export.')
+  return new
+
+
+def tokenizer_config(tok, ids, text_len):
+  """tokenizer_config.json: a fast tokenizer with our special tokens.
+
+  tok: the exported (swapped) tokenizer, whose ids `ids` holds.
+  """
+  name = lambda i: None if i is None else tok.id_to_token(i)
+  return dict(tokenizer_class='PreTrainedTokenizerFast', bos_token=name(ids.bos),
+              eos_token=name(ids.eot), pad_token=name(ids.pad), model_max_length=text_len,
+              padding_side='right', truncation_side='right')
+
+
+# ----------------------------------------------------------------------------
+# Import.
+
+
+def load_folder_tokenizer(folder):
+  """A folder's tokenizer as a `tokenizers.Tokenizer`, or None if it has none."""
+  path = os.path.join(folder, 'tokenizer.json')
+  if os.path.isfile(path):
+    try:
+      tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # The Rust side raises a bare Exception.
+      raise InteropError(f'{path}: not a valid tokenizers JSON file ({e}).') from e
+  elif all(os.path.isfile(os.path.join(folder, n)) for n in ('vocab.json', 'merges.txt')):
+    import transformers  # pylint: disable=g-import-not-at-top
+    tok = transformers.AutoTokenizer.from_pretrained(folder).backend_tokenizer
+  else:
+    return None
+  tok.no_padding()
+  tok.no_truncation()
+  return tok
+
+
+def make_tokenize(tok, text_cfg, length, where):
+  """texts -> int32 [N, length] ids, ending at the <eot> the tower pools at."""
+  probe = tok.encode('a').ids
+  eot = int(text_cfg['eot_id']) if text_cfg['pool'] == 'first_eot' else probe[-1]
+  if not probe or probe[-1] != eot:
+    raise InteropError(f'{where}: tokenizer ends texts with id {probe[-1:]}, but the config '
+                       f'says <eos> is {eot}; the text tower would pool elsewhere.')
+
+  def tokenize(texts):
+    if isinstance(texts, str):
+      raise TypeError('tokenize: `texts` must be a list of strings, not a single string.')
+    encodings = tok.encode_batch(list(texts))
+    out = np.full((len(encodings), length), eot, np.int32)   # pad with <eot>: see above
+    for row, enc in zip(out, encodings):
+      ids = tokenizer_lib.fit_ids(enc.ids, length, eot)
+      row[:len(ids)] = ids
+    return out
+  return tokenize
