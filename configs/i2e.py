@@ -1,0 +1,50 @@
+r"""Settings of the I2E construction pipeline (data_prep/build_i2e.py).
+
+  python -m data_prep.build_i2e --pairs 'raw/*.tar' --kb /tmp/kb --clip /tmp/clip_run \
+      --out /tmp/corpus --config configs/i2e.py --config.global_passes.min_images=3
+
+Every stage reads only its own section; docs/i2e.md explains each key.
+"""
+import ml_collections as mlc
+
+
+def get_config():
+  c = mlc.ConfigDict()
+  c.seed = 0                      # Shard assignment and tokenizer sample.
+
+  c.read = mlc.ConfigDict(dict(
+      # Where a WebDataset sample's text comes from, first present wins: a field of
+      # `{key}.json` or a member extension (`{key}.txt`).
+      caption_keys=('caption', 'txt', 'alt', 'text'),
+      parquet_image_column='image',        # binary, or a struct with a `bytes` field
+      parquet_caption_column='caption',
+      tfrecord_image_feature='image/encoded',
+      tfrecord_caption_feature='caption',
+  ))
+  c.clean = mlc.ConfigDict(dict(
+      min_chars=1,                # Shorter alt-texts (after normalising) are dropped.
+      max_chars=1000,             # Longer ones are cut at a word boundary.
+  ))
+  c.mentions = mlc.ConfigDict(dict(
+      ner_model='',               # '' = KB alias matcher only; e.g. 'en_core_web_sm'.
+      ner_labels=('PERSON', 'ORG', 'GPE', 'LOC', 'PRODUCT', 'WORK_OF_ART', 'EVENT',
+                  'FAC', 'NORP'),
+      use_alias_matcher=True,
+      max_mentions=16,
+  ))
+  c.link = mlc.ConfigDict(dict(
+      prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2))
+  c.select = mlc.ConfigDict(dict(
+      template='{name}, {description}', threshold=0.2, top_k=0, batch_size=64))
+  c.global_passes = mlc.ConfigDict(dict(
+      min_images=5,
+      eval_dedup_dirs=(),         # Folders of eval images; near-duplicates are dropped.
+      phash_max_distance=4,       # Hamming distance (of 64 bits) counted as near-duplicate.
+  ))
+  c.write = mlc.ConfigDict(dict(
+      num_shards=8,               # Upper bound: a tiny corpus gets fewer, never empty shards.
+      tokenizer='',               # '' = train one on entity texts + a sample of alt-texts.
+      vocab_size=8192,
+      text_len=77,
+  ))
+  return c

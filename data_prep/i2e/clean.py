@@ -1,0 +1,164 @@
+"""CleanPairs: normalise and bound alt-texts, verify images, drop exact duplicate images.
+
+  cleaned = pairs | CleanPairs(min_chars=1, max_chars=1000)
+
+Text: HTML entities unescaped (twice at most: web alt-texts are often double-escaped),
+control characters and zero-width/BOM characters removed, Unicode NFC, whitespace
+collapsed. An alt-text longer than `max_chars` is cut at the last word boundary within
+the limit (hard cut if that would keep less than half of it) and kept; texts too big to
+be alt-texts never get here (read.MAX_TEXT_BYTES). Empty after normalising ->
+dead letter 'empty_text'; non-empty but shorter than `min_chars` -> filtered
+'text_too_short'.
+
+Image: opened with PIL and decoded (JPEGs in draft mode, at 1/8 scale: enough to reach
+the end of the entropy-coded data, so truncation is caught, at a fraction of the cost).
+Not an image, corrupt or truncated -> dead letter 'corrupt_image'; over PIL's
+decompression-bomb limit -> 'image_too_large'. Formats that TensorFlow's decode_image
+reads (JPEG, PNG, GIF, BMP, WebP) are kept byte for byte; others (TIFF, ...), and PNG/GIF
+files that decode but lack their end marker (PIL accepts them, TensorFlow does not), are
+re-encoded as PNG, so that every written image decodes in the training pipeline.
+
+DedupImages: exact duplicates by SHA-256 of the image bytes; the copy with the smallest
+key is kept, the others are filtered 'duplicate_image'.
+"""
+import hashlib
+import html
+import io
+import re
+import unicodedata
+
+import apache_beam as beam
+
+from data_prep.i2e import types
+
+STAGE = 'clean'
+TF_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP', 'WEBP')
+# Zero-width space/non-joiner, word joiner, BOM: invisible, and they split words.
+_INVISIBLE = dict.fromkeys(map(ord, '\u200b\u200c\u2060\ufeff'))
+_CONTROL = re.compile(r'[\x00-\x1f\x7f-\x9f]')
+
+
+def normalize_text(text):
+  """Unescape HTML entities, drop control/invisible characters, NFC, collapse spaces."""
+  for _ in range(2):
+    unescaped = html.unescape(text)
+    if unescaped == text:
+      break
+    text = unescaped
+  text = _CONTROL.sub(' ', text).translate(_INVISIBLE)
+  return ' '.join(unicodedata.normalize('NFC', text).split())
+
+
+def truncate_words(text, max_chars):
+  """`text` cut to at most `max_chars` characters, at a word boundary when reasonable."""
+  if len(text) <= max_chars:
+    return text
+  cut = text.rfind(' ', 0, max_chars + 1)
+  return text[:cut] if cut >= max_chars // 2 else text[:max_chars]
+
+
+def _complete(data, fmt):
+  """Whether the file ends where its format says it ends (TF is stricter than PIL here)."""
+  if fmt == 'PNG':
+    return data.rstrip(b'\0').endswith(b'IEND\xaeB`\x82')
+  if fmt == 'GIF':
+    return data.rstrip(b'\0').endswith(b';')
+  return True
+
+
+def verify_image(data):
+  """Encoded image -> (bytes to store, None) or (None, (reason, detail))."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      fmt = image.format
+      if fmt in ('JPEG', 'MPO'):
+        image.draft('RGB', (1, 1))  # Smallest DCT scale; still reads all the data.
+      image.load()
+      if fmt in TF_FORMATS and _complete(data, fmt):
+        return data, None
+      out = io.BytesIO()  # Decodable pixels in a file TF would reject: re-encode them.
+      image.convert('RGBA' if 'A' in image.getbands() else 'RGB').save(out, 'PNG')
+      return out.getvalue(), None
+  except Image.DecompressionBombError as e:
+    return None, ('image_too_large', str(e))
+  except UnidentifiedImageError:
+    return None, ('corrupt_image', 'not an image (PIL cannot identify the format)')
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds.
+    return None, ('corrupt_image', f'{type(e).__name__}: {e}')
+
+
+class _CleanFn(beam.DoFn):
+  """Pair -> cleaned Pair, or a dead letter / filtered record with its reason."""
+
+  def __init__(self, min_chars, max_chars):
+    self._min, self._max = min_chars, max_chars
+
+  def process(self, pair):
+    text = truncate_words(normalize_text(pair.text), self._max)
+    if not text:
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
+          STAGE, 'empty_text', pair.key, pair.source, f'alt-text {pair.text[:80]!r}'))
+      return
+    if len(text) < self._min:
+      yield beam.pvalue.TaggedOutput(types.FILTERED,
+                                     types.Filtered(STAGE, 'text_too_short', pair.key))
+      return
+    image, error = verify_image(pair.image)
+    if error:
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
+          STAGE, error[0], pair.key, pair.source, error[1][:500]))
+      return
+    yield types.Pair(key=pair.key, image=image, text=text, source=pair.source)
+
+
+def image_hash(pair):
+  return hashlib.sha256(pair.image).hexdigest()
+
+
+def keep_smallest_key(item):
+  """(hash, [Pair, ...]) -> the Pair with the smallest key; others filtered. Streams."""
+  _, pairs = item
+  best = None
+  for pair in pairs:
+    if best is None or pair.key < best.key:
+      pair, best = best, pair
+    if pair is not None:
+      yield beam.pvalue.TaggedOutput(types.FILTERED,
+                                     types.Filtered(STAGE, 'duplicate_image', pair.key))
+  yield best
+
+
+class DedupImages(beam.PTransform):
+  """Pair -> {'main': first copy of each image, 'filtered': duplicates, 'dead_letter': -}."""
+
+  def expand(self, pairs):
+    deduped = (pairs
+               | 'ByImageHash' >> beam.WithKeys(image_hash)
+               | 'GroupByHash' >> beam.GroupByKey()
+               | 'KeepSmallestKey' >> beam.FlatMap(keep_smallest_key).with_outputs(
+                   types.FILTERED, main='main'))
+    return {'main': deduped.main, 'filtered': deduped[types.FILTERED],
+            'dead_letter': pairs.pipeline | 'NoDeadLetter' >> beam.Create([])}
+
+
+class CleanPairs(beam.PTransform):
+  """Pair -> {'main': Pair, 'dead_letter': DeadLetter, 'filtered': Filtered}."""
+
+  def __init__(self, min_chars=1, max_chars=1000):
+    super().__init__()
+    if not 1 <= min_chars <= max_chars:
+      raise ValueError(f'CleanPairs: need 1 <= min_chars <= max_chars, got min_chars='
+                       f'{min_chars}, max_chars={max_chars}.')
+    self._fn = _CleanFn(min_chars, max_chars)
+
+  def expand(self, pairs):
+    cleaned = pairs | 'CleanAndVerify' >> beam.ParDo(self._fn).with_outputs(
+        types.DEAD_LETTER, types.FILTERED, main='main')
+    deduped = cleaned.main | 'DedupImages' >> DedupImages()
+    return {
+        'main': deduped['main'],
+        'dead_letter': cleaned[types.DEAD_LETTER],
+        'filtered': ((cleaned[types.FILTERED], deduped['filtered'])
+                     | 'AllFiltered' >> beam.Flatten()),
+    }

@@ -1,0 +1,319 @@
+"""ReadPairs: raw image/alt-text pairs from WebDataset tars, Parquet or TFRecord files.
+
+  pairs = p | ReadPairs(['gs://bucket/laion/{00000..00099}.tar'])   # any Beam filesystem
+  pairs['main']          # types.Pair
+  pairs['dead_letter']   # types.DeadLetter (stage 'read')
+
+Formats, told apart by file name:
+  *.tar, *.tar.gz, *.tgz   WebDataset as img2dataset writes it: `{key}.jpg` (or another
+                           image extension) + `{key}.txt` and/or `{key}.json`; members of a
+                           key are adjacent. Read as a stream (tarfile 'r|*') from
+                           FileSystems.open, never extracted to disk.
+  *.parquet                one row per pair: an image column (binary, or a struct with a
+                           `bytes` field as Hugging Face datasets write it), a caption
+                           column and, if present, a `key` column.
+  *.tfrecord*, *.tfrec     tf.train.Example records with an image and a caption feature
+                           (and a `key` or `image/key` feature if present). Read with
+                           TensorFlow's CRC-checked reader: paths must be ones tf.io.gfile
+                           reads (local, gs://; s3:// with tensorflow-io).
+Rows without a key column/feature get `{file name}:{position}`.
+
+Dead-letter reasons: 'unreadable_shard' (the file cannot be opened or breaks off: the pairs
+read before the break are kept, the rest is one dead letter with count=1, since how many
+records it held is unknown), 'no_match' (a pattern matched no file), 'unknown_format',
+'missing_field' (no image or no text; for a Parquet file without the column: one dead
+letter whose count is the file's row count), 'not_utf8', 'bad_record' (a TFRecord record
+that is not a tf.train.Example), 'text_too_long' / 'image_too_large' (payload over
+MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it), 'duplicate_key' (the same
+key more than once in or across files: the copy at the smallest (file, position) is kept).
+"""
+import json
+import posixpath
+import typing
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from data_prep.i2e import types
+
+STAGE = 'read'
+MAX_TEXT_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 64 << 20
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'gif', 'bmp', 'tif', 'tiff')
+_TOO_BIG = object()  # Stands for a member skipped for its size.
+_PARQUET_BATCH = 256
+
+
+def shard_format(path):
+  """'tar' | 'parquet' | 'tfrecord' | None, from the file name."""
+  name = posixpath.basename(path).lower()
+  if name.endswith(('.tar', '.tar.gz', '.tgz')):
+    return 'tar'
+  if name.endswith('.parquet'):
+    return 'parquet'
+  if '.tfrecord' in name or name.endswith('.tfrec'):
+    return 'tfrecord'
+  return None
+
+
+def _dead(reason, key, source, detail='', count=1):
+  return types.DeadLetter(STAGE, reason, key, source, str(detail)[:500], count)
+
+
+def _decode_text(data, key, source, what):
+  """UTF-8 bytes -> (str, None) or (None, DeadLetter)."""
+  if data is _TOO_BIG:
+    return None, _dead('text_too_long', key, source, f'{what} is over {MAX_TEXT_BYTES} bytes')
+  try:
+    return data.decode('utf-8'), None
+  except UnicodeDecodeError as e:
+    return None, _dead('not_utf8', key, source, f'{what}: {e}')
+
+
+# ------------------------------------------------------------------------- WebDataset
+
+
+def split_member_name(name):
+  """WebDataset naming: 'dir/000012.seg.jpg' -> ('dir/000012', 'seg.jpg')."""
+  folder, base = posixpath.split(name)
+  stem, dot, ext = base.partition('.')
+  return posixpath.join(folder, stem) if folder else stem, ext.lower() if dot else ''
+
+
+def _caption(key, members, source, caption_keys):
+  """Text of one sample: the first of `caption_keys` that is a member or a JSON field."""
+  meta, meta_error = None, None
+  if 'json' in members:
+    text, meta_error = _decode_text(members['json'], key, source, f'{key}.json')
+    if text is not None:
+      try:
+        meta = json.loads(text)
+      except json.JSONDecodeError as e:
+        meta_error = _dead('missing_field', key, source, f'{key}.json is not JSON ({e})')
+  for name in caption_keys:
+    if name in members and name != 'json':
+      return _decode_text(members[name], key, source, f'{key}.{name}')
+    if isinstance(meta, dict) and isinstance(meta.get(name), str):
+      return meta[name], None
+  if meta_error is not None:
+    return None, meta_error
+  return None, _dead('missing_field', key, source,
+                     f'no text: none of {list(caption_keys)} among members {sorted(members)}')
+
+
+def sample_to_pair(key, members, source, caption_keys):
+  """{extension: bytes} of one WebDataset sample -> Pair or DeadLetter."""
+  image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+  if image_ext is None:
+    return _dead('missing_field', key, source,
+                 f'no image member ({"/".join(IMAGE_EXTENSIONS)}); got {sorted(members)}')
+  if members[image_ext] is _TOO_BIG:
+    return _dead('image_too_large', key, source, f'{key}.{image_ext} is over '
+                 f'{MAX_IMAGE_BYTES} bytes')
+  text, dead = _caption(key, members, source, caption_keys)
+  return dead or types.Pair(key=key, image=members[image_ext], text=text, source=source)
+
+
+def read_tar(path, caption_keys):
+  """Yields Pair or DeadLetter per sample; raises if the tar is corrupt or cut short."""
+  import tarfile  # pylint: disable=import-outside-toplevel
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with tarfile.open(fileobj=f, mode='r|*') as tar:
+      key, members = None, {}
+      for member in tar:
+        if not member.isfile():
+          continue
+        member_key, ext = split_member_name(member.name)
+        if member_key != key:
+          if key is not None:
+            yield sample_to_pair(key, members, path, caption_keys)
+          key, members = member_key, {}
+        limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_BYTES
+        # In stream mode an unread member is skipped when the next one is requested.
+        members[ext] = _TOO_BIG if member.size > limit else tar.extractfile(member).read()
+      if key is not None:
+        yield sample_to_pair(key, members, path, caption_keys)
+
+
+# ------------------------------------------------------------------------- Parquet
+
+
+def _row_key(path, position):
+  return f'{posixpath.basename(path)}:{position}'
+
+
+def _parquet_image(value):
+  if isinstance(value, dict):  # Hugging Face datasets' Image(): {'bytes', 'path'}.
+    value = value.get('bytes')
+  return value
+
+
+def read_parquet(path, image_column, caption_column):
+  """Yields Pair or DeadLetter per row; raises if the file is not readable Parquet."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    parquet = pq.ParquetFile(f)
+    names = parquet.schema_arrow.names
+    missing = [c for c in (image_column, caption_column) if c not in names]
+    if missing:
+      yield _dead('missing_field', '', path, f'no column(s) {missing}; columns: {names}',
+                  count=parquet.metadata.num_rows)
+      return
+    columns = [image_column, caption_column] + (['key'] if 'key' in names else [])
+    position = 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+      captions = batch.column(caption_column)
+      if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
+        captions = captions.cast(pa.large_binary())  # Decode (and check) in Python.
+      rows = zip(batch.column(image_column).to_pylist(), captions.to_pylist(),
+                 batch.column('key').to_pylist() if 'key' in names else [None] * len(batch))
+      for image, caption, key in rows:
+        key = _row_key(path, position) if key is None else str(key)
+        position += 1
+        yield _row_to_pair(key, _parquet_image(image), caption, path, caption_column)
+
+
+def _row_to_pair(key, image, caption, path, caption_field):
+  if not image:
+    return _dead('missing_field', key, path, 'no image bytes')
+  if caption is None:
+    return _dead('missing_field', key, path, f'no {caption_field!r}')
+  if len(image) > MAX_IMAGE_BYTES:
+    return _dead('image_too_large', key, path, f'image is over {MAX_IMAGE_BYTES} bytes')
+  if isinstance(caption, bytes):
+    caption, dead = _decode_text(caption if len(caption) <= MAX_TEXT_BYTES else _TOO_BIG,
+                                 key, path, caption_field)
+    if dead:
+      return dead
+  return types.Pair(key=key, image=bytes(image), text=caption, source=path)
+
+
+# ------------------------------------------------------------------------- TFRecord
+
+
+def _feature_bytes(feature_map, name):
+  if name not in feature_map:
+    return None
+  values = feature_map[name].bytes_list.value
+  return values[0] if values else None
+
+
+def read_tfrecord(path, image_feature, caption_feature):
+  """Yields Pair or DeadLetter per record; raises if the file is corrupt (CRC, truncation)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from google.protobuf import message  # pylint: disable=import-outside-toplevel
+  for position, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+    try:
+      feats = tf.train.Example.FromString(record).features.feature
+    except message.DecodeError as e:
+      yield _dead('bad_record', _row_key(path, position), path, f'not a tf.train.Example: {e}')
+      continue
+    key = _feature_bytes(feats, 'key') or _feature_bytes(feats, 'image/key')
+    key = key.decode('utf-8', 'replace') if key else _row_key(path, position)
+    yield _row_to_pair(key, _feature_bytes(feats, image_feature),
+                       _feature_bytes(feats, caption_feature), path, caption_feature)
+
+
+# ------------------------------------------------------------------------- Beam stages
+
+
+class _MatchFn(beam.DoFn):
+  """Pattern -> matching paths; a failed or empty match is a dead letter."""
+
+  def process(self, pattern):
+    try:
+      metadata = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # pylint: disable=broad-except  # BeamIOError wraps anything.
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
+          'unreadable_shard', '', pattern, f'cannot list: {type(e).__name__}: {e}'))
+      return
+    if not metadata:
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
+          'no_match', '', pattern, 'pattern matched no file'))
+    for m in metadata:
+      yield m.path
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, typing.Any])  # Tagged outputs aside.
+class _ReadShardFn(beam.DoFn):
+  """Path -> (key, (path, position, Pair)) and dead letters; never raises on bad input."""
+
+  def __init__(self, caption_keys, parquet_image_column, parquet_caption_column,
+               tfrecord_image_feature, tfrecord_caption_feature):
+    self._args = dict(tar=(tuple(caption_keys),),
+                      parquet=(parquet_image_column, parquet_caption_column),
+                      tfrecord=(tfrecord_image_feature, tfrecord_caption_feature))
+
+  def _records(self, fmt, path):
+    reader = dict(tar=read_tar, parquet=read_parquet, tfrecord=read_tfrecord)[fmt]
+    return reader(path, *self._args[fmt])
+
+  def process(self, path):
+    fmt = shard_format(path)
+    if fmt is None:
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
+          'unknown_format', '', path, 'expected *.tar[.gz], *.parquet or *.tfrecord*'))
+      return
+    position = 0
+    try:
+      for item in self._records(fmt, path):
+        if isinstance(item, types.DeadLetter):
+          yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, item)
+        else:
+          yield item.key, (path, position, item)
+        position += 1
+    except Exception as e:  # pylint: disable=broad-except  # Any failure of a file is data.
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
+          'unreadable_shard', '', path,
+          f'{fmt} file broke off after {position} records: {type(e).__name__}: {e}'))
+
+
+def keep_first_copy(item):
+  """(key, [(path, position, Pair), ...]) -> the copy at the smallest (path, position).
+
+  Streams over the group (constant memory on runners that page large groups).
+  """
+  key, copies = item
+  best = None
+  for copy in copies:
+    if best is None or copy[:2] < best[:2]:
+      copy, best = best, copy
+    if copy is not None:
+      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
+          'duplicate_key', key, copy[0], f'position {copy[1]}; another copy of key {key!r} '
+          'comes first (by file, then position) and is kept'))
+  yield best[2]
+
+
+class ReadPairs(beam.PTransform):
+  """File patterns -> {'main': Pair, 'dead_letter': DeadLetter, 'filtered': (empty)}."""
+
+  def __init__(self, patterns, caption_keys=('caption', 'txt', 'alt', 'text'),
+               parquet_image_column='image', parquet_caption_column='caption',
+               tfrecord_image_feature='image/encoded', tfrecord_caption_feature='caption'):
+    super().__init__()
+    self._patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not self._patterns:
+      raise ValueError('ReadPairs: no file pattern given.')
+    self._read_fn = _ReadShardFn(caption_keys, parquet_image_column, parquet_caption_column,
+                                 tfrecord_image_feature, tfrecord_caption_feature)
+
+  def expand(self, pbegin):
+    matched = (pbegin | 'Patterns' >> beam.Create(sorted(set(self._patterns)))
+               | 'Match' >> beam.ParDo(_MatchFn()).with_outputs(types.DEAD_LETTER,
+                                                                main='main'))
+    read = (matched.main
+            | 'UniqueFiles' >> beam.Distinct()
+            | 'SpreadFiles' >> beam.Reshuffle()
+            | 'ReadFiles' >> beam.ParDo(self._read_fn).with_outputs(types.DEAD_LETTER,
+                                                                    main='main'))
+    unique = (read.main
+              | 'GroupByKey' >> beam.GroupByKey()
+              | 'KeepFirstCopy' >> beam.FlatMap(keep_first_copy).with_outputs(
+                  types.DEAD_LETTER, main='main'))
+    dead = ((matched[types.DEAD_LETTER], read[types.DEAD_LETTER], unique[types.DEAD_LETTER])
+            | 'AllDead' >> beam.Flatten())
+    return {'main': unique.main, 'dead_letter': dead,
+            'filtered': pbegin | 'NoFiltered' >> beam.Create([])}

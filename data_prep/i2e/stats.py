@@ -1,0 +1,121 @@
+"""stats.json: counts in and out of every stage, drops by reason, entity frequencies.
+
+Every stage result is a dict {'main', 'filtered', 'dead_letter'} of PCollections;
+`StageTallies(stage)` turns one into ((stage, kind, reason), n) tallies, kind in
+('out', 'filtered', 'dead_letter'). `build_stats` assembles stats.json from all tallies:
+
+  {"inputs": N, "written": W, "filtered": {reason: n}, "dead_letter": {reason: n},
+   "reconciled": true,
+   "stages": [{"name": "read", "in": N, "out": n, "filtered": {...}, "dead_letter": {...}},
+              ...],
+   "entities": {"kept": C, "below_min_images": c, "images_per_entity": {"min", "median",
+                "max"}, "histogram": {"5-7": c, "8-15": c, ...}, "top": [[id, n], ...]}}
+
+Counts are exact (tallied from the PCollections, not from runner metrics, which some
+runners report only as attempted). A stage's "in" is the previous stage's "out"; the
+read stage's "in" is its output plus its dead letters, where an unreadable file counts
+once whatever it held (see read.py). `check_reconciled` raises unless, for every stage,
+in = out + filtered + dead_letter, and inputs = written + filtered + dead_letter overall.
+"""
+import apache_beam as beam
+
+TOP_ENTITIES = 20
+
+
+class ReconcileError(RuntimeError):
+  """The stage counts do not add up: a record was lost or duplicated (a bug)."""
+
+
+def _dead_tally(stage, dead):
+  return (stage, 'dead_letter', dead.reason), dead.count
+
+
+class StageTallies(beam.PTransform):
+  """{'main', 'filtered', 'dead_letter'} -> ((stage, kind, reason), n), one per kind/reason."""
+
+  def __init__(self, stage):
+    super().__init__()
+    self._stage = stage
+
+  def expand(self, result):
+    stage = self._stage
+    out = (result['main'] | 'CountOut' >> beam.combiners.Count.Globally()
+           | 'OutTally' >> beam.Map(lambda n: ((stage, 'out', ''), n)))
+    filtered = result['filtered'] | 'FilteredTally' >> beam.Map(
+        lambda f: ((stage, 'filtered', f.reason), 1))
+    dead = result['dead_letter'] | 'DeadTally' >> beam.Map(lambda d: _dead_tally(stage, d))
+    return ((out, filtered, dead) | 'Tallies' >> beam.Flatten()
+            | 'SumTallies' >> beam.CombinePerKey(sum))
+
+
+def histogram_bins(counts):
+  """{'lo-hi': entities} over power-of-two bins [2^k, 2^(k+1)-1], in increasing order."""
+  bins = {}
+  for n in sorted(int(c) for c in counts):
+    lo = 1 << (n.bit_length() - 1) if n > 0 else 0
+    label = f'{lo}-{max(lo, 2 * lo - 1)}'
+    bins[label] = bins.get(label, 0) + 1
+  return bins
+
+
+def entity_stats(classes, entity_counts):
+  """classes: kept ((id, n), ...) in class order; entity_counts: all (id, n) before the cut."""
+  counts = [n for _, n in classes]
+  summary = dict(kept=len(classes), below_min_images=len(entity_counts) - len(classes),
+                 histogram=histogram_bins(counts), top=[list(c) for c in classes[:TOP_ENTITIES]])
+  if counts:
+    ordered = sorted(counts)
+    summary['images_per_entity'] = dict(min=ordered[0], median=ordered[len(ordered) // 2],
+                                        max=ordered[-1])
+  return summary
+
+
+def build_stats(tallies, stage_names, entities=None):
+  """Tallies ((stage, kind, reason), n) of stages `stage_names` (in order) -> stats dict."""
+  tallies = dict(tallies)
+  unknown = sorted({s for s, _, _ in tallies} - set(stage_names))
+  if unknown:
+    raise ValueError(f'build_stats: tallies for unknown stage(s) {unknown}.')
+  stages, totals = [], {'filtered': {}, 'dead_letter': {}}
+  prev_out = None
+  for name in stage_names:
+    out = tallies.get((name, 'out', ''), 0)
+    drops = {'filtered': {}, 'dead_letter': {}}
+    for (stage, kind, reason), n in sorted(tallies.items()):
+      if stage == name and kind != 'out':
+        drops[kind][reason] = n
+        totals[kind][reason] = totals[kind].get(reason, 0) + n
+    if prev_out is None:  # The first stage: everything it saw left one way or another.
+      prev_out = out + sum(drops['filtered'].values()) + sum(drops['dead_letter'].values())
+    stages.append({'name': name, 'in': prev_out, 'out': out, **drops})
+    prev_out = out
+  stats = dict(inputs=stages[0]['in'] if stages else 0,
+               written=stages[-1]['out'] if stages else 0,
+               filtered=totals['filtered'], dead_letter=totals['dead_letter'], stages=stages)
+  stats['reconciled'] = not reconcile_errors(stats)
+  if entities is not None:
+    stats['entities'] = entities
+  return stats
+
+
+def reconcile_errors(stats):
+  """Human-readable mismatches; empty when every count adds up."""
+  errors = []
+  for row in stats['stages']:
+    accounted = row['out'] + sum(row['filtered'].values()) + sum(row['dead_letter'].values())
+    if row['in'] != accounted:
+      errors.append(f"stage {row['name']}: in {row['in']} != out {row['out']} + filtered "
+                    f"{row['filtered']} + dead_letter {row['dead_letter']}")
+  accounted = (stats['written'] + sum(stats['filtered'].values()) +
+               sum(stats['dead_letter'].values()))
+  if stats['inputs'] != accounted:
+    errors.append(f"inputs {stats['inputs']} != written {stats['written']} + filtered "
+                  f"{stats['filtered']} + dead_letter {stats['dead_letter']}")
+  return errors
+
+
+def check_reconciled(stats):
+  errors = reconcile_errors(stats)
+  if errors:
+    raise ReconcileError('I2E counts do not reconcile: ' + '; '.join(errors))
+  return stats

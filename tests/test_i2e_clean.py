@@ -1,0 +1,133 @@
+"""CleanPairs: text normalisation and bounds, image verification (PIL, and TensorFlow as
+the independent judge of what the training pipeline can decode), exact-duplicate removal."""
+import io
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from data_prep.i2e import clean, types
+from test_i2e_read import digest, image_bytes
+
+
+@pytest.mark.parametrize('raw,expected', [
+    ('  two   spaces\tand\nnewline ', 'two spaces and newline'),
+    ('Tom &amp; Jerry &lt;3', 'Tom & Jerry <3'),
+    ('double &amp;amp; escaped', 'double & escaped'),         # unescaped twice at most
+    ('triple &amp;amp;amp; stays', 'triple &amp; stays'),
+    ('cafe\u0301', 'caf\u00e9'),                                # NFC composes e + accent
+    ('zero\u200bwidth\ufeff bom', 'zerowidth bom'),
+    ('ctrl\x00chars\x1b here\x85', 'ctrl chars here'),
+    (' \u00a0\u3000 ', ''),                                     # only Unicode spaces
+])
+def test_normalize_text(raw, expected):
+  assert clean.normalize_text(raw) == expected
+
+
+@pytest.mark.parametrize('text,limit,expected', [
+    ('short', 10, 'short'),
+    ('aaa bbb ccc', 8, 'aaa bbb'),          # last space within 8 chars is at 7
+    ('aaa bbb ccc', 7, 'aaa bbb'),          # a space right after the limit counts
+    ('a bbbbbbbbbbbb', 8, 'a bbbbbb'),       # boundary at 1 < 8 // 2: hard cut
+])
+def test_truncate_words(text, limit, expected):
+  assert clean.truncate_words(text, limit) == expected
+
+
+def tf_decodes(data):
+  try:
+    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+  except tf.errors.InvalidArgumentError:
+    return None
+
+
+def encoded(fmt, seed=0, size=24):
+  pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, fmt)
+  return pixels, out.getvalue()
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG', 'GIF', 'BMP', 'WEBP'])
+def test_images_tf_reads_are_kept_byte_for_byte(fmt):
+  _, data = encoded(fmt)
+  assert clean.verify_image(data) == (data, None)
+
+
+def test_other_formats_and_unterminated_png_become_png_with_the_same_pixels():
+  pixels, tiff = encoded('TIFF')
+  assert tf_decodes(tiff) is None  # Why re-encoding is needed.
+  out, error = clean.verify_image(tiff)
+  assert error is None and out.startswith(b'\x89PNG')
+  np.testing.assert_array_equal(tf_decodes(out), pixels)
+  pixels, png = encoded('PNG', seed=1)
+  no_iend = png[:-12]  # PIL decodes it; TF rejects it.
+  assert tf_decodes(no_iend) is None
+  out, error = clean.verify_image(no_iend)
+  assert error is None
+  np.testing.assert_array_equal(tf_decodes(out), pixels)
+
+
+@pytest.mark.parametrize('name', ['truncated_jpeg', 'jpeg_without_end', 'half_png', 'text',
+                                  'empty'])
+def test_corrupt_payloads_are_rejected(name):
+  _, jpeg = encoded('JPEG', size=64)
+  _, png = encoded('PNG', size=64)
+  data = dict(truncated_jpeg=jpeg[:len(jpeg) // 2], jpeg_without_end=jpeg[:-2],
+              half_png=png[:len(png) // 2], text=b'<html>not an image</html>', empty=b'')[name]
+  out, (reason, detail) = clean.verify_image(data)
+  assert (out, reason) == (None, 'corrupt_image') and detail
+
+
+def test_decompression_bomb_is_too_large(monkeypatch):
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # 24x24 = 576 > 2 x 100
+  out, (reason, _) = clean.verify_image(encoded('PNG')[1])
+  assert (out, reason) == (None, 'image_too_large')
+
+
+def view(x):
+  if isinstance(x, types.Pair):
+    return x.key, digest(x.image), x.text
+  return x.reason, x.key
+
+
+def run_stage(transform, pairs, want_main, want_dead, want_filtered):
+  with test_pipeline.TestPipeline() as p:
+    result = p | beam.Create(pairs) | transform
+    for name, want in (('main', want_main), ('dead_letter', want_dead),
+                       ('filtered', want_filtered)):
+      assert_that(result[name] | f'View_{name}' >> beam.Map(view), equal_to(want),
+                  label=f'check_{name}')
+
+
+def test_clean_pairs_routes_every_record():
+  img = [image_bytes(i) for i in range(5)]
+  pairs = [
+      types.Pair('a', img[0], '  A &amp; B  ', 's'),
+      types.Pair('b', img[1], 'x' * 30 + ' tail words', 's'),   # cut to max_chars=32
+      types.Pair('c', img[2], '\u200b \n', 's'),                 # empty once normalised
+      types.Pair('d', img[3], 'ab', 's'),                        # shorter than min_chars=3
+      types.Pair('e', b'GIF89a garbage', 'fine text', 's'),      # not an image
+      types.Pair('f', img[0], 'same image as a', 's'),          # duplicate of a's image
+      types.Pair('0', img[0], 'same image, smaller key', 's'),  # ... and the survivor
+  ]
+  run_stage(clean.CleanPairs(min_chars=3, max_chars=32), pairs,
+            [('b', digest(img[1]), 'x' * 30), ('0', digest(img[0]), 'same image, smaller key')],
+            [('empty_text', 'c'), ('corrupt_image', 'e')],
+            [('text_too_short', 'd'), ('duplicate_image', 'a'), ('duplicate_image', 'f')])
+
+
+def test_dedup_images_alone_keeps_the_smallest_key():
+  img = [image_bytes(i) for i in range(2)]
+  pairs = [types.Pair(k, img[i], k, '') for k, i in (('m', 0), ('c', 0), ('x', 0), ('z', 1))]
+  run_stage(clean.DedupImages(), pairs, [('c', digest(img[0]), 'c'), ('z', digest(img[1]), 'z')],
+            [], [('duplicate_image', 'm'), ('duplicate_image', 'x')])
+
+
+def test_bad_bounds_are_rejected():
+  with pytest.raises(ValueError, match='min_chars'):
+    clean.CleanPairs(min_chars=5, max_chars=4)

@@ -1,0 +1,229 @@
+"""ReadPairs: WebDataset tars, Parquet and TFRecord files -> Pairs, every bad input
+dead-lettered with its reason, duplicate keys resolved to a fixed survivor.
+
+Also the raw-pair writers the other I2E tests share (tar/Parquet/TFRecord shards)."""
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from data_prep.i2e import read
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def image_bytes(seed, fmt='JPEG', size=24):
+  """A noise image (distinct per seed, so content hashes differ)."""
+  pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, fmt)
+  return out.getvalue()
+
+
+def write_tar(path, members, mode='w'):
+  """members: [(name, bytes)] in order (WebDataset: a key's files adjacent)."""
+  with tarfile.open(path, mode) as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def write_tfrecord(path, examples):
+  """examples: [dict name -> bytes] as tf.train.Example bytes features, or raw bytes."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  with tf.io.TFRecordWriter(path) as w:
+    for ex in examples:
+      if isinstance(ex, bytes):
+        w.write(ex)
+        continue
+      feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+                 for k, v in ex.items()}
+      w.write(tf.train.Example(features=tf.train.Features(feature=feature))
+              .SerializeToString())
+  return path
+
+
+def project(dead):
+  """What the tests compare of a dead letter (detail is prose)."""
+  return dead.reason, dead.key, os.path.basename(dead.source), dead.count
+
+
+def digest(data):
+  return hashlib.sha256(data).hexdigest()[:12]
+
+
+def pair_view(pair):
+  """(key, image digest, text, file name): short failure messages."""
+  return pair.key, digest(pair.image), pair.text, os.path.basename(pair.source)
+
+
+def check_read(patterns, want_pairs, want_dead, **kw):
+  """ReadPairs(patterns) gives exactly these pairs (key, image bytes, text, file name) and
+  dead letters (project)."""
+  with test_pipeline.TestPipeline() as p:
+    result = p | read.ReadPairs(patterns, **kw)
+    want_pairs = [(k, digest(i), t, f) for k, i, t, f in want_pairs]
+    assert_that(result['main'] | 'ViewPairs' >> beam.Map(pair_view), equal_to(want_pairs),
+                label='pairs')
+    assert_that(result['dead_letter'] | 'ViewDead' >> beam.Map(project), equal_to(want_dead),
+                label='dead')
+    assert_that(result['filtered'], equal_to([]), label='filtered')
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('000012.jpg', ('000012', 'jpg')), ('dir/000012.seg.JPG', ('dir/000012', 'seg.jpg')),
+    ('noext', ('noext', ''))])
+def test_split_member_name_follows_webdataset(name, expected):
+  assert read.split_member_name(name) == expected
+
+
+@pytest.mark.parametrize('path,fmt', [
+    ('a/b.tar', 'tar'), ('b.TAR.GZ', 'tar'), ('x.tgz', 'tar'), ('x.parquet', 'parquet'),
+    ('gs://b/train.tfrecord-00001-of-00008', 'tfrecord'), ('x.tfrec', 'tfrecord'),
+    ('x.zip', None)])
+def test_shard_format_from_name(path, fmt):
+  assert read.shard_format(path) == fmt
+
+
+def test_caption_comes_from_the_first_caption_key_present():
+  members = {'jpg': b'I', 'txt': b'from txt', 'json': json.dumps(
+      {'caption': 'from json', 'alt': 'alt'}).encode()}
+  keys = ('caption', 'txt', 'alt')
+  assert read.sample_to_pair('k', members, 's', keys).text == 'from json'
+  assert read.sample_to_pair('k', members, 's', ('txt', 'caption')).text == 'from txt'
+  del members['txt']
+  assert read.sample_to_pair('k', members, 's', ('txt', 'alt')).text == 'alt'
+  dead = read.sample_to_pair('k', {'jpg': b'I', 'json': b'{"url": 1}'}, 's', keys)
+  assert (dead.reason, dead.key) == ('missing_field', 'k')
+  dead = read.sample_to_pair('k', {'jpg': b'I', 'json': b'{oops'}, 's', keys)
+  assert dead.reason == 'missing_field' and 'not JSON' in dead.detail
+
+
+# ----------------------------------------------------------------------------- WebDataset
+
+
+def test_tar_reads_good_samples_and_dead_letters_bad_ones(tmp_path):
+  img = [image_bytes(i) for i in range(6)]
+  path = write_tar(tmp_path / 'a.tar', [
+      ('k1.jpg', img[1]), ('k1.txt', b'first caption'),
+      ('k2.json', json.dumps({'caption': 'caf\u00e9'}).encode()), ('k2.png', img[2]),
+      ('k3.jpg', img[3]),                                   # no text
+      ('k4.txt', b'no image here'),                         # no image
+      ('k5.jpg', img[5]), ('k5.txt', b'bad \xff\xfe bytes'),  # not UTF-8
+  ])
+  check_read([str(path)],
+             [('k1', img[1], 'first caption', 'a.tar'), ('k2', img[2], 'caf\u00e9', 'a.tar')],
+             [('missing_field', 'k3', 'a.tar', 1), ('missing_field', 'k4', 'a.tar', 1),
+              ('not_utf8', 'k5', 'a.tar', 1)])
+
+
+def test_gzipped_tar_and_oversized_text(tmp_path):
+  img = image_bytes(0)
+  path = write_tar(tmp_path / 'b.tar.gz', [
+      ('x.jpg', img), ('x.txt', b'ok'),
+      ('y.jpg', img), ('y.txt', b'a' * (read.MAX_TEXT_BYTES + 1))], mode='w:gz')
+  check_read([str(path)], [('x', img, 'ok', 'b.tar.gz')],
+             [('text_too_long', 'y', 'b.tar.gz', 1)])
+
+
+def test_truncated_tar_keeps_the_samples_before_the_break(tmp_path):
+  img = [image_bytes(i, size=64) for i in range(3)]
+  full = write_tar(tmp_path / 'full.tar', [
+      ('a.jpg', img[0]), ('a.txt', b'A'), ('b.jpg', img[1]), ('b.txt', b'B'),
+      ('c.jpg', img[2]), ('c.txt', b'C')]).read_bytes()
+  cut = full.index(img[2]) + len(img[2]) // 2  # In the middle of c.jpg's data.
+  (tmp_path / 'cut.tar').write_bytes(full[:cut])
+  (tmp_path / 'junk.tar').write_bytes(b'this is not a tar archive at all' * 40)
+  check_read([str(tmp_path / 'cut.tar'), str(tmp_path / 'junk.tar')],
+             [('a', img[0], 'A', 'cut.tar'), ('b', img[1], 'B', 'cut.tar')],
+             [('unreadable_shard', '', 'cut.tar', 1), ('unreadable_shard', '', 'junk.tar', 1)])
+
+
+def test_duplicate_keys_keep_the_copy_at_the_smallest_file_and_position(tmp_path):
+  img = [image_bytes(i) for i in range(4)]
+  write_tar(tmp_path / 'a.tar', [('k.jpg', img[0]), ('k.txt', b'a0'), ('m.jpg', img[1]),
+                                 ('m.txt', b'm'), ('k.jpg', img[2]), ('k.txt', b'a2')])
+  write_tar(tmp_path / 'b.tar', [('k.jpg', img[3]), ('k.txt', b'b0')])
+  # The second pattern matches a.tar again: a file is read once however often matched.
+  check_read([str(tmp_path / '*.tar'), str(tmp_path / 'a.tar')],
+             [('k', img[0], 'a0', 'a.tar'), ('m', img[1], 'm', 'a.tar')],
+             [('duplicate_key', 'k', 'a.tar', 1), ('duplicate_key', 'k', 'b.tar', 1)])
+
+
+def test_unmatched_pattern_and_unknown_format(tmp_path):
+  (tmp_path / 'x.zip').write_bytes(b'zip')
+  check_read([str(tmp_path / 'none-*.tar'), str(tmp_path / 'x.zip')], [],
+             [('no_match', '', 'none-*.tar', 1), ('unknown_format', '', 'x.zip', 1)])
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def test_parquet_rows_struct_images_and_missing_columns(tmp_path):
+  img = [image_bytes(i) for i in range(4)]
+  pq.write_table(pa.table({
+      'image': pa.array([img[0], None, img[2], img[3]], pa.binary()),
+      'caption': pa.array([b'zero', b'one', None, b'\xff three'], pa.binary()),
+      'key': ['r0', 'r1', 'r2', 'r3']}), tmp_path / 'a.parquet')
+  pq.write_table(pa.table({  # Hugging Face datasets' Image() struct; no key column.
+      'image': pa.array([{'bytes': img[1], 'path': 'x.jpg'}],
+                        pa.struct([('bytes', pa.binary()), ('path', pa.string())])),
+      'caption': pa.array(['struct \u00e9'], pa.string())}), tmp_path / 'b.parquet')
+  pq.write_table(pa.table({'image': [img[0]] * 3, 'text': ['x'] * 3}), tmp_path / 'c.parquet')
+  check_read([str(tmp_path / '*.parquet')],
+             [('r0', img[0], 'zero', 'a.parquet'),
+              ('b.parquet:0', img[1], 'struct \u00e9', 'b.parquet')],
+             [('missing_field', 'r1', 'a.parquet', 1), ('missing_field', 'r2', 'a.parquet', 1),
+              ('not_utf8', 'r3', 'a.parquet', 1),
+              ('missing_field', '', 'c.parquet', 3)])  # One letter for the file's 3 rows.
+
+
+def test_parquet_column_names_are_configurable(tmp_path):
+  img = image_bytes(0)
+  pq.write_table(pa.table({'jpg': [img], 'txt': ['hello']}), tmp_path / 'a.parquet')
+  check_read([str(tmp_path / 'a.parquet')], [('a.parquet:0', img, 'hello', 'a.parquet')], [],
+             parquet_image_column='jpg', parquet_caption_column='txt')
+
+
+# ----------------------------------------------------------------------------- TFRecord
+
+
+def test_tfrecord_records_bad_records_and_a_corrupt_file(tmp_path):
+  img = [image_bytes(i) for i in range(3)]
+  write_tfrecord(str(tmp_path / 'a.tfrecord'), [
+      {'image/encoded': img[0], 'caption': b'zero', 'key': b'z'},
+      {'image/encoded': img[1], 'caption': b'one'},          # key from the position
+      {'caption': b'no image'},
+      b'\xff\xff\xff not a proto',
+  ])
+  good = write_tfrecord(str(tmp_path / 'b.tfrecord'), [
+      {'image/encoded': img[2], 'caption': b'two', 'image/key': b'ik'}] * 2)
+  data = open(good, 'rb').read()
+  (tmp_path / 'b.tfrecord').write_bytes(data[:len(data) - 7])  # 2nd record cut short.
+  check_read([str(tmp_path / '*.tfrecord')],
+             [('z', img[0], 'zero', 'a.tfrecord'), ('a.tfrecord:1', img[1], 'one', 'a.tfrecord'),
+              ('ik', img[2], 'two', 'b.tfrecord')],
+             [('missing_field', 'a.tfrecord:2', 'a.tfrecord', 1),
+              ('bad_record', 'a.tfrecord:3', 'a.tfrecord', 1),
+              ('unreadable_shard', '', 'b.tfrecord', 1)])
+
+
+def test_read_pairs_needs_a_pattern():
+  with pytest.raises(ValueError, match='no file pattern'):
+    read.ReadPairs([])
