@@ -29,7 +29,17 @@ def get_config(mode='multitask'):
   c.loss.tile_size = 128
   c.optim.update(lr=2e-3, warmup_steps=100, weight_decay=0.05)
   c.ckpt.update(every_steps=350, keep=2)
-  c.evals.retrieval = mlc.ConfigDict(dict(
-      type='gpr1200', data_dir='{data_dir}/retrieval', every_steps=350,
-      batch_size=200))
+  # All on the held-out retrieval folder (categories unseen in training); kNN
+  # and the linear probe train on images 0-4 of each category, test on 5-9.
+  heldout = dict(data_dir='{data_dir}/retrieval', every_steps=350,
+                 batch_size=200)
+  c.evals.retrieval = mlc.ConfigDict(dict(type='gpr1200', **heldout))
+  if mode != 'supervised':  # zero-shot needs the text tower
+    c.evals.zeroshot = mlc.ConfigDict(dict(
+        type='zeroshot', dataset='folder', split='all', templates='identity',
+        **heldout))
+  c.evals.knn = mlc.ConfigDict(dict(
+      type='knn', dataset='folder', k=10, temperature=0.07, **heldout))
+  c.evals.linear_probe = mlc.ConfigDict(dict(
+      type='linear_probe', dataset='folder', max_iter=300, **heldout))
   return c

@@ -1,36 +1,216 @@
-r"""Evaluates features or checkpoints; prints JSON.
+r"""Evaluates a checkpoint (or a features file); prints JSON and writes it beside the checkpoint.
 
   python -m mofi_jax.evaluate gpr1200 --features F.npy
+  python -m mofi_jax.evaluate gpr1200 --workdir W [--step N] --images DIR \
+      [--official] [--save_features F.npy] [--resize 224 --image_size 224]
+  python -m mofi_jax.evaluate zeroshot --workdir W --dataset imagenet2012 --data_dir D
+  python -m mofi_jax.evaluate linear_probe --workdir W --dataset cifar10 --data_dir D
+  python -m mofi_jax.evaluate knn --workdir W --dataset folder --data_dir W/corpus/retrieval
+  python -m mofi_jax.evaluate entities --workdir W --image X.jpg [--k 10]
 
-`F.npy` holds [12000, D] GPR1200 features in the official order (sorted by the
-integer category, so row i has category i // 10), from any model. The output
-has `all` and the six domains. Bad input (wrong shape, NaNs, a missing or
-unreadable file) exits non-zero with one line naming the file and the problem.
+`--hf_clip FOLDER` (a Hugging Face CLIP folder) may replace `--workdir W [--step N]`.
+`--dataset` is a TFDS name (read from --data_dir, never downloaded) or `folder`, an image
+folder in the GPR1200 layout with a categories.json (the demo's held-out set).
+Results go to `<workdir>/eval/<eval>_<dataset>_step<N>.json` (see evals/results.py).
+`gpr1200 --features` scores [12000, D] features in the official order (row i has
+category i // 10) and prints `all` and the six domains.
+Bad input exits non-zero with one line naming the file, field or dataset at fault.
 """
 import argparse
 import json
+import os
 import sys
 
-from mofi_jax.evals import gpr1200
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from mofi_jax import inference
+from mofi_jax.evals import (entities, gpr1200, knn, linear_probe, results, zeroshot)
+from mofi_jax.evals.embedding import Towers
+
+USER_ERRORS = (OSError, ValueError, tf.errors.OpError)
+
+
+def _model_flags(parser):
+  model = parser.add_mutually_exclusive_group()
+  model.add_argument('--workdir', help='training workdir (config.json + checkpoints/)')
+  model.add_argument('--hf_clip', help='Hugging Face CLIP folder instead of a workdir')
+  parser.add_argument('--step', type=int, help='checkpoint step (default: newest)')
+  parser.add_argument('--results_dir', help='default: <workdir or hf_clip>/eval')
+  parser.add_argument('--batch_size', type=int, default=256)
+  parser.add_argument('--image_size', type=int, help='crop size; must be the model\'s')
+  parser.add_argument('--resize', type=int,
+                      help='shorter side before the crop (default: the crop size)')
+
+
+def _data_flags(parser, splits):
+  parser.add_argument('--dataset', required=True, help='TFDS name or "folder"')
+  parser.add_argument('--data_dir', required=True, help='TFDS data_dir, or the image folder')
+  for split in splits:
+    parser.add_argument(f'--{split}', help='default: the dataset\'s usual split')
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m mofi_jax.evaluate')
   sub = parser.add_subparsers(dest='eval', required=True)
-  gpr = sub.add_parser('gpr1200', help='GPR1200 retrieval mAP of a features file')
-  gpr.add_argument('--features', required=True, help='[12000, D] .npy, official order')
+  gpr = sub.add_parser('gpr1200', help='GPR1200 retrieval mAP')
+  gpr.add_argument('--features', help='[12000, D] .npy in the official order (no model needed)')
+  gpr.add_argument('--images', help='image folder in GPR1200 layout ({category}_{name}.jpg)')
+  gpr.add_argument('--official', action='store_true', help='demand 1,200 categories x 10')
+  gpr.add_argument('--save_features', help='write the features here (.npy, official order)')
+  zs = sub.add_parser('zeroshot', help='zero-shot top-1/top-5 (CLIP prompts)')
+  zs.add_argument('--templates', help='imagenet | cifar | caltech101 | pets | identity | "..{}.."')
+  lp = sub.add_parser('linear_probe', help='logistic regression on frozen features')
+  lp.add_argument('--max_iter', type=int, default=1000)
+  lp.add_argument('--val_fraction', type=float, default=0.2)
+  nn_ = sub.add_parser('knn', help='weighted kNN on frozen features (DINO)')
+  nn_.add_argument('--k', type=int, default=knn.DEFAULT_K)
+  nn_.add_argument('--temperature', type=float, default=knn.DEFAULT_TEMPERATURE)
+  ent = sub.add_parser('entities', help='top-k entities for an image: head vs text tower')
+  ent.add_argument('--image', required=True)
+  ent.add_argument('--k', type=int, default=10)
+  _data_flags(zs, ['split'])
+  _data_flags(lp, ['train_split', 'val_split', 'test_split'])
+  _data_flags(nn_, ['train_split', 'test_split'])
+  for p in (gpr, zs, lp, nn_, ent):
+    _model_flags(p)
   return parser.parse_args(argv)
+
+
+def _load_hf(folder):
+  try:
+    from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f'--hf_clip needs mofi_jax.interop.hf_import, which cannot be imported '
+                     f'({e}).') from e
+  return hf_import.load_encoder(folder)
+
+
+def _checked_image_size(args, model_size):
+  if args.image_size and args.image_size != model_size:
+    raise ValueError(f'--image_size {args.image_size}, but the model takes {model_size} px '
+                     'images.')
+  return model_size
+
+
+def _encoder_and_evaluator(args, build):
+  """(Encoder, build(preprocessing)); a workdir's data is checked before the slow restore.
+
+  preprocessing: {image_size: the model's crop size, resize: the shorter side before the
+  crop (--resize, else the model's own, e.g. a HF folder's preprocessor, else the crop)}.
+  """
+  if not (args.workdir or args.hf_clip):
+    raise ValueError(f'{args.eval} needs a model: pass --workdir W or --hf_clip FOLDER.')
+  if args.hf_clip:
+    if args.step is not None:
+      raise ValueError('--step applies to --workdir checkpoints, not to --hf_clip.')
+    encoder = _load_hf(args.hf_clip)
+    config = encoder.config
+  else:
+    encoder, config = None, inference.read_config(args.workdir)
+  image_size = _checked_image_size(args, int(config.input.image_size))
+  evaluator = build(dict(image_size=image_size,
+                         resize=args.resize or config.input.get('eval_resize')))
+  return encoder or inference.load(args.workdir, args.step), evaluator
+
+
+def _results_dir(args):
+  return args.results_dir or os.path.join(args.workdir or args.hf_clip, 'eval')
+
+
+def _report(args, encoder, dataset, options, metrics, *, show=True):
+  """Writes the results file; prints (if `show`) and returns what it holds, plus its path."""
+  path = results.write(_results_dir(args), eval_name=args.eval, dataset=dataset,
+                       step=encoder.step, source=encoder.source, options=options,
+                       metrics=metrics)
+  out = dict(eval=args.eval, dataset=dataset, step=encoder.step, metrics=metrics,
+             results_file=path)
+  if show:
+    print(json.dumps(out, indent=2, sort_keys=True))
+  return out
+
+
+def _build(module, cfg, preprocessing):
+  return module.Evaluator(ml_collections.ConfigDict(dict(cfg, resize=preprocessing['resize'])),
+                          image_size=preprocessing['image_size'])
+
+
+def _dataset_tag(dataset, data_dir):
+  if dataset == 'folder':
+    return f'folder-{os.path.basename(os.path.normpath(data_dir))}'
+  return dataset
+
+
+def run_gpr1200(args):
+  if args.features:
+    if args.workdir or args.hf_clip or args.images:
+      raise ValueError('--features scores a features file; do not also pass a model or --images.')
+    scores = gpr1200.score_features_file(args.features)
+    print(json.dumps(scores, indent=2, sort_keys=True))
+    return scores
+  if not args.images:
+    raise ValueError('gpr1200 needs --features F.npy, or --images DIR with a model.')
+  if args.save_features:
+    if tf.io.gfile.exists(args.save_features):
+      raise ValueError(f'{args.save_features} already exists; not overwriting it.')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.save_features))):
+      raise ValueError(f'{args.save_features}: its folder does not exist.')
+  cfg = dict(data_dir=args.images, batch_size=args.batch_size, official=args.official)
+  encoder, evaluator = _encoder_and_evaluator(args, lambda pre: _build(gpr1200, cfg, pre))
+  features = evaluator.embed(Towers.from_encoder(encoder))
+  if args.save_features:
+    tmp = f'{args.save_features}.tmp-{os.getpid()}.npy'
+    np.save(tmp, features)
+    os.replace(tmp, args.save_features)
+  metrics = evaluator.score(features)
+  return _report(args, encoder, os.path.basename(os.path.normpath(args.images)),
+                 evaluator.info, metrics)
+
+
+def run_classification(args):
+  """zeroshot, linear_probe and knn: the same evaluators as in training, on any model."""
+  module = {'zeroshot': zeroshot, 'linear_probe': linear_probe, 'knn': knn}[args.eval]
+  keys = ('dataset', 'data_dir', 'split', 'train_split', 'val_split', 'test_split',
+          'templates', 'max_iter', 'val_fraction', 'k', 'temperature', 'batch_size')
+  cfg = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+  encoder, evaluator = _encoder_and_evaluator(args, lambda pre: _build(module, cfg, pre))
+  metrics = evaluator.run(Towers.from_encoder(encoder))
+  return _report(args, encoder, _dataset_tag(args.dataset, args.data_dir), evaluator.info,
+                 metrics)
+
+
+def run_entities(args):
+  with tf.io.gfile.GFile(args.image, 'rb') as f:
+    image_bytes = f.read()
+  encoder, _ = _encoder_and_evaluator(args, lambda preprocessing: None)
+  try:
+    ranked = entities.rank_entities(encoder, image_bytes, args.k, cache_dir=_results_dir(args))
+  except tf.errors.InvalidArgumentError as e:
+    raise ValueError(f'{args.image}: unreadable image ({e.message.splitlines()[0]}).') from e
+  stem = os.path.splitext(os.path.basename(args.image))[0]
+  out = _report(args, encoder, stem, dict(image=os.path.abspath(args.image), k=args.k), ranked,
+                show=False)
+  print(f'{args.image} ({encoder.source}):')
+  print(entities.format_table(ranked))
+  print(f'results: {out["results_file"]}')
+  return out
+
+
+COMMANDS = {'gpr1200': run_gpr1200, 'zeroshot': run_classification,
+            'linear_probe': run_classification, 'knn': run_classification,
+            'entities': run_entities}
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    results = gpr1200.score_features_file(args.features)
-  except (OSError, ValueError) as e:
-    where = '' if args.features in str(e) else f'{args.features}: '
-    sys.exit(f'mofi_jax.evaluate: error: {where}{e}')
-  print(json.dumps(results, indent=2, sort_keys=True))
-  return results
+    return COMMANDS[args.eval](args)
+  except USER_ERRORS as e:
+    message = (getattr(e, 'message', None) or str(e) or repr(e)).splitlines()[0]
+    where = args.features if args.eval == 'gpr1200' and args.features else ''
+    prefix = f'{where}: ' if where and where not in message else ''
+    sys.exit(f'mofi_jax.evaluate: error: {prefix}{message}')
 
 
 if __name__ == '__main__':

@@ -91,10 +91,18 @@ def train_and_evaluate(config, workdir):
     first_step, state, _ = restored
   else:
     first_step, state = 0, setup.init(mesh, config.seed)
+    if config.init.hf_clip:   # foreign towers before step 0, never on resume
+      from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+      state = state.replace(params=hf_import.init_from_hf_clip(state.params, config))
   run_setup.log_param_counts(state.params)
   # ------------------------------------------------------------ evaluators
   embed_images = trainer.make_embed_fn(setup.model, mofi.Mofi.encode_image,
                                        mesh, setup.shardings.params)
+  embed_tokens = (trainer.make_embed_fn(setup.model, mofi.Mofi.encode_text,
+                                        mesh, setup.shardings.params)
+                  if mofi.uses_text(config.model.mode) else None)
+  towers_at = periodic_evals.towers_factory(config, data_dir, embed_images,
+                                            embed_tokens)
   evaluators = periodic_evals.from_config(config, data_dir=data_dir,
                                           workdir=workdir)
   # ------------------------------------------------- metrics and progress
@@ -111,8 +119,7 @@ def train_and_evaluate(config, workdir):
   meta = {'config_hash': checkpointing.config_hash(config)}
   # ------------------------------------------------------------------ loop
   run_evals = lambda names, s: periodic_evals.run(
-      evaluators, names, s, lambda x: embed_images(state.params, x), writer,
-      workdir)
+      evaluators, names, s, towers_at(state.params), writer, workdir)
   if first_step == 0:
     run_evals(periodic_evals.due(evaluators, 0), 0)
   acc = None

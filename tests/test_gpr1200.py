@@ -1,14 +1,15 @@
 """Tests for mofi_jax/evals/gpr1200.py against an independent re-implementation of the official loop."""
-import sys
-import types
+import os
+import re
 
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
-import mofi_jax.data
 from mofi_jax import evals
-from mofi_jax.evals import gpr1200
+from mofi_jax.data import preprocess
+from mofi_jax.evals import embedding, gpr1200, image_folder
 
 
 def official_aps(features, categories, queries=None, stable=False):
@@ -175,64 +176,120 @@ def test_mean_average_precision_input_errors(tmp_path):
 
 def test_registry():
   assert evals.get_evaluator('gpr1200') is gpr1200.Evaluator
+  assert evals.known_types() == ['gpr1200', 'knn', 'linear_probe', 'zeroshot']
   with pytest.raises(ValueError, match=r"Unknown evaluator type 'nope'.*'gpr1200'"):
     evals.get_evaluator('nope')
+  with pytest.raises(ValueError, match=r"Unknown evaluator type 'templates'"):
+    evals.get_evaluator('templates')  # a helper module, not an evaluator
 
 
-@pytest.fixture
-def fake_eval_images(monkeypatch):
-  """Stands in for mofi_jax.data.pipeline.make_eval_images: 23 images of 5 categories."""
-  categories = np.arange(23) % 5
-  images = np.random.default_rng(0).standard_normal((23, 4, 4, 3)).astype(np.float32)
-  images += categories[:, None, None, None]  # images of a category look alike
-  fake = types.ModuleType('mofi_jax.data.pipeline')
-  fake.make_eval_images = lambda folder, size: (images, categories, [f'{c}_{i}.jpg' for i, c in
-                                                                   enumerate(categories)])
-  monkeypatch.setitem(sys.modules, 'mofi_jax.data.pipeline', fake)
-  monkeypatch.setattr(mofi_jax.data, 'pipeline', fake, raising=False)
-  return images, categories
+# ----------------------------------------------------------------------------------------
+# Image folders in the GPR1200 layout, and the evaluator that streams them.
+
+# Category c is drawn in COLORS[c] (PNG: lossless, so pixel values are known exactly).
+COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]])
 
 
-def test_evaluator_pads_batches_and_scores(fake_eval_images):
-  images, categories = fake_eval_images
-  cfg = ml_collections.ConfigDict({'data_dir': '/unused', 'batch_size': 5})
-  evaluator = gpr1200.Evaluator(cfg, image_size=4)
+def write_folder(folder, counts=(10,) * 5, ext='png', categories=None):
+  """Writes counts[i] images of category categories[i] (default i) named {c}_img{j}.{ext}."""
+  folder.mkdir(exist_ok=True)
+  for c, n in zip(categories or range(len(counts)), counts):
+    for j in range(n):
+      Image.fromarray(np.full((12, 16, 3), COLORS[c % len(COLORS)], np.uint8)).save(
+          folder / f'{c}_img{j:02d}.{ext}')
+  return str(folder)
+
+
+def mean_color(batch):
+  """A stand-in image tower: the mean pixel of each (preprocessed) image."""
+  return batch.mean(axis=(1, 2))
+
+
+def test_evaluator_streams_in_padded_batches_and_scores(tmp_path):
+  folder = write_folder(tmp_path / 'gpr')
+  (tmp_path / 'gpr' / 'categories.json').write_text('[]')  # non-images are ignored
+  cfg = ml_collections.ConfigDict({'data_dir': folder, 'batch_size': 8})
+  evaluator = gpr1200.Evaluator(cfg, image_size=8)
   shapes = []
 
-  def embed_fn(batch):
+  def embed(batch):
     shapes.append(batch.shape)
-    return batch.reshape(len(batch), -1)[:, :6]
+    return mean_color(batch)
 
-  metrics = evaluator.run(embed_fn)
-  assert shapes == [(5, 4, 4, 3)] * 5  # 23 images: the last batch holds 3 real rows and 2 of padding
-  expected = gpr1200.mean_average_precision(images.reshape(23, -1)[:, :6], categories)['all']
-  assert metrics == {'map': pytest.approx(expected), 'chance_map': gpr1200.chance_map(categories)}
-  assert metrics['map'] > metrics['chance_map']
-
-
-def test_evaluator_rejects_bad_embeddings(fake_eval_images):
-  cfg = ml_collections.ConfigDict({'data_dir': '/unused', 'batch_size': 4})
-  evaluator = gpr1200.Evaluator(cfg, image_size=4)
-  with pytest.raises(ValueError, match=r'embed_fn must map a batch \[4, ...\] to \[4, D\].*\(3, 2\)'):
-    evaluator.run(lambda batch: np.zeros((3, 2)))
-  with pytest.raises(ValueError, match=r'23 of 23 feature rows contain NaN'):
-    evaluator.run(lambda batch: np.full((4, 2), np.nan))
+  features = evaluator.embed(embedding.Towers(embed_images=embed))
+  assert shapes == [(8, 8, 8, 3)] * 7  # 50 images: 6 full batches, then 2 real rows + 6 padding
+  # Official order: row i is category i // 10, drawn in that category's colour.
+  expected = (COLORS[np.arange(50) // 10] / 255.0 - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
+  np.testing.assert_allclose(features, expected, atol=1e-5)
+  metrics = evaluator.run(embedding.Towers(embed_images=mean_color))
+  chance = gpr1200.chance_map(np.arange(50) // 10)
+  assert metrics == {'map': pytest.approx(1.0), 'chance_map': chance}
 
 
-def test_evaluator_with_real_pipeline(tmp_path):
-  """End to end on a tiny folder of JPEGs, once mofi_jax.data.pipeline exists."""
-  pipeline = pytest.importorskip('mofi_jax.data.pipeline')
-  Image = pytest.importorskip('PIL.Image')
-  rng = np.random.default_rng(0)
-  for category in range(2):  # the pipeline insists on 10 images per category, as in GPR1200
-    for i in range(10):
-      pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-      Image.fromarray(pixels).save(tmp_path / f'{category}_img{i}.jpg')
-  assert callable(pipeline.make_eval_images)
-  cfg = ml_collections.ConfigDict({'data_dir': str(tmp_path), 'batch_size': 4})
+def test_evaluator_rejects_bad_embeddings(tmp_path):
+  cfg = ml_collections.ConfigDict({'data_dir': write_folder(tmp_path / 'gpr'), 'batch_size': 16})
   evaluator = gpr1200.Evaluator(cfg, image_size=8)
-  assert evaluator.images.shape == (20, 8, 8, 3)
-  assert evaluator.categories.tolist() == [0] * 10 + [1] * 10
-  metrics = evaluator.run(lambda batch: batch.reshape(len(batch), -1))
-  assert set(metrics) == {'map', 'chance_map'}
-  assert 0 < metrics['map'] <= 1
+  with pytest.raises(ValueError, match=r'must map a batch of 16 to \[16, D\].*\(3, 2\)'):
+    evaluator.run(embedding.Towers(embed_images=lambda batch: np.zeros((3, 2))))
+  with pytest.raises(ValueError, match=r'50 of 50 feature rows contain NaN'):
+    evaluator.run(embedding.Towers(embed_images=lambda batch: np.full((16, 2), np.nan)))
+
+
+@pytest.mark.parametrize('layout, official, message', [
+    (dict(counts=(10, 10, 9, 10)), False,
+     r'categories with a wrong number of images \(expected 10\): 2: 9'),
+    (dict(counts=(10, 10, 10), categories=[0, 1, 3]), False, r'missing categories \[2\]'),
+    (dict(counts=(10, 11)), False, r'1: 11'),
+    (dict(counts=(10,) * 3), True,
+     r'official GPR1200 layout: 30 images, expected 12000 \(1200 categories x 10\); '
+     r'missing categories \[3, 4, 5, 6, 7, 8, 9, 10\] \.\.\. \(1197 in all\)'),
+])
+def test_folder_layout_errors_name_the_problem(tmp_path, layout, official, message):
+  folder = write_folder(tmp_path / 'gpr', **layout)
+  with pytest.raises(image_folder.FolderError, match=re.escape(folder) + '.*' + message):
+    image_folder.list_images(folder, official=official)
+
+
+def test_folder_naming_errors(tmp_path):
+  with pytest.raises(image_folder.FolderError, match='image folder not found'):
+    image_folder.list_images(tmp_path / 'nowhere')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(image_folder.FolderError, match=r'no images named \{category\}_\{name\}'):
+    image_folder.list_images(tmp_path / 'empty')
+  folder = write_folder(tmp_path / 'gpr', counts=(10,))
+  (tmp_path / 'gpr' / 'cat_7.jpg').write_bytes(b'x')
+  with pytest.raises(image_folder.FolderError,
+                     match=r"1 image file\(s\) not named.*\['cat_7.jpg'\]"):
+    image_folder.list_images(folder)
+
+
+def test_unreadable_image_is_named_after_streaming_the_good_ones(tmp_path):
+  folder = write_folder(tmp_path / 'gpr', counts=(10, 10))
+  bad = tmp_path / 'gpr' / '1_img05.png'
+  bad.write_bytes(b'not an image at all')
+  cfg = ml_collections.ConfigDict({'data_dir': folder, 'batch_size': 4})
+  evaluator = gpr1200.Evaluator(cfg, image_size=8)  # listing does not decode
+  seen = []
+
+  def embed(batch):
+    seen.append(len(batch))
+    return mean_color(batch)
+
+  with pytest.raises(image_folder.FolderError, match=re.escape(str(bad)) + ': unreadable image'):
+    evaluator.run(embedding.Towers(embed_images=embed))
+  assert len(seen) == 3  # images 0-11 were embedded batch by batch before reaching image 15
+
+
+def test_evaluator_on_jpegs_of_the_real_pipeline_layout(tmp_path):
+  """JPEGs (lossy) of 2 categories; the official order ignores the listing order."""
+  rng = np.random.default_rng(0)
+  for category in (1, 0):
+    for i in range(10):
+      pixels = np.clip(COLORS[category] * 0.8 + rng.integers(0, 40, (20, 24, 3)), 0, 255)
+      Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / f'{category}_img{i}.jpg')
+  paths, categories = image_folder.list_images(tmp_path)
+  assert categories.tolist() == [0] * 10 + [1] * 10
+  assert [os.path.basename(p) for p in paths[:2]] == ['0_img0.jpg', '0_img1.jpg']
+  cfg = ml_collections.ConfigDict({'data_dir': str(tmp_path), 'batch_size': 4})
+  metrics = gpr1200.Evaluator(cfg, image_size=8).run(embedding.Towers(embed_images=mean_color))
+  assert metrics['map'] == pytest.approx(1.0)

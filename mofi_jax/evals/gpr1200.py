@@ -26,6 +26,8 @@ compiles nothing, and handles categories of any size without padding.
 import numpy as np
 from tqdm import tqdm
 
+from mofi_jax.evals import embedding, image_folder
+
 GPR1200_SIZE = 12000
 GPR1200_IMAGES_PER_CATEGORY = 10
 GPR1200_DOMAINS = {
@@ -103,7 +105,7 @@ def average_precisions(features, categories, *, block_size=1024):
     raise ValueError(f'block_size must be a positive number of queries, got {block_size}.')
   members = _category_members(categories)
   aps = np.empty(len(categories))
-  for start in range(0, len(categories), block_size):
+  for start in tqdm(range(0, len(categories), block_size), desc='mAP', unit='block', disable=None):
     sims = features[start:start + block_size] @ features.T
     sorted_sims = np.sort(sims, axis=1)
     for row in range(sims.shape[0]):
@@ -191,44 +193,40 @@ def score_features_file(path):
   return mean_average_precision(features, gpr1200_categories())
 
 
-def embed_images(embed_fn, images, batch_size):
-  """Runs `embed_fn` over `images` in batches of exactly `batch_size` (last one zero-padded)."""
-  batches = []
-  for start in tqdm(range(0, len(images), batch_size), desc='retrieval eval', disable=None):
-    batch = images[start:start + batch_size]
-    real = len(batch)
-    if real < batch_size:  # pad so that a jitted embed_fn sees one shape and compiles once
-      batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:], batch.dtype)])
-    embeddings = np.asarray(embed_fn(batch))
-    if embeddings.ndim != 2 or embeddings.shape[0] != batch_size:
-      raise ValueError(f'embed_fn must map a batch [{batch_size}, ...] to [{batch_size}, D], '
-                       f'got shape {embeddings.shape}.')
-    batches.append(embeddings[:real])
-  return np.concatenate(batches)
-
-
 class Evaluator:
   """Retrieval mAP (GPR1200 protocol) on a folder of `{category}_{name}.jpg` images.
 
-  cfg: `data_dir` (the folder), `batch_size`, optional `block_size` (queries per scoring block).
-  Images are decoded and preprocessed once, here; `run` only embeds and scores.
+  cfg (evals.<name>, type='gpr1200'): data_dir (the folder), batch_size, optional
+  block_size (queries per scoring block), resize, official (demand the benchmark's
+  1,200 x 10 images). The folder is listed and checked here; `run` streams its images, so
+  no more than a few batches are ever decoded at once.
   """
+  needs_text = False
 
   def __init__(self, cfg, *, image_size):
-    from mofi_jax.data import pipeline  # lazy: only runs that configure this eval pay for the input stack
-    self.images, self.categories, self.names = pipeline.make_eval_images(cfg.data_dir, image_size)
-    self.categories = np.asarray(self.categories)
-    if len(self.images) != len(self.categories) or len(self.images) == 0:
-      raise ValueError(f'{cfg.data_dir}: expected one category per image and at least one image, got '
-                       f'{len(self.images)} images and {len(self.categories)} categories.')
+    self.official = bool(cfg.get('official', False))
+    self.paths, self.categories = image_folder.list_images(cfg.data_dir, official=self.official)
+    self.folder = cfg.data_dir
+    self.image_size = image_size
     self.batch_size = int(cfg.batch_size)
     self.block_size = int(cfg.get('block_size', 1024))
+    self.resize = cfg.get('resize')
     self.chance = chance_map(self.categories)
+    self.info = dict(folder=cfg.data_dir, num_images=len(self.paths), official=self.official,
+                     image_size=image_size, resize=self.resize)
 
-  def run(self, embed_fn):
-    """embed_fn: images [batch_size, S, S, 3] -> np.ndarray [batch_size, D]. Returns the metrics."""
-    features = embed_images(embed_fn, self.images, self.batch_size)
+  def embed(self, towers):
+    """Features [N, D] in the official order (row i has category i // 10)."""
+    batches = image_folder.image_batches(self.paths, self.categories, self.image_size,
+                                         self.batch_size, resize=self.resize, desc='gpr1200')
+    features, _ = embedding.embed_labelled(towers.embed_images, batches, self.batch_size)
+    return features
+
+  def score(self, features):
     scores = mean_average_precision(features, self.categories, block_size=self.block_size)
     metrics = {'map': scores.pop('all'), 'chance_map': self.chance}
     metrics.update({f'map/{name}': value for name, value in scores.items()})
     return metrics
+
+  def run(self, towers):
+    return self.score(self.embed(towers))

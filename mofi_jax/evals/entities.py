@@ -1,0 +1,120 @@
+"""Image-to-entity retrieval, two ways side by side (the paper's qualitative comparison).
+
+- Classifier head: the head's columns act as entity embeddings. Scores are the head's own
+  logits: x W + b on the raw image embedding for the linear head (as in training), and
+  the cosine between the normalised embedding and each column for the cosine head (its
+  learned scale multiplies every logit alike, so it does not change the ranking).
+- Text tower: cosine similarity between the image embedding and each entity's text,
+  `input.entity_template` ('{name}, {description}') filled from the corpus entity table.
+  Entity text embeddings are cached per checkpoint in the results folder, since a 2M-entity
+  table takes a while to embed.
+"""
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import tensorflow as tf
+
+from mofi_jax import sharding
+from mofi_jax.data import pipeline
+from mofi_jax.evals import embedding
+from mofi_jax.models import mofi
+
+
+def top_k(scores, k):
+  """(indices, scores) of the k best entries of a 1-D array; ties to the lower index."""
+  scores = np.asarray(scores)
+  k = min(int(k), len(scores))
+  order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+  return order, scores[order]
+
+
+def head_scores(raw_embedding, kernel, bias, kind):
+  """[C] head logits (linear) or cosines (cosine head) of one raw image embedding [D]."""
+  x = np.asarray(raw_embedding, np.float64)
+  kernel = np.asarray(kernel, np.float64)
+  if kind == 'linear':
+    return x @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
+  if kind == 'cosine':
+    columns = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    return (x / max(np.linalg.norm(x), 1e-12)) @ columns
+  raise ValueError(f'Unknown head kind {kind!r}; expected linear or cosine.')
+
+
+# One jitted image tower per model (Linen modules holding dicts cannot be static arguments);
+# the model is kept alongside so that its id is never reused.
+_RAW_IMAGE_FNS = {}
+
+
+def raw_image_embeddings(encoder, images):
+  """Image-tower outputs before L2 normalisation (what the linear head sees in training)."""
+  model = encoder.model
+  if id(model) not in _RAW_IMAGE_FNS:
+    _RAW_IMAGE_FNS[id(model)] = model, jax.jit(
+        lambda p, x: model.apply({'params': p}, x, method=mofi.Mofi.encode_image))
+  encode = _RAW_IMAGE_FNS[id(model)][1]
+  with jax.set_mesh(encoder.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return np.asarray(jax.device_get(encode(encoder.params, np.asarray(images, np.float32))))
+
+
+def entity_text_embeddings(encoder, cache_dir=None, batch_size=1024):
+  """[C, D] text embeddings of every entity, cached as entity_texts_step<N>.npy."""
+  table = encoder.entities
+  texts = pipeline.entity_texts(table, encoder.config.input.get('entity_template',
+                                                                pipeline.DEFAULT_ENTITY_TEMPLATE))
+  path = cache_dir and os.path.join(cache_dir, f'entity_texts_step{encoder.step}.npy')
+  if path and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      cached = np.load(f, allow_pickle=False)
+    if cached.shape[0] == len(texts):
+      return cached
+  emb = embedding.embed_in_batches(encoder.embed_texts, texts, min(batch_size, len(texts)),
+                                   desc='entity texts')
+  if path:
+    tf.io.gfile.makedirs(cache_dir)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with tf.io.gfile.GFile(tmp, 'wb') as f:
+      np.save(f, emb)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  return emb
+
+
+def rank_entities(encoder, image_bytes, k=10, cache_dir=None):
+  """{'head': [...], 'text': [...]}, each a list of {rank, index, id, name, description,
+  score} (or None where the model has no head / no text tower)."""
+  if encoder.entities is None:
+    raise ValueError(f'{encoder.source}: no entity table (entities.jsonl of the training '
+                     'corpus) to name entities with.')
+  images = encoder.preprocess([image_bytes])
+  ranked = {'head': None, 'text': None}
+  if encoder.has_head:
+    kernel, bias, kind = encoder.head_weights()
+    ranked['head'] = head_scores(raw_image_embeddings(encoder, images)[0], kernel, bias, kind)
+  if encoder.has_text and encoder.tokenize is not None:
+    image = encoder.embed_images(images)[0]
+    ranked['text'] = entity_text_embeddings(encoder, cache_dir) @ image
+  if ranked['head'] is None and ranked['text'] is None:
+    raise ValueError(f'{encoder.source}: the model has neither an entity head nor a usable '
+                     'text tower (with a tokenizer) to rank entities with.')
+  table = encoder.entities
+  for way, scores in ranked.items():
+    if scores is not None:
+      idx, values = top_k(scores, k)
+      ranked[way] = [dict(rank=r + 1, index=int(i), id=table.ids[i], name=table.names[i],
+                          description=table.descriptions[i], score=float(v))
+                     for r, (i, v) in enumerate(zip(idx, values))]
+  return ranked
+
+
+def format_table(ranked):
+  """The two rankings side by side, one line per rank."""
+  headers = {'head': 'classifier head (logit)', 'text': 'text tower (cosine)'}
+  ways = [w for w in ('head', 'text') if ranked.get(w)]
+  cells = {w: [f'{e["name"][:28]:<28} {e["score"]:>8.3f}' for e in ranked[w]] for w in ways}
+  width = 37
+  lines = ['rank  ' + '   '.join(f'{headers[w]:<{width}}' for w in ways).rstrip()]
+  for r in range(max(len(c) for c in cells.values())):
+    row = [cells[w][r] if r < len(cells[w]) else '' for w in ways]
+    lines.append(f'{r + 1:>4}  ' + '   '.join(f'{c:<{width}}' for c in row).rstrip())
+  return '\n'.join(lines)
