@@ -8,8 +8,8 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from mofi_jax import sharding
-from mofi_jax.data import schema
+from mofi_jax import inference, sharding
+from mofi_jax.data import pipeline, schema
 from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.models import mofi
 
@@ -23,7 +23,7 @@ class NonFiniteError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, NonFiniteError, schema.CorpusError,
-               sharding.ShardingError)
+               sharding.ShardingError, inference.LoadError)
 
 
 class _DropLibraryInfo(logging.logging.Filter):
@@ -86,9 +86,15 @@ def on_process_zero(fn, name):
 
 def resolve_from_corpus(config, data_dir):
   """Fills head.num_classes / text.vocab_size from the corpus where they are -1,
-  and checks them where they are set."""
+  and checks them where they are set. A 'pairs' corpus (0 entities: num_classes 0,
+  no head) trains only a contrastive model on alt-texts."""
   config = config.copy_and_resolve_references()
   meta = schema.load_corpus_meta(data_dir)
+  try:
+    pipeline.check_corpus_kind(schema.corpus_kind(meta), config.input.text_source,
+                               data_dir, mode=config.model.mode)
+  except schema.CorpusError as e:
+    raise ConfigError(str(e)) from e
   with config.unlocked():
     head = config.model.head
     if head.num_classes == -1:

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import common
 from records import raw_example
+from test_schema import make_pairs_corpus
+from mofi_jax import run_setup
 from mofi_jax.data import pipeline
 from mofi_jax.data import preprocess
 from mofi_jax.data import schema
@@ -250,3 +253,66 @@ def test_eval_images_errors(tiny_corpus, tmp_path):
   os.remove(folder / 'two.jpg')
   with pytest.raises(schema.CorpusError, match='category 2 has 9 images, expected exactly 10'):
     pipeline.make_eval_images(folder, 16)
+
+
+# ----------------------------------------------------------------------------- pairs corpus
+
+
+@pytest.fixture(scope='module')
+def pairs_corpus(tiny_corpus, tmp_path_factory):
+  return make_pairs_corpus(tiny_corpus, tmp_path_factory.mktemp('p') / 'pairs')
+
+
+def test_pairs_corpus_batches(pairs_corpus, tok):
+  batch, records = ordered_batches(pairs_corpus, 2, 9, text_source='alt_text', text_len=6)
+  eot = tokenizer_lib.eot_id(tok)
+  assert len(batch['text']) > len(records)  # Wraps into the second epoch.
+  for i, text in enumerate(batch['text']):
+    np.testing.assert_array_equal(text, fit(records[i % len(records)]['tokens'], 6, eot))
+  np.testing.assert_array_equal(batch['labels'], -1)  # No entities: nothing for a head.
+  np.testing.assert_array_equal(batch['label_weights'], 0.0)
+  assert np.isfinite(batch['image']).all() and batch['image'].shape == (36, 16, 16, 3)
+
+
+def test_pairs_corpus_needs_alt_text(pairs_corpus):
+  with pytest.raises(schema.CorpusError, match=r"pairs: a 'pairs' corpus .* trains only "
+                     r"model.mode='contrastive' with input.text_source='alt_text', .*"
+                     r"input.text_source='entity'"):
+    pipeline.make_train_dataset(pairs_corpus, make_cfg(pairs_corpus), process_index=0,
+                                process_count=1, per_process_batch=2)
+
+
+def test_entities_in_a_pairs_corpus_fail_when_read(pairs_corpus, tmp_path):
+  corpus = str(tmp_path / 'c')
+  shutil.copytree(pairs_corpus, corpus)
+  shard = schema.list_shards(corpus)[0]
+  rewrite_shard(shard, bad_record(), position=2)  # An I2E record past the validated first.
+  cfg = make_cfg(corpus, shuffle_buffer=1, text_source='alt_text')
+  ds = pipeline.make_train_dataset(corpus, cfg, process_index=0, process_count=4,
+                                   per_process_batch=2)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=rf'(?s)expected none in a pairs corpus.*{shard}'):
+    take(ds, 3)
+
+
+@pytest.mark.parametrize('mode, text_source, error', [
+    ('contrastive', 'alt_text', None),
+    ('multitask', 'alt_text', "got model.mode='multitask'"),
+    ('supervised', 'alt_text', "got model.mode='supervised'"),
+    ('contrastive', 'entity', "input.text_source='entity'"),
+])
+def test_resolve_from_corpus_pairs(pairs_corpus, tok, mode, text_source, error):
+  config = common.base_config(mode)
+  config.input.text_source = text_source
+  if error:
+    with pytest.raises(run_setup.ConfigError, match=f"'pairs' corpus .*{error}"):
+      run_setup.resolve_from_corpus(config, pairs_corpus)
+    return
+  resolved = run_setup.resolve_from_corpus(config, pairs_corpus)
+  assert resolved.model.head.num_classes == 0  # No entities; a contrastive model has no head.
+  assert resolved.model.text.vocab_size == tok.get_vocab_size()
+
+
+def test_resolve_from_corpus_i2e_unchanged(tiny_corpus):
+  resolved = run_setup.resolve_from_corpus(common.base_config('multitask'), tiny_corpus)
+  assert resolved.model.head.num_classes == 20

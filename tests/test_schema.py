@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,3 +179,106 @@ def test_validate_bad_first_record(corpus_copy, overrides, message):
       w.write(record)
   with pytest.raises(schema.CorpusError, match=f'{os.path.basename(shard)}: {message}'):
     schema.validate_corpus(corpus_copy)
+
+
+# ----------------------------------------------------------------------------- pairs corpus
+
+
+def make_pairs_corpus(i2e_dir, out_dir):
+  """A 'pairs' corpus with the images, alt-texts and tokenizer of an I2E corpus."""
+  os.makedirs(out_dir)
+  shutil.copy(os.path.join(i2e_dir, schema.TOKENIZER_FILE), out_dir)
+  open(os.path.join(out_dir, schema.ENTITIES_FILE), 'w').close()
+  shards = schema.list_shards(i2e_dir)
+  for path in shards:
+    with tf.io.TFRecordWriter(os.path.join(out_dir, os.path.basename(path))) as w:
+      for record in tf.data.TFRecordDataset(path):
+        f = tf.train.Example.FromString(record.numpy()).features.feature
+        w.write(schema.make_example(
+            image=f['image/encoded'].bytes_list.value[0], key=f['image/key'].bytes_list.value[0],
+            classes=[], entity_ids=[], scores=[], alt_text=f['alt_text'].bytes_list.value[0],
+            alt_text_tokens=f['alt_text/tokens'].int64_list.value, kind='pairs'))
+  meta = schema.load_corpus_meta(i2e_dir)
+  schema.write_corpus_meta(out_dir, dict(meta, kind='pairs', num_entities=0))
+  return str(out_dir)
+
+
+def empty(list_kind):
+  return tf.train.Feature(**{list_kind: getattr(tf.train, {
+      'int64_list': 'Int64List', 'bytes_list': 'BytesList', 'float_list': 'FloatList'}[
+          list_kind])()})
+
+
+NO_ENTITIES = {'entity/class': empty('int64_list'), 'entity/id': empty('bytes_list'),
+               'entity/score': empty('float_list')}
+
+
+def test_make_example_pairs_kind():
+  pairs = {**RECORD, 'classes': [], 'entity_ids': [], 'scores': []}
+  ex = tf.train.Example.FromString(schema.make_example(**pairs, kind='pairs')).features.feature
+  assert set(ex) == set(schema.FEATURES)
+  for name in schema.ENTITY_LIST_FIELDS:  # Present, of the right type, and empty.
+    kind = schema.FEATURES[name][0]
+    assert ex[name].WhichOneof('kind') == kind and not getattr(ex[name], kind).value
+  assert ex['alt_text/tokens'].int64_list.value == [1, 40, 2]
+  with pytest.raises(ValueError, match="a 'pairs' record holds no entities, got 2 entity/class"):
+    schema.make_example(**RECORD, kind='pairs')
+  with pytest.raises(ValueError, match="kind='web'"):
+    schema.make_example(**RECORD, kind='web')
+
+
+def test_make_example_bytes_equal_across_processes():
+  """The feature map is serialised in sorted order, not a per-process hash order."""
+  code = ('import sys; from test_schema import RECORD; from mofi_jax.data import schema; '
+          'sys.stdout.buffer.write(schema.make_example(**RECORD))')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]),
+             TF_CPP_MIN_LOG_LEVEL='3')
+  other = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                         check=True).stdout
+  assert other == schema.make_example(**RECORD)
+
+
+def test_check_example_proto_pairs_kind():
+  values = schema.check_example_proto(raw_example(**NO_ENTITIES), num_entities=0, where='f',
+                                      eot_id=2, kind='pairs')
+  assert values['entity/class'] == [] and values['alt_text'] == [b'hi']
+  with pytest.raises(schema.CorpusError, match=r"f: fields .* hold \[1, 1, 1\] values; a "
+                     r"'pairs' corpus \(corpus.json kind\) holds none"):
+    schema.check_example_proto(raw_example(), num_entities=0, where='f', kind='pairs')
+  with pytest.raises(schema.CorpusError, match="'entity/class' is empty"):
+    schema.check_example_proto(raw_example(**NO_ENTITIES), num_entities=3, where='f')
+
+
+def test_validate_pairs_corpus(tiny_corpus, tmp_path):
+  corpus = make_pairs_corpus(tiny_corpus, tmp_path / 'pairs')
+  meta, table = schema.validate_corpus(corpus)
+  assert schema.corpus_kind(meta) == 'pairs' and meta['num_entities'] == 0 and len(table) == 0
+  assert len(schema.load_entities(corpus)) == 0  # Allowed because corpus.json says 'pairs'.
+  assert schema.corpus_kind({}) == 'i2e'  # Corpora from before "kind" existed.
+
+
+def rewrite_meta(corpus_dir, **fields):
+  path = os.path.join(corpus_dir, schema.META_FILE)
+  with open(path) as f:
+    meta = json.load(f)
+  with open(path, 'w') as f:
+    json.dump(dict(meta, **fields), f)
+
+
+def test_validate_pairs_corpus_errors(tiny_corpus, tmp_path, corpus_copy):
+  pairs = make_pairs_corpus(tiny_corpus, tmp_path / 'pairs')
+  rewrite_meta(pairs, kind='web')
+  with pytest.raises(schema.CorpusError, match="corpus.json: field 'kind' is 'web', expected"):
+    schema.validate_corpus(pairs)
+  # An I2E corpus whose corpus.json claims 'pairs': its records hold entities.
+  shutil.copy(os.path.join(corpus_copy, schema.ENTITIES_FILE), pairs)
+  rewrite_meta(corpus_copy, kind='pairs')
+  with pytest.raises(schema.CorpusError, match="a 'pairs' corpus .* has no entities, but the "
+                     'table has 20 rows'):
+    schema.validate_corpus(corpus_copy)
+  # A 'pairs' corpus whose corpus.json lost its kind is read as I2E: no entities is an error.
+  rewrite_meta(pairs, kind='i2e')
+  open(os.path.join(pairs, schema.ENTITIES_FILE), 'w').close()
+  with pytest.raises(schema.CorpusError, match='entities.jsonl: entity table is empty'):
+    schema.validate_corpus(pairs)

@@ -157,7 +157,7 @@ def test_overwrite_replaces_demo_corpus(tmp_path):
 def test_killed_run_leaves_no_half_corpus(tmp_path, monkeypatch):
   def crash(*args):
     raise KeyboardInterrupt('killed')
-  monkeypatch.setattr(synthetic, '_write_retrieval', crash)
+  monkeypatch.setattr(synthetic, 'write_retrieval', crash)
   with pytest.raises(KeyboardInterrupt):
     synthetic.ensure_demo_corpus(tmp_path / 'half', SMALL)
   assert os.listdir(tmp_path) == []
@@ -174,6 +174,9 @@ def test_refuses_foreign_folder(tmp_path):
     ({'num_entitys': 3}, r"unknown field\(s\) \['num_entitys'\]"),
     ({'num_entities': 500, 'retrieval_categories': 40}, '512 attribute combinations'),
     ({'num_shards': 0}, 'num_shards >= 1'),
+    ({'builder': 'web'}, r"builder='web'; expected one of \('direct', 'i2e'\)"),
+    ({'distractor_frac': 1.5}, r'distractor_frac=1.5; expected a fraction in \[0, 1\]'),
+    ({'bootstrap_steps': 0}, 'bootstrap_steps >= 1'),
 ])
 def test_config_errors(cfg, message):
   with pytest.raises(ValueError, match=message):

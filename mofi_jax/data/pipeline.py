@@ -16,6 +16,10 @@ Text: with `text_source='entity'` each entity's `entity_template` text is tokeni
 into a [C, L] table and one of the image's (kept) entities is gathered; with
 `text_source='alt_text'` the stored `alt_text/tokens` are re-fitted to L (truncated with
 <eot> kept last, then padded), so the tokenizer never runs inside the pipeline.
+
+A 'pairs' corpus (schema.CORPUS_KINDS: alt-texts, no entities) needs
+`text_source='alt_text'`; its labels are all -1 with zero weights, so only a
+contrastive model trains on it (run_setup.resolve_from_corpus checks the mode).
 """
 import os
 import re
@@ -68,10 +72,12 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   if global_batch is not None and global_batch != per_process_batch * process_count:
     raise ValueError(f'cfg_input.batch_size={global_batch} != per_process_batch '
                      f'{per_process_batch} x process_count {process_count}.')
-  _, table = schema.validate_corpus(corpus_dir, max_shards=_VALIDATE_SHARDS)
+  meta, table = schema.validate_corpus(corpus_dir, max_shards=_VALIDATE_SHARDS)
+  kind = schema.corpus_kind(meta)
+  check_corpus_kind(kind, _get(cfg_input, 'text_source'), corpus_dir)
   files = process_files(schema.list_shards(corpus_dir), process_index, process_count)
   tok = tokenizer_lib.load_tokenizer(os.path.join(corpus_dir, schema.TOKENIZER_FILE))
-  example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, 0])
+  example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, 0], kind=kind)
 
   ds = tf.data.Dataset.counter().flat_map(lambda epoch: _epoch_records(files, seed, epoch))
   # Before decoding, so that the buffer (and an iterator checkpoint) holds bytes.
@@ -81,6 +87,19 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def check_corpus_kind(kind, text_source, corpus_dir, mode=None):
+  """A 'pairs' corpus has no entities: it trains only mode 'contrastive' on alt-texts.
+
+  `mode` (config.model.mode) is checked when given; the input pipeline does not know it.
+  """
+  if kind != 'pairs' or (text_source == 'alt_text' and mode in (None, 'contrastive')):
+    return
+  got = ([f'model.mode={mode!r}'] if mode else []) + [f'input.text_source={text_source!r}']
+  raise schema.CorpusError(
+      f"{corpus_dir}: a 'pairs' corpus (corpus.json kind; no entities) trains only "
+      f"model.mode='contrastive' with input.text_source='alt_text', got {', '.join(got)}.")
 
 
 def _epoch_records(files, seed, epoch):
@@ -94,7 +113,7 @@ def _epoch_records(files, seed, epoch):
   return ds.map(lambda f, r: dict(file=f, record=r, epoch=epoch))
 
 
-def _example_fn(cfg_input, table, tok, base_seed):
+def _example_fn(cfg_input, table, tok, base_seed, kind):
   """Returns the per-record map function: parse, check, augment, labels, text."""
   size = _get(cfg_input, 'image_size')
   max_entities = _get(cfg_input, 'max_entities')
@@ -106,9 +125,13 @@ def _example_fn(cfg_input, table, tok, base_seed):
   def fn(x):
     ex = schema.parse_examples(x['record'], example_names=x['file'])
     classes = ex['entity/class']
-    ok = (tf.size(classes) > 0) & tf.reduce_all((classes >= 0) & (classes < num_entities))
+    if kind == 'pairs':
+      ok, expected = tf.size(classes) == 0, 'none in a pairs corpus'
+    else:
+      ok = (tf.size(classes) > 0) & tf.reduce_all((classes >= 0) & (classes < num_entities))
+      expected = '1+ indices in [0, %d)' % num_entities
     check = tf.debugging.Assert(ok, [
-        'Bad field entity/class (expected 1+ indices in [0, %d)) in' % num_entities,
+        f'Bad field entity/class (expected {expected}) in',
         x['file'], 'image/key', ex['image/key'], 'entity/class', classes])
     with tf.control_dependencies([check]):
       classes = tf.identity(classes)

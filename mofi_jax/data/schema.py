@@ -8,6 +8,12 @@ explains it in prose. A corpus folder holds:
   tokenizer.json                 HF tokenizers byte-level BPE (see tokenizer.py)
   corpus.json                    metadata (REQUIRED_META_KEYS and more)
 
+Two kinds of corpus (corpus.json "kind", default 'i2e'):
+  i2e    images labelled with 1+ entities each: what MOFI trains on;
+  pairs  raw image/alt-text pairs: no entities (num_entities 0, an empty entities.jsonl,
+         empty entity lists). It trains only a contrastive model on its alt-texts: the
+         bootstrap CLIP that selects the I2E entities, or the image-text baseline.
+
 File access goes through tf.io.gfile so that a corpus can live on GCS.
 """
 import dataclasses
@@ -29,6 +35,8 @@ SHARD_RE = re.compile(r'^train-(\d{5})-of-(\d{5})\.tfrecord$')
 REQUIRED_META_KEYS = ('schema_version', 'num_entities', 'num_train_examples', 'num_shards',
                       'text_len')
 ENTITY_KEYS = ('index', 'id', 'name', 'description', 'count')
+CORPUS_KINDS = ('i2e', 'pairs')
+DEFAULT_KIND = 'i2e'  # Corpora written before "kind" existed are I2E corpora.
 
 # name -> (tf.train.Feature kind, dtype, is a list). Scalars hold exactly one value;
 # lists hold one or more (alt_text/tokens: zero or more is tolerated by the parser).
@@ -60,14 +68,26 @@ def _bytes(values):
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
 
-def make_example(*, image, key, classes, entity_ids, scores, alt_text, alt_text_tokens):
-  """Serialises one corpus record. `image` is JPEG bytes; str arguments are UTF-8 encoded."""
+def make_example(*, image, key, classes, entity_ids, scores, alt_text, alt_text_tokens,
+                 kind=DEFAULT_KIND):
+  """Serialises one corpus record. `image` is JPEG bytes; str arguments are UTF-8 encoded.
+
+  Entity lists are non-empty in an 'i2e' corpus and empty in a 'pairs' corpus. The bytes
+  are deterministic (sorted feature map), so equal records give equal shards.
+  """
   enc = lambda s: s.encode('utf-8') if isinstance(s, str) else bytes(s)
   classes, entity_ids, scores = list(classes), list(entity_ids), list(scores)
-  if not classes or not len(classes) == len(entity_ids) == len(scores):
+  lens = (len(classes), len(entity_ids), len(scores))
+  if kind not in CORPUS_KINDS:
+    raise ValueError(f'make_example(key={key!r}): kind={kind!r}; expected one of '
+                     f'{CORPUS_KINDS}.')
+  if kind == 'pairs' and any(lens):
+    raise ValueError(f"make_example(key={key!r}): a 'pairs' record holds no entities, got "
+                     f'{lens[0]} entity/class, {lens[1]} entity/id, {lens[2]} entity/score.')
+  if kind == 'i2e' and (not classes or len(set(lens)) != 1):
     raise ValueError(f'make_example(key={key!r}): entity/class, entity/id and entity/score '
-                     f'must be non-empty and of equal length, got {len(classes)}, '
-                     f'{len(entity_ids)}, {len(scores)}.')
+                     f'must be non-empty and of equal length, got {lens[0]}, {lens[1]}, '
+                     f'{lens[2]}.')
   feature = {
       'image/encoded': _bytes([enc(image)]),
       'image/key': _bytes([enc(key)]),
@@ -78,7 +98,9 @@ def make_example(*, image, key, classes, entity_ids, scores, alt_text, alt_text_
       'alt_text/tokens': tf.train.Feature(
           int64_list=tf.train.Int64List(value=list(alt_text_tokens))),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  # Without `deterministic` the feature map is written in a per-process hash order.
+  return example.SerializeToString(deterministic=True)
 
 
 def feature_spec():
@@ -106,8 +128,9 @@ def parse_examples(serialized, example_names=None):
   return {k: v[0] for k, v in batch.items()}
 
 
-def check_example_proto(serialized, num_entities, where, eot_id=None, entity_ids=None):
-  """Checks one serialized record against the schema in pure Python (no TF graph).
+def check_example_proto(serialized, num_entities, where, eot_id=None, entity_ids=None,
+                        kind=DEFAULT_KIND):
+  """Checks one serialized record of a `kind` corpus against the schema in pure Python.
 
   Optional checks: `alt_text/tokens` ends with `eot_id`; `entity/id` agrees with the
   entity table's `entity_ids` (catches shards and table from different builds).
@@ -119,17 +142,17 @@ def check_example_proto(serialized, num_entities, where, eot_id=None, entity_ids
     raise CorpusError(f'{where}: record is not a tf.train.Example ({e}).') from e
   feats = example.features.feature
   values = {}
-  for name, (kind, _, is_list) in FEATURES.items():
+  for name, (list_kind, _, is_list) in FEATURES.items():
     if name not in feats:
-      raise CorpusError(f'{where}: field {name!r} is missing (expected {kind}).')
+      raise CorpusError(f'{where}: field {name!r} is missing (expected {list_kind}).')
     got = feats[name].WhichOneof('kind')
-    if got != kind:
-      raise CorpusError(f'{where}: field {name!r} has type {got}, expected {kind}.')
-    values[name] = list(getattr(feats[name], kind).value)
+    if got != list_kind:
+      raise CorpusError(f'{where}: field {name!r} has type {got}, expected {list_kind}.')
+    values[name] = list(getattr(feats[name], list_kind).value)
     if not is_list and len(values[name]) != 1:
       raise CorpusError(f'{where}: field {name!r} must hold exactly 1 value, '
                         f'got {len(values[name])}.')
-  _check_entity_lists(values, num_entities, where)
+  _check_entity_lists(values, num_entities, where, kind)
   if entity_ids is not None:
     got = [i.decode('utf-8', 'replace') for i in values['entity/id']]
     want = [entity_ids[c] for c in values['entity/class']]
@@ -143,8 +166,13 @@ def check_example_proto(serialized, num_entities, where, eot_id=None, entity_ids
   return values
 
 
-def _check_entity_lists(values, num_entities, where):
+def _check_entity_lists(values, num_entities, where, kind):
   lens = [len(values[n]) for n in ENTITY_LIST_FIELDS]
+  if kind == 'pairs':
+    if any(lens):
+      raise CorpusError(f'{where}: fields {ENTITY_LIST_FIELDS} hold {lens} values; a '
+                        f"'pairs' corpus (corpus.json kind) holds none.")
+    return
   if lens[0] == 0:
     raise CorpusError(f'{where}: field \'entity/class\' is empty (expected 1+ entities).')
   if len(set(lens)) != 1:
@@ -184,7 +212,9 @@ def write_entities(corpus_dir, table):
       f.write(json.dumps(row, ensure_ascii=False) + '\n')
 
 
-def load_entities(corpus_dir):
+def load_entities(corpus_dir, allow_empty=None):
+  """The entity table. An empty one is valid only in a 'pairs' corpus: `allow_empty`
+  None decides from corpus.json's kind."""
   path = os.path.join(corpus_dir, ENTITIES_FILE)
   if not tf.io.gfile.exists(path):
     raise CorpusError(f'{path}: entity table not found.')
@@ -193,8 +223,11 @@ def load_entities(corpus_dir):
     for line_no, line in enumerate(f, 1):
       if line.strip():
         rows.append(_parse_entity_line(line, path, line_no, expected_index=len(rows)))
-  if not rows:
-    raise CorpusError(f'{path}: entity table is empty.')
+  if allow_empty is None:
+    allow_empty = _kind_on_disk(corpus_dir) == 'pairs'
+  if not rows and not allow_empty:
+    raise CorpusError(f'{path}: entity table is empty (only a corpus.json "kind": "pairs" '
+                      'corpus has no entities).')
   return EntityTable(ids=[r['id'] for r in rows], names=[r['name'] for r in rows],
                      descriptions=[r['description'] for r in rows],
                      counts=np.array([r['count'] for r in rows], np.int64))
@@ -212,6 +245,21 @@ def _parse_entity_line(line, path, line_no, expected_index):
     raise CorpusError(f'{path}:{line_no}: field \'index\' is {row["index"]}, expected '
                       f'{expected_index} (indices must be 0..C-1 in order, no gaps).')
   return row
+
+
+def _kind_on_disk(corpus_dir):
+  try:
+    return corpus_kind(load_corpus_meta(corpus_dir))
+  except CorpusError:
+    return DEFAULT_KIND
+
+
+def corpus_kind(meta, where=META_FILE):
+  """'i2e' or 'pairs' from a corpus.json dict (absent: 'i2e')."""
+  kind = meta.get('kind', DEFAULT_KIND)
+  if kind not in CORPUS_KINDS:
+    raise CorpusError(f"{where}: field 'kind' is {kind!r}, expected one of {CORPUS_KINDS}.")
+  return kind
 
 
 def write_corpus_meta(corpus_dir, meta):
@@ -234,6 +282,7 @@ def load_corpus_meta(corpus_dir):
   if meta['schema_version'] != SCHEMA_VERSION:
     raise CorpusError(f'{path}: field \'schema_version\' is {meta["schema_version"]}, '
                       f'this code reads version {SCHEMA_VERSION}.')
+  corpus_kind(meta, path)
   return meta
 
 
@@ -250,7 +299,8 @@ def validate_corpus(corpus_dir, max_shards=None):
   """Checks the layout, metadata, entity table and the first record of each shard.
 
   `max_shards` limits how many shards get their first record read (None: all).
-  Returns (meta, entity_table). Raises CorpusError naming the file and field.
+  Returns (meta, entity_table); `corpus_kind(meta)` tells an 'i2e' from a 'pairs' corpus.
+  Raises CorpusError naming the file and field.
   """
   corpus_dir = os.fspath(corpus_dir)
   if not tf.io.gfile.isdir(corpus_dir):
@@ -262,7 +312,8 @@ def validate_corpus(corpus_dir, max_shards=None):
   if not shards:
     raise CorpusError(f'{corpus_dir}: no shards matching {SHARD_GLOB}.')
   meta = load_corpus_meta(corpus_dir)
-  table = load_entities(corpus_dir)
+  kind = corpus_kind(meta)
+  table = load_entities(corpus_dir, allow_empty=kind == 'pairs')
   tok_path = os.path.join(corpus_dir, TOKENIZER_FILE)
   if not tf.io.gfile.exists(tok_path):
     raise CorpusError(f'{tok_path}: tokenizer not found.')
@@ -271,9 +322,12 @@ def validate_corpus(corpus_dir, max_shards=None):
   except (OSError, ValueError) as e:
     raise CorpusError(str(e)) from e
   _check_meta_consistency(corpus_dir, meta, table, shards)
+  if kind == 'pairs' and len(table):
+    raise CorpusError(f"{os.path.join(corpus_dir, ENTITIES_FILE)}: a 'pairs' corpus "
+                      f'(corpus.json kind) has no entities, but the table has {len(table)} rows.')
   for path in shards[:max_shards]:
     values = check_example_proto(_first_record(path), len(table), where=path, eot_id=eot,
-                                 entity_ids=table.ids)
+                                 entity_ids=table.ids, kind=kind)
     _check_image(values['image/encoded'][0], path)
   return meta, table
 

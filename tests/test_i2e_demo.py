@@ -1,0 +1,123 @@
+"""Tests for data_prep/i2e/demo.py: the selection metrics against hand-computed values, and
+the whole demo build (web pairs -> KB -> pairs corpus -> bootstrap CLIP -> I2E corpus) at a
+tiny scale, checked against the generator's ground truth and trained on by the spine."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep import make_demo_corpus
+from data_prep.i2e import demo
+from data_prep.i2e import synthetic_web
+from mofi_jax.data import pipeline
+from mofi_jax.data import schema
+from mofi_jax.data import synthetic
+
+
+def truth(key, true, mentioned, distractors, ambiguous=()):
+  mentions = [dict(entity=e, role='true', ambiguous=e in ambiguous) for e in mentioned]
+  mentions += [dict(entity=e, role='distractor', ambiguous=False) for e in distractors]
+  return dict(key=key, true=true, mentioned_true=mentioned, distractors=distractors,
+              mentions=mentions)
+
+
+def write_corpus(folder, selected):
+  os.makedirs(folder)
+  ids = sorted({i for v in selected.values() for i in v})
+  schema.write_entities(str(folder), schema.EntityTable(
+      ids=ids, names=ids, descriptions=ids, counts=np.ones(len(ids), np.int64)))
+  with tf.io.TFRecordWriter(os.path.join(folder, schema.shard_name(0, 1))) as w:
+    for key, ids in selected.items():
+      w.write(schema.make_example(image=b'jpeg', key=key, classes=list(range(len(ids))),
+                                  entity_ids=ids, scores=[0.5] * len(ids), alt_text='t',
+                                  alt_text_tokens=[1, 2]))
+
+
+def test_selection_metrics_hand_computed(tmp_path):
+  gt = [truth('k1', ['A'], ['A'], ['B']),            # B (a distractor) removed.
+        truth('k2', ['C', 'D'], ['C'], [], ambiguous={'C'}),  # D never named.
+        truth('k3', ['E'], [], ['F']),               # Label noise: only F named, F kept.
+        truth('k4', ['A'], [], []),                  # Noise: nothing named, dropped.
+        truth('k5', ['G'], ['G'], ['H'])]            # Dropped: G missed, H removed.
+  with open(tmp_path / 'gt.jsonl', 'w') as f:
+    f.writelines(json.dumps(t) + '\n' for t in gt)
+  write_corpus(tmp_path / 'c', {'k1': ['A'], 'k2': ['C'], 'k3': ['F']})
+  got = demo.selection_metrics(str(tmp_path / 'c'), str(tmp_path / 'gt.jsonl'))
+  assert got['counts'] == dict(pairs=5, kept=3, kept_true=2, mentioned_true=3,
+                               mentioned_true_kept=2, distractors=3, distractors_kept=1,
+                               ambiguous=1, ambiguous_kept=1)
+  assert got['precision'] == round(2 / 3, 4) and got['recall'] == round(2 / 3, 4)
+  assert got['distractors_removed'] == round(2 / 3, 4)
+  assert got['text_only_precision'] == 0.5 and got['ambiguous_recall'] == 1.0
+  assert got['images_kept'] == 3
+  # Table A, C, F: F is never drawn; A and C of the drawn A, C, D, E, G.
+  assert got['entities'] == 3 and got['entities_never_drawn'] == 1
+  assert got['drawn_entities_kept'] == 0.4
+  write_corpus(tmp_path / 'other', {'k9': ['A']})
+  with pytest.raises(demo.DemoBuildError, match=r"image keys \['k9'\] are not in .*gt.jsonl"):
+    demo.selection_metrics(str(tmp_path / 'other'), str(tmp_path / 'gt.jsonl'))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = dict(seed=2, num_entities=12, images_per_entity=12, num_shards=2, image_size=24,
+            multi_entity_frac=0.2, label_noise=0.1, retrieval_categories=2, text_len=16,
+            vocab_size=400, builder='i2e', distractor_frac=0.4, bootstrap_steps=40,
+            clip_threshold=0.3, min_images=2)
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  out = synthetic.ensure_demo_corpus(tmp_path_factory.mktemp('demo') / 'corpus', TINY)
+  with open(os.path.join(out, demo.STATS_FILE)) as f:
+    return out, json.load(f)
+
+
+def test_demo_corpus_matches_ground_truth(built):
+  out, stats = built
+  meta, table = schema.validate_corpus(out)
+  assert schema.corpus_kind(meta) == 'i2e' and meta['synthetic_config']['builder'] == 'i2e'
+  gt_path = os.path.join(out, demo.BUILD_DIR, 'web', synthetic_web.GROUND_TRUTH_FILE)
+  with open(gt_path) as f:
+    gt = {t['key']: t for t in map(json.loads, f)}
+  named = {k: {m['entity'] for m in t['mentions']} for k, t in gt.items()}
+  selected = demo.read_selected(out)
+  assert stats['written'] == len(selected) == meta['num_train_examples'] > 0
+  assert stats['inputs'] == len(gt) and stats['reconciled']
+  for key, ids in selected.items():  # Only entities the alt-text names can be selected.
+    assert set(ids) <= named[key], (key, ids, gt[key]['mentions'])
+  # The recorded metrics are those of the corpus on disk.
+  recomputed = demo.selection_metrics(out, gt_path)
+  sel = stats[demo.SELECTION_KEY]
+  assert {k: v for k, v in sel.items() if k != 'seconds'} == recomputed
+  n = sel['counts']
+  assert n['kept'] == sum(len(v) for v in selected.values())
+  assert n['mentioned_true'] == sum(len(t['mentioned_true']) for t in gt.values())
+  assert set(sel['seconds']) == {'web_pairs', 'build_kb', 'pairs_corpus', 'bootstrap_clip',
+                                 'i2e_corpus'}
+  assert sorted(os.listdir(os.path.join(out, 'retrieval')))[0].startswith('0_')
+
+
+def test_demo_corpus_trains_and_is_idempotent(built):
+  out, _ = built
+  meta_path = os.path.join(out, schema.META_FILE)
+  before = os.stat(meta_path).st_mtime_ns
+  assert synthetic.ensure_demo_corpus(out, TINY) == out  # Same config: nothing rebuilt.
+  assert os.stat(meta_path).st_mtime_ns == before
+  with pytest.raises(schema.CorpusError, match='a corpus with a different config'):
+    synthetic.ensure_demo_corpus(out, {**TINY, 'clip_threshold': 0.5})
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=16, max_entities=2, text_source='entity', entity_template='{name}, '
+      '{description}', text_len=12, shuffle_buffer=8, seed=0))
+  batch = next(iter(pipeline.make_train_dataset(out, cfg, process_index=0, process_count=1,
+                                                per_process_batch=4)))
+  labels = batch['labels'].numpy()
+  assert labels.shape == (4, 2) and np.all(labels[:, 0] >= 0)
+  # The bootstrap CLIP's workdir still names its pairs corpus after the move into place.
+  with open(os.path.join(out, demo.BUILD_DIR, 'bootstrap_clip', 'config.json')) as f:
+    assert json.load(f)['input']['data_dir'] == os.path.join(out, demo.BUILD_DIR, 'pairs')
+  summary = make_demo_corpus.summary(out)
+  assert 'built by: i2e' in summary and 'CLIP selection vs ground truth: precision' in summary
