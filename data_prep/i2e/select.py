@@ -111,10 +111,14 @@ class ClipScores:
   error: str = ''
 
 
+# Every tower call sees exactly this many rows (zero/empty padded): one compiled shape, and
+# per-row results that do not depend on how Beam happened to batch (byte-identical output).
+_ROWS = 64
+
+
 def _bucket(n):
-  """Rows a batch of n is padded to: the next power of two, so that Beam's varying batch sizes
-  compile the towers at most log2(batch_size) + 1 times instead of once per size."""
-  return 1 << max(0, (n - 1).bit_length())
+  """Rows a batch of n is padded to: a multiple of _ROWS (embedded _ROWS at a time)."""
+  return max(1, -(-n // _ROWS)) * _ROWS
 
 
 def _l2_normalize(x):
@@ -140,7 +144,7 @@ class ClipModel:
       missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
       if missing:
         padded = missing + [''] * (_bucket(len(missing)) - len(missing))
-        for t, e in zip(missing, _l2_normalize(self.encoder.embed_texts(padded))):
+        for t, e in zip(missing, _l2_normalize(self.encoder.embed_texts(padded, batch_size=_ROWS))):
           self._cache[t] = e
       out = {}
       for t in texts:
@@ -163,7 +167,7 @@ class ClipModel:
       return np.zeros((0, 0), np.float32), errors
     x = np.stack(arrays)
     x = np.concatenate([x, np.zeros((_bucket(len(x)) - len(x),) + x.shape[1:], x.dtype)])
-    return _l2_normalize(self.encoder.embed_images(x)[:len(arrays)]), errors
+    return _l2_normalize(self.encoder.embed_images(x, batch_size=_ROWS)[:len(arrays)]), errors
 
   def score(self, examples):
     """ClipExamples -> ClipScores, one per example."""
