@@ -1,0 +1,126 @@
+r"""The paper's comparison in miniature: five models, same tower and budget, two seeds.
+
+  python -m mofi_jax.study --workdir /tmp/mofi_study            # ~30 min on 2 CPU cores
+  python -m mofi_jax.study --workdir /tmp/mofi_study_q --quick  # a few minutes
+
+Stages: build the data (raw web pairs -> I2E with the Beam pipeline and its
+bootstrap CLIP), train and evaluate every (model, seed), then write
+results.md, results.csv and the plots into --workdir. Re-running skips the
+runs that already finished (each run resumes from its checkpoints).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+from absl import logging
+
+from mofi_jax import inference, run_setup, train
+from mofi_jax.data import pipeline
+from mofi_jax.study import arms, data, plots, report
+
+HEADLINE = ['retrieval/map', 'zeroshot/top1', 'linear_probe/accuracy', 'knn/accuracy']
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m mofi_jax.study', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--quick', action='store_true', help='tiny data and few steps')
+  p.add_argument('--seeds', type=lambda s: [int(x) for x in s.split(',')], default=None,
+                 help='comma-separated, e.g. 0,1,2 (default 0,1)')
+  p.add_argument('--steps', type=int, default=None, help='train steps per model')
+  return p.parse_args(argv)
+
+
+def say(msg):
+  print(f'[study {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+def train_all(runs, root):
+  """Trains and evaluates every run; returns [{'arm', 'seed', 'workdir', ...}]."""
+  rows, durations = [], []
+  for i, run in enumerate(runs):
+    workdir = os.path.join(root, 'runs', run.arm, f'seed{run.seed}')
+    eta = (sum(durations) / len(durations) * (len(runs) - i)) if durations else None
+    say(f'model {i + 1}/{len(runs)}: {run.name} - training {run.config.total_steps} steps'
+        + (f' (about {eta / 60:.1f} min left)' if eta else ''))
+    start = time.time()
+    if not _finished(workdir, run.config.total_steps):
+      train.train_and_evaluate(run.config, workdir)
+    durations.append(time.time() - start)
+    jax.set_mesh(None)
+    config_file = os.path.join(workdir, inference.CONFIG_FILE)
+    rows.append(dict(arm=run.arm, seed=run.seed, workdir=workdir, config_file=config_file,
+                     metrics=report.final_metrics(workdir)))
+  return rows
+
+
+def _finished(workdir, total_steps):
+  ckpts = os.path.join(workdir, 'checkpoints', str(total_steps))
+  return os.path.isdir(ckpts) and os.path.exists(os.path.join(workdir, 'eval_results.jsonl'))
+
+
+def write_outputs(root, rows, corpora, header):
+  say('writing results.md, results.csv and plots')
+  order = list(arms.ARMS)
+  summary = report.aggregate(rows)
+  report.write_csv(os.path.join(root, 'results.csv'), rows)
+  metrics = [m for m in HEADLINE if any(m in s for s in summary.values())]
+  metrics += sorted({k for s in summary.values() for k in s if k.startswith('retrieval/map/')})
+  report.write_markdown(os.path.join(root, 'results.md'), summary, metrics=metrics,
+                        header=header, arm_order=order)
+  by_arm = lambda fn: {a: [fn(r['workdir']) for r in rows if r['arm'] == a] for a in order}
+  plots.curves(os.path.join(root, 'train_loss.png'),
+               by_arm(lambda w: report.scalar_curve(w, 'train/loss')),
+               title='training loss (mean over seeds, band = min..max)', ylabel='loss')
+  plots.curves(os.path.join(root, 'retrieval_map_curve.png'),
+               by_arm(lambda w: report.eval_curve(w, 'retrieval/map')),
+               title='held-out retrieval mAP during training', ylabel='mAP')
+  plots.bars(os.path.join(root, 'map_by_model.png'), summary, 'retrieval/map',
+             arm_order=order, title='held-out retrieval mAP (mean ± std over seeds)')
+  _tsne(root, rows, corpora['heldout'])
+  return summary
+
+
+def _tsne(root, rows, folder):
+  first_seed = min(r['seed'] for r in rows)
+  runs = [r for r in rows if r['seed'] == first_seed]
+  embeddings = {}
+  for r in runs:
+    enc = inference.load(r['workdir'])
+    images, categories, _ = pipeline.make_eval_images(folder, enc.image_size)
+    embeddings[r['arm']] = enc.embed_images(images)
+    jax.set_mesh(None)
+  with open(os.path.join(folder, 'categories.json')) as f:
+    shape_of = {c['category']: c['shape'] for c in json.load(f)}
+  plots.tsne_grid(os.path.join(root, 'tsne.png'), embeddings, categories,
+                  [shape_of[int(c)] for c in categories])
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  run_setup.quiet_libraries()
+  logging.set_verbosity(logging.WARNING)
+  root = os.path.abspath(args.workdir)
+  os.makedirs(root, exist_ok=True)
+  t0 = time.time()
+  # ------------------------------------------------------------------ data
+  say('stage 1/3: data (raw web pairs -> pairs corpus, bootstrap CLIP, I2E)')
+  corpora = data.build(os.path.join(root, 'data'), quick=args.quick, log=say)
+  # -------------------------------------------------------- train + evaluate
+  runs = arms.plan(corpora, quick=args.quick, seeds=args.seeds, total_steps=args.steps)
+  say(f'stage 2/3: {len(runs)} runs ({len(arms.ARMS)} models x '
+      f'{len({r.seed for r in runs})} seeds)')
+  rows = train_all(runs, root)
+  # ------------------------------------------------------------------ report
+  header = data.describe(corpora, runs, time.time() - t0)
+  write_outputs(root, rows, corpora, header)
+  say(f'done in {(time.time() - t0) / 60:.1f} min: {os.path.join(root, "results.md")}')
+  print(open(os.path.join(root, 'results.md')).read())
+
+
+if __name__ == '__main__':
+  main()
