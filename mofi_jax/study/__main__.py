@@ -21,7 +21,7 @@ from mofi_jax import inference, run_setup, train
 from mofi_jax.data import pipeline
 from mofi_jax.study import arms, data, plots, report
 
-HEADLINE = ['retrieval/map', 'zeroshot/top1', 'linear_probe/accuracy', 'knn/accuracy']
+HEADLINE = ['retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1']
 
 
 def parse_args(argv):
