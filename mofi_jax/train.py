@@ -10,6 +10,7 @@ Re-running the same command resumes from the newest checkpoint in --workdir.
 """
 import signal
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
@@ -45,7 +46,9 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
-    if jax.process_count() == 1:
+    # Signals reach the main thread only (a notebook may train in a worker thread).
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
       signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
