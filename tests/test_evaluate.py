@@ -7,8 +7,6 @@ are checked against independent computations with inference.Encoder and NumPy.
 import glob
 import json
 import os
-import sys
-import types
 
 import jax
 import ml_collections
@@ -223,10 +221,12 @@ def test_linear_probe_cli_writes_results_naming_the_step(tiny_run, heldout, load
 
 def test_hf_clip_goes_through_the_interop_loader(tiny_run, encoder, heldout, tmp_path,
                                                  monkeypatch, capsys):
+  # Patch the real module's attribute: `from mofi_jax.interop import hf_import` reads the
+  # package attribute once another test has imported it, so a sys.modules stub is not enough.
+  from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
   loaded = []
-  fake = types.ModuleType('mofi_jax.interop.hf_import')
-  fake.load_encoder = lambda folder: loaded.append(folder) or encoder
-  monkeypatch.setitem(sys.modules, 'mofi_jax.interop.hf_import', fake)
+  monkeypatch.setattr(hf_import, 'load_encoder',
+                      lambda folder: loaded.append(folder) or encoder)
   hf_folder = str(tmp_path / 'hf')
   out = run_cli(capsys, 'gpr1200', '--hf_clip', hf_folder, '--images', heldout[0])
   assert loaded == [hf_folder]
