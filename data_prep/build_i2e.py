@@ -134,6 +134,8 @@ def main(argv=None):
     sys.exit(f'data_prep.build_i2e: error: {_one_line(e)}')
   with FileSystems.open(FileSystems.join(args.out, write.STATS_FILE)) as f:
     stats = json.loads(f.read())
+  from data_prep.i2e import stats as stats_lib  # pylint: disable=import-outside-toplevel
+  print(stats_lib.stage_table(stats))
   print(f'{args.out}: {stats["written"]} of {stats["inputs"]} inputs written; '
         f'filtered {stats["filtered"]}; dead-lettered {stats["dead_letter"]}.')
 

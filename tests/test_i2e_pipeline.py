@@ -226,6 +226,11 @@ def test_cli_pairs_only_default_runner_and_byte_identical_rerun(raw_pairs, tmp_p
   assert result.returncode == 0, result.stderr[-3000:]
   kept = len(GOOD) + len(NO_ENTITY)
   assert f'{kept} of {kept + 1 + len(EXPECTED_DEAD)} inputs written' in result.stdout
+  # The per-stage counters: the first stage sees every input, the last one writes `kept`.
+  rows = [l.split() for l in result.stdout.splitlines()[1:] if l.split()[1:3] and
+          all(t.isdigit() for t in l.split()[1:3])]
+  assert int(rows[0][1]) == kept + 1 + len(EXPECTED_DEAD) and int(rows[-1][2]) == kept, rows
+  assert all(int(a[2]) == int(b[1]) for a, b in zip(rows, rows[1:])), rows
   meta, table = schema.validate_corpus(out)
   assert (meta['kind'], len(table)) == ('pairs', 0)
   assert sorted(written_records(out)) == sorted(list(GOOD) + list(NO_ENTITY))

@@ -98,6 +98,18 @@ def build_stats(tallies, stage_names, entities=None):
   return stats
 
 
+def stage_table(stats):
+  """One line per stage: records in and out, and what left where, with reasons."""
+  def drops(d):
+    return ', '.join(f'{reason} {n}' for reason, n in sorted(d.items())) or '-'
+  width = max([len(r['name']) for r in stats['stages']] + [5])
+  lines = [f'{"stage":{width}s} {"in":>9s} {"out":>9s}  filtered | dead-lettered']
+  for r in stats['stages']:
+    lines.append(f'{r["name"]:{width}s} {r["in"]:9d} {r["out"]:9d}  {drops(r["filtered"])} | '
+                 f'{drops(r["dead_letter"])}')
+  return '\n'.join(lines)
+
+
 def reconcile_errors(stats):
   """Human-readable mismatches; empty when every count adds up."""
   errors = []
