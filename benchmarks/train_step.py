@@ -1,5 +1,8 @@
 r"""Train-step throughput: images/s, achieved FLOP/s (compiler cost analysis) and
-MFU against a matmul peak measured on the same machine.
+MFU against a matmul peak measured on the same machine, in the model's dtype.
+Two MFUs: the compiler's FLOPs (everything the step executes, remat included)
+and the model's FLOPs (step_analysis.model_flops: 3x the forward matmuls, the
+PaLM definition) over step time x peak.
 
   python benchmarks/train_step.py --config configs/mofi_b16.py:supervised \
       --config.model.image.variant=S/16 --config.model.dtype=float32 \
@@ -19,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mofi_jax import sharding, trainer
+from mofi_jax import sharding, step_analysis, trainer
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -98,8 +101,11 @@ def main(argv):
         f'devices={jax.device_count()} ({jax.devices()[0].platform})')
   print(f'compile_s={compile_s:.1f} step_s={step_s:.4f} '
         f'images_per_s={config.input.batch_size / step_s:.1f}')
+  model_flops = step_analysis.model_flops(config)
   print(f'flops_per_step={flops:.4g} achieved_flops_per_s={flops / step_s:.4g} '
         f'matmul_peak_flops_per_s={peak:.4g} mfu={flops / step_s / peak:.3f}')
+  print(f'model_flops_per_step={model_flops:.4g} '
+        f'model_mfu={model_flops / step_s / peak:.3f}')
 
 
 if __name__ == '__main__':

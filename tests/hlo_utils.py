@@ -1,4 +1,10 @@
-"""Reading compiled HLO in tests: the shapes that collectives move."""
+"""Reading compiled HLO in tests: the shapes that collectives move.
+
+CPU HLO names collectives plainly (`all-gather(`); TPU HLO also has async
+forms (`all-gather-start(`, `collective-permute-start(`) and wraps some in
+`AsyncCollectiveStart` custom calls, whose fused computations still hold the
+plain op, so matching the op names finds them all on both backends.
+"""
 import re
 
 COLLECTIVE = re.compile(r'(all-gather|all-reduce|reduce-scatter|all-to-all|'
@@ -7,11 +13,16 @@ COLLECTIVE = re.compile(r'(all-gather|all-reduce|reduce-scatter|all-to-all|'
 
 def collective_shapes(hlo_text):
   """Every array shape on the result side of a collective op."""
-  shapes = []
+  return [shape for _, shape in collectives(hlo_text)]
+
+
+def collectives(hlo_text):
+  """(op name, result array shape) for every collective in the HLO text."""
+  found = []
   for line in hlo_text.splitlines():
     match = COLLECTIVE.search(line)
     if match and '=' in line:
       lhs = line.split('=', 1)[1].split(match.group(0))[0]
-      shapes += [tuple(int(d) for d in dims.split(',') if d)
-                 for dims in re.findall(r'\[([\d,]*)\]', lhs)]
-  return shapes
+      found += [(match.group(1), tuple(int(d) for d in dims.split(',') if d))
+                for dims in re.findall(r'\[([\d,]*)\]', lhs)]
+  return found
