@@ -98,7 +98,8 @@ def table_row(config, slice_name, report, reference):
   return head + (
       f'{report["model"]["remat"]} | {gib(m["argument"])} / {gib(m["temp"])} / '
       f'**{gib(m["total"])}** of {gib(report["hbm_bytes"])} | '
-      f'{100 * report["headroom"]:.0f}% | {step_s:.3f} ({note}) | '
+      f'{100 * report["headroom"]:.0f}%{"" if report["fits"] else " (does not fit)"} | '
+      f'{step_s:.3f} ({note}) | '
       f'{report["global_batch"] / step_s:,.0f} | {mfu:.2f} |')
 
 
