@@ -87,7 +87,8 @@ def _typed(key, text, old):
       raise ValueError(text)
     return type(old)(value) if isinstance(old, (tuple, list)) else value
   except (ValueError, SyntaxError) as e:
-    raise AotError(f'--set {key}={text!r}: expected a {expected}, like the '
+    article = 'an' if expected[0] in 'aeiou' else 'a'
+    raise AotError(f'--set {key}={text!r}: expected {article} {expected}, like the '
                    f'current value {old!r}') from e
 
 

@@ -80,8 +80,8 @@ def test_set_overrides_are_typed():
 
 
 @pytest.mark.parametrize('item, message', [
-    ('input.batch_size=big', r"input.batch_size='big': expected a int"),
-    ('input.batch_size=1.5', 'expected a int'),
+    ('input.batch_size=big', r"input.batch_size='big': expected an int"),
+    ('input.batch_size=1.5', 'expected an int'),
     ('model.scan=maybe', 'expected a bool'),
     ('model.no_such=1', "no entry 'model.no_such'"),
     ('model=3', 'a section'),
