@@ -17,10 +17,12 @@ DOMAIN_KEY = 'shape'   # the attribute of categories.json that names an image's 
 
 def embed_all(rows, folder):
   """({(arm, seed): [N, D]}, categories [N], domains [N]) from each run's final checkpoint."""
-  embeddings, categories = {}, None
+  embeddings, decoded = {}, {}   # the folder is decoded once per image size, not per run
   for r in rows:
     enc = inference.load(r['workdir'])
-    images, categories, _ = pipeline.make_eval_images(folder, enc.image_size)
+    if enc.image_size not in decoded:
+      decoded[enc.image_size] = pipeline.make_eval_images(folder, enc.image_size)
+    images, categories, _ = decoded[enc.image_size]
     embeddings[r['arm'], r['seed']] = enc.embed_images(images)
     jax.set_mesh(None)
   with open(os.path.join(folder, 'categories.json')) as f:
