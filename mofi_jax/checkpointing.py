@@ -1,12 +1,22 @@
 """Orbax checkpoints of the train state, plus the input position and metadata.
 
 Layout under `workdir`:
-  checkpoints/<step>/{state,meta}   Orbax CheckpointManager (async, keeps N)
-  input_state/<step>/process_<i>*   each process's tf.data iterator (CLU)
+  checkpoints/<step>/{state,meta}   Orbax CheckpointManager (async, keeps N);
+                                    meta holds the config and array checksums
+  input_state/<step>/process_<i>*   each process's input position
 
-A checkpoint that cannot be restored (truncated or corrupted files) is renamed
-to `<step>.corrupt` (kept for inspection, never deleted) and the previous one is
-tried; the input state of the chosen step is restored with it.
+Restoring (`restore_latest`) is one decision for all processes: process 0
+picks the newest step and broadcasts it, every process tries it, and the
+outcomes are gathered. Then, by the worst outcome (checkpoint_checks.classify):
+  * all restored and verified:   train on from that step;
+  * incompatible (another tree, shapes or model config): stop with the
+    differing keys, touching nothing (`start_fresh` moves the run aside);
+  * corrupt anywhere (checksum mismatch, truncated or missing files, a missing
+    input state): every process drops the step together; process 0 renames
+    it to `<step>.corrupt-<time>` (kept, never deleted); the previous step is
+    tried next;
+  * transient storage errors: retried with backoff, then fatal;
+  * fatal (out of memory, permissions, anything unrecognised): stop.
 """
 import hashlib
 import json
@@ -14,29 +24,61 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
+
+from mofi_jax import checkpoint_checks as checks
+
+_OUTCOMES = ('ok', 'corrupt', 'incompatible', 'transient', 'fatal')
 
 
 def config_hash(config):
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _sync(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_int(value):
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _gather_int(value):
+  if jax.process_count() == 1:
+    return [int(value)]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return [int(v) for v in np.ravel(multihost_utils.process_allgather(np.int32(value)))]
+
+
 class Checkpointer:
 
-  def __init__(self, workdir, ckpt_cfg):
+  def __init__(self, workdir, ckpt_cfg, *, retries=4, backoff_s=2.0):
     self.every_steps = ckpt_cfg.every_steps
-    self.dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.input_dir = os.path.join(os.path.abspath(workdir), 'input_state')
-    self.mngr = ocp.CheckpointManager(
+    self.workdir = os.path.abspath(workdir)
+    self.dir = os.path.join(self.workdir, 'checkpoints')
+    self.input_dir = os.path.join(self.workdir, 'input_state')
+    self.retries, self.backoff_s = retries, backoff_s
+    self._async = ckpt_cfg.async_save
+    self._keep = ckpt_cfg.keep
+    self.mngr = self._manager()
+
+  def _manager(self):
+    return ocp.CheckpointManager(
         self.dir, item_names=('state', 'meta'),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.keep,
+            max_to_keep=self._keep,
             # A killed run leaves <step>.orbax-checkpoint-tmp behind; a re-save
             # of that step must not mix with its stale per-process metadata.
             cleanup_tmp_directories=True,
-            enable_async_checkpointing=ckpt_cfg.async_save))
+            enable_async_checkpointing=self._async))
 
   def _input_path(self, step):
     return os.path.join(self.input_dir, str(step), f'process_{jax.process_index()}')
@@ -45,6 +87,7 @@ class Checkpointer:
     # Our own interval: Orbax's default policy also saves the first step.
     return step % self.every_steps == 0
 
+  # ------------------------------------------------------------------ save
   def save(self, step, state, meta, data_iter, force=False):
     """Saves if the interval (or `force`) says so; the state must be finite."""
     if not (force or self.should_save(step)):
@@ -52,7 +95,8 @@ class Checkpointer:
     if step in self.mngr.all_steps():
       return False  # already saved (e.g. the final step coincides with one).
     data_iter.save(self._input_path(step))
-    meta = dict(meta, step=int(step), saved_at=time.time())
+    meta = dict(meta, step=int(step), saved_at=time.time(),
+                checksums=checks.checksums(state))
     saved = self.mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                            force=True)
@@ -82,40 +126,128 @@ class Checkpointer:
       except tf.errors.NotFoundError:
         pass  # another process emptied and removed it first.
 
-  def restore_latest(self, abstract_state, data_iter):
-    """(step, state, meta) from the newest restorable checkpoint, or None."""
+  # --------------------------------------------------------------- restore
+  def restore_latest(self, abstract_state, data_iter, run_config=None):
+    """(step, state, meta) from the newest good checkpoint, or None.
+
+    `run_config`: checks.flat_config(config) of this run, compared with the
+    saved one. Raises checks.IncompatibleCheckpointError, FatalCheckpointError
+    or TransientCheckpointError; see the module docstring.
+    """
     self.mngr.reload()
-    for step in sorted(self.mngr.all_steps(), reverse=True):
+    while True:
+      steps = self.mngr.all_steps()
+      step = _broadcast_int(max(steps) if steps else -1)
+      if step < 0:
+        return None
+      outcome, detail, restored = self._try_step(step, abstract_state, data_iter,
+                                                 run_config)
+      outcomes = [_OUTCOMES[i] for i in _gather_int(_OUTCOMES.index(outcome))]
+      worst = max(outcomes, key=_OUTCOMES.index)
+      if worst == 'ok':
+        logging.info('Restored checkpoint step %d from %s (checksums verified)',
+                     step, self.dir)
+        return step, restored['state'], restored['meta']
+      where = self.step_path(step)
+      others = [i for i, o in enumerate(outcomes) if o == worst]
+      detail = detail or f'process(es) {others} reported {worst}'
+      if worst == 'incompatible':
+        raise checks.IncompatibleCheckpointError(
+            f'checkpoint {where} does not fit this run: {detail}. Nothing was '
+            f'changed. Resume with the config it was saved with, use another '
+            f'--workdir, or pass --fresh_run to move the old run aside and start '
+            f'at step 0.')
+      if worst in ('transient', 'fatal'):
+        cls = (checks.TransientCheckpointError if worst == 'transient'
+               else checks.FatalCheckpointError)
+        raise cls(f'checkpoint {where} could not be restored and was left in '
+                  f'place: {detail}')
+      logging.error('Checkpoint step %d in %s cannot be restored (%s); moving it '
+                    'aside and trying the previous one.', step, self.dir, detail)
+      self._quarantine(step)
+
+  def step_path(self, step):
+    return os.path.join(self.dir, str(step))
+
+  def _try_step(self, step, abstract_state, data_iter, run_config):
+    """(outcome, detail, restored) of this process's attempt at `step`."""
+    for attempt in range(self.retries):
       try:
-        restored = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            meta=ocp.args.JsonRestore()))
-        input_path = self._input_path(step)
-        if not tf.io.gfile.exists(input_path + '.index'):
-          raise FileNotFoundError(f'input state {input_path} is missing')
-        data_iter.restore(input_path)
+        return 'ok', '', self._restore_step(step, abstract_state, data_iter,
+                                            run_config)
+      except checks.IncompatibleCheckpointError as e:
+        return 'incompatible', str(e), None
       except Exception as e:  # pylint: disable=broad-except
-        logging.error('Checkpoint step %d in %s cannot be restored (%s: %s); '
-                      'moving it aside and trying the previous one.',
-                      step, self.dir, type(e).__name__, str(e)[:500])
-        self._quarantine(step)
-        continue
-      logging.info('Restored checkpoint step %d from %s', step, self.dir)
-      return step, restored['state'], restored['meta']
-    return None
+        kind = checks.classify(e)
+        detail = f'{type(e).__name__}: {str(e)[:600]}'
+        if kind != 'transient':
+          return kind, detail, None
+        if attempt + 1 < self.retries:
+          wait = self.backoff_s * 2**attempt
+          logging.warning('Storage error restoring step %d (attempt %d of %d, '
+                          'retrying in %.1f s): %s', step, attempt + 1,
+                          self.retries, wait, detail)
+          time.sleep(wait)
+    return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+
+  def _restore_step(self, step, abstract_state, data_iter, run_config):
+    where = self.step_path(step)
+    meta = self._read_meta(step)
+    saved_config = meta.get('config') if run_config else None
+    diffs = checks.config_differences(saved_config, run_config) if saved_config else []
+    if saved_config and not diffs:
+      changed = checks.config_differences(saved_config, run_config, prefix='')
+      if changed:
+        logging.info('Resuming step %d with %d config change(s) that keep the '
+                     'checkpoint valid: %s', step, len(changed), '; '.join(changed[:8]))
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(where, 'state'))
+    diffs += checks.tree_differences(metadata.item_metadata.tree, abstract_state)
+    if diffs:
+      raise checks.IncompatibleCheckpointError(
+          f'{len(diffs)} difference(s): ' + '; '.join(diffs[:8]) +
+          ('; ...' if len(diffs) > 8 else ''))
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    if 'checksums' in meta:
+      checks.verify_checksums(restored['state'], meta['checksums'], where)
+    input_path = self._input_path(step)
+    if not tf.io.gfile.exists(input_path + '.index'):
+      raise FileNotFoundError(f'input state {input_path} is missing')
+    data_iter.restore(input_path)
+    return restored
+
+  def _read_meta(self, step):
+    path = os.path.join(self.step_path(step), 'meta', 'metadata')
+    with tf.io.gfile.GFile(path) as f:
+      return json.loads(f.read())
 
   def _quarantine(self, step):
+    """Every process calls this together; process 0 moves the step aside."""
     self.mngr.wait_until_finished()
     if jax.process_index() == 0:
-      src = os.path.join(self.dir, str(step))
-      dst = f'{src}.corrupt-{int(time.time())}'
-      if tf.io.gfile.exists(src):
-        tf.io.gfile.rename(src, dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f'quarantine_{step}')
+      suffix = f'.corrupt-{int(time.time())}'
+      for src in (self.step_path(step), os.path.join(self.input_dir, str(step))):
+        if tf.io.gfile.exists(src):
+          tf.io.gfile.rename(src, src + suffix)
+    _sync(f'quarantine_{step}')
     self.mngr.reload()
 
+  def start_fresh(self):
+    """Moves this workdir's checkpoints and input states to
+    `superseded-<time>/` (nothing is deleted) so that the run starts at 0."""
+    self.mngr.wait_until_finished()
+    if jax.process_index() == 0:
+      dest = os.path.join(self.workdir, f'superseded-{time.strftime("%Y%m%d-%H%M%S")}')
+      for src in (self.dir, self.input_dir):
+        if tf.io.gfile.exists(src):
+          tf.io.gfile.makedirs(dest)
+          tf.io.gfile.rename(src, os.path.join(dest, os.path.basename(src)))
+          logging.warning('--fresh_run: moved %s to %s', src, dest)
+    _sync('start_fresh')
+    self.mngr.close()
+    self.mngr = self._manager()
+
+  # ----------------------------------------------------------------- misc
   def reached_preemption(self, step):
     return self.mngr.reached_preemption(step)
 
@@ -133,5 +265,3 @@ def write_json(path, obj):
   with tf.io.gfile.GFile(tmp, 'w') as f:
     f.write(json.dumps(obj, indent=2, sort_keys=True, default=float))
   tf.io.gfile.rename(tmp, path, overwrite=True)
-
-

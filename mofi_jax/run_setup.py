@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from mofi_jax import inference, sharding
+from mofi_jax import checkpoint_checks, inference, sharding
 from mofi_jax.data import pipeline, schema
 from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.models import mofi
@@ -23,7 +23,8 @@ class NonFiniteError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, NonFiniteError, schema.CorpusError,
-               sharding.ShardingError, inference.LoadError)
+               sharding.ShardingError, inference.LoadError,
+               checkpoint_checks.CheckpointError)
 
 
 class _DropLibraryInfo(logging.logging.Filter):
@@ -131,9 +132,23 @@ def _all_finite(params):
   return jnp.all(jnp.stack(leaves))
 
 
-def check_finite(state, config):
-  """Raises NonFiniteError (policy 'stop') naming the first non-finite step."""
+def check_finite(state, config, restored_from=None):
+  """Raises NonFiniteError (policy 'stop') naming the first non-finite step.
+
+  `restored_from`: (step, path) of the checkpoint this run resumed from. When
+  the very first step after it is the bad one, the checkpoint (or what
+  changed since it was written) is the suspect, not the learning rate.
+  """
   bad_step = int(state.nonfinite_step)
+  if (bad_step >= 0 and config.nonfinite == 'stop' and restored_from
+      and bad_step == restored_from[0]):
+    raise NonFiniteError(
+        f'non-finite loss or gradient at step {bad_step}, the first step after '
+        f'restoring checkpoint {restored_from[1]}. Its array checksums matched '
+        f'at restore, so the saved values are what was written: check that '
+        f'checkpoint (and any config or data change since it was saved) '
+        f'before the learning rate; the previous checkpoint may be the one to '
+        f'resume from.')
   if bad_step >= 0 and config.nonfinite == 'stop':
     raise NonFiniteError(
         f'non-finite loss or gradient at step {bad_step}; the run stopped '

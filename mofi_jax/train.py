@@ -18,8 +18,8 @@ from clu import metric_writers, periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
-from mofi_jax import (checkpointing, inference, periodic_evals, run_setup,
-                      sharding, trainer)
+from mofi_jax import (checkpoint_checks, checkpointing, inference,
+                      periodic_evals, run_setup, sharding, trainer)
 from mofi_jax.data import pipeline, synthetic
 from mofi_jax.models import mofi
 
@@ -34,6 +34,9 @@ flags.DEFINE_integer('num_processes', None, 'For jax.distributed.')
 flags.DEFINE_integer('process_id', None, 'For jax.distributed.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                   'with auto-detection (TPU pods).')
+flags.DEFINE_bool('fresh_run', False, 'Start at step 0 even though --workdir '
+                  'holds checkpoints: they are moved to <workdir>/superseded-'
+                  '<time>/ first, never deleted.')
 
 
 class _Preemption:
@@ -58,7 +61,7 @@ class _Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, fresh_run=False):
   preemption = _Preemption()
   # ---------------------------------------------------------------- config
   run_setup.validate_config(config)
@@ -88,12 +91,18 @@ def train_and_evaluate(config, workdir):
   setup = trainer.build(config, mesh)
   # --------------------------------------------- sharded init, or restore
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  if fresh_run:
+    ckpt.start_fresh()
+  run_config = checkpoint_checks.flat_config(config)
   restored = ckpt.restore_latest(
-      run_setup.with_shardings(setup.abstract, setup.shardings), data_iter)
+      run_setup.with_shardings(setup.abstract, setup.shardings), data_iter,
+      run_config)
   if restored:
     first_step, state, _ = restored
+    restored_from = (first_step, ckpt.step_path(first_step))
   else:
     first_step, state = 0, setup.init(mesh, config.seed)
+    restored_from = None
     if config.init.hf_clip:   # foreign towers before step 0, never on resume
       from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
       state = state.replace(params=hf_import.init_from_hf_clip(state.params, config))
@@ -119,7 +128,7 @@ def train_and_evaluate(config, workdir):
     hooks.append(periodic_actions.Profile(
         logdir=workdir, first_profile=config.profile.first_step,
         num_profile_steps=config.profile.num_steps))
-  meta = {'config_hash': checkpointing.config_hash(config)}
+  meta = {'config_hash': checkpointing.config_hash(config), 'config': run_config}
   # ------------------------------------------------------------------ loop
   run_evals = lambda names, s: periodic_evals.run(
       evaluators, names, s, towers_at(state.params), writer, workdir)
@@ -138,13 +147,13 @@ def train_and_evaluate(config, workdir):
     last = step == config.total_steps
     stop = preemption.requested or ckpt.reached_preemption(step)
     if step % config.log_every == 0 or last or stop:
-      run_setup.check_finite(state, config)
+      run_setup.check_finite(state, config, restored_from)
       writer.write_scalars(step, {f'train/{k}': v
                                   for k, v in acc.compute().items()})
       acc = None
     run_evals(periodic_evals.due(evaluators, step, last), step)
     if ckpt.should_save(step) or last or stop:
-      run_setup.check_finite(state, config)
+      run_setup.check_finite(state, config, restored_from)
       ckpt.save(step, state, dict(meta, examples_seen=step *
                                   config.input.batch_size), data_iter,
                 force=last or stop)
@@ -165,7 +174,7 @@ def main(argv):
   if FLAGS.workdir is None:
     sys.exit('mofi_jax.train: error: --workdir is required')
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, fresh_run=FLAGS.fresh_run)
   except run_setup.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'mofi_jax.train: error: {e}')

@@ -101,7 +101,8 @@ def make_train_step(model, tx, lr_schedule, config, mesh, num_classes):
         state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = mofi.clamp_logit_scale(optax.apply_updates(state.params, updates),
+                                    config.model.logit_scale_max)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # 'stop' freezes the state at the first bad step so the host can report
     # it and checkpoints never hold non-finite values; 'skip' drops the update.

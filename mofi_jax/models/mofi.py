@@ -70,9 +70,11 @@ class Mofi(nn.Module):
     return self.text_tower(tokens).astype(jnp.float32)
 
   def logit_scale(self):
-    # Capped as in CLIP, so the contrastive temperature cannot collapse.
-    return jnp.exp(jnp.minimum(self.log_logit_scale,
-                               math.log(self.logit_scale_max)))
+    # exp(p), with gradient everywhere: the cap logit_scale_max is kept by
+    # clamping p after each update (clamp_logit_scale, as open_clip does);
+    # exp(min(p, cap)) would freeze the temperature for good once Adam
+    # stepped past the cap.
+    return jnp.exp(self.log_logit_scale)
 
   def __call__(self, images, text=None):
     out = {'image_emb': self.encode_image(images)}
@@ -84,6 +86,14 @@ class Mofi(nn.Module):
     if uses_head(self.mode):
       out['head'] = self.entity_head(self.embed_dim)
     return out
+
+
+def clamp_logit_scale(params, logit_scale_max):
+  """params with log_logit_scale clamped to [0, log(logit_scale_max)]."""
+  if 'log_logit_scale' not in params:
+    return params
+  p = jnp.clip(params['log_logit_scale'], 0.0, math.log(logit_scale_max))
+  return {**params, 'log_logit_scale': p}
 
 
 def build(model_cfg):
