@@ -172,6 +172,37 @@ def test_iterator_save_restore_equals_uninterrupted(tiny_corpus, tmp_path):
       np.testing.assert_array_equal(got[k], want[k], err_msg=f'step {step} {k}')
 
 
+def test_block_shuffle_permutes_within_blocks():
+  stream = tf.data.Dataset.range(10 * 16)
+  got = np.array(list(pipeline.block_shuffle(stream, 16, seed=3).as_numpy_iterator()))
+  blocks = got.reshape(10, 16)
+  for b, block in enumerate(blocks):
+    np.testing.assert_array_equal(np.sort(block), np.arange(16) + 16 * b)
+  assert sum(not np.array_equal(bl, np.sort(bl)) for bl in blocks) >= 9
+  again = np.array(list(pipeline.block_shuffle(stream, 16, seed=3).as_numpy_iterator()))
+  other = np.array(list(pipeline.block_shuffle(stream, 16, seed=4).as_numpy_iterator()))
+  np.testing.assert_array_equal(got, again)
+  assert not np.array_equal(got, other)
+
+
+def test_iterator_checkpoint_holds_cursors_not_records(tiny_corpus, tmp_path):
+  """The saved state does not grow with the shuffle block or the batch: the
+  records and decoded batches are recomputed on restore, not stored."""
+  sizes = {}
+  for buffer, batch in ((8, 2), (64, 16)):
+    ds = pipeline.make_train_dataset(tiny_corpus, make_cfg(tiny_corpus, shuffle_buffer=buffer),
+                                     process_index=0, process_count=1, per_process_batch=batch)
+    it = dataset_iterator.TfDatasetIterator(ds, checkpoint=True)
+    for _ in range(3):
+      next(it)
+    it.save(tmp_path / f'ck{buffer}' / 'state')
+    sizes[buffer] = sum(f.stat().st_size for f in (tmp_path / f'ck{buffer}').iterdir())
+  records = sum(os.path.getsize(f) for f in schema.list_shards(tiny_corpus))
+  one_batch = 16 * 16 * 16 * 3 * 4   # decoded float32 images (image_size 16)
+  assert sizes[64] < min(one_batch, records / 4) / 4, sizes
+  assert abs(sizes[64] - sizes[8]) < 1024, sizes
+
+
 def rewrite_shard(path, bad_record, position):
   records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
   records.insert(position, bad_record)

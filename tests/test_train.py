@@ -1,7 +1,9 @@
 """`python -m mofi_jax.train` end to end, as a user runs it: resume after
-SIGTERM and SIGKILL equals an uninterrupted run; a corrupted newest checkpoint
-falls back to the previous one; non-finite values stop the run; bad input gets
-one clear message, a non-zero exit, and leaves existing checkpoints alone."""
+SIGTERM and SIGKILL equals an uninterrupted run; a truncated or bit-flipped
+newest checkpoint falls back to the previous one and ends bit-identical; an
+incompatible config is refused and touches nothing; non-finite values stop the
+run; bad input gets one clear message, a non-zero exit, and leaves existing
+checkpoints alone; 2 processes agree on the step to restore."""
 import hashlib
 import os
 import shutil
@@ -125,25 +127,55 @@ def test_interrupted_runs_resume_to_identical_params(setup, uninterrupted):
   resumed_from = max(steps(workdir))
   p = run(cmd)
   assert f'Restored checkpoint step {resumed_from}' in p.stderr
-  assert_same_params(final_params(workdir), final_params(uninterrupted))
+  assert_same_params(final_params(workdir), final_params(uninterrupted), atol=0)
 
 
-def test_corrupt_newest_checkpoint_falls_back(setup, uninterrupted):
-  workdir = setup / 'corrupt'
-  shutil.copytree(uninterrupted, workdir)
-  state_dir = os.path.join(workdir, 'checkpoints', str(TOTAL), 'state')
-  for root, _, files in os.walk(state_dir):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, 'r+b') as fh:   # truncate every data file
+def damage(state_dir, how):
+  """'truncate': every data file cut to a third; 'bitflip': 4 KiB inverted in
+  the middle of the largest array file (a bad disk, a bad copy)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+  if how == 'truncate':
+    for path in files:
+      with open(path, 'r+b') as fh:
         fh.truncate(os.path.getsize(path) // 3)
+    return
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as fh:
+    fh.seek(os.path.getsize(path) // 2)
+    chunk = fh.read(4096)
+    fh.seek(os.path.getsize(path) // 2)
+    fh.write(bytes(b ^ 0xFF for b in chunk))
+
+
+@pytest.mark.parametrize('how', ['truncate', 'bitflip'])
+def test_damaged_newest_checkpoint_falls_back(setup, uninterrupted, how):
+  workdir = setup / f'corrupt_{how}'
+  shutil.copytree(uninterrupted, workdir)
+  damage(os.path.join(workdir, 'checkpoints', str(TOTAL), 'state'), how)
   p = run(train_cmd(setup, workdir))
   assert f'Checkpoint step {TOTAL}' in p.stderr and 'cannot be restored' in p.stderr
   assert 'Restored checkpoint step 25' in p.stderr
   assert any(n.startswith(f'{TOTAL}.corrupt') for n in
              os.listdir(os.path.join(workdir, 'checkpoints')))
-  # Retrained from 25 with the restored input position: same result.
-  assert_same_params(final_params(workdir), final_params(uninterrupted))
+  # Retrained from 25 with the restored input position: the same bits.
+  assert_same_params(final_params(workdir), final_params(uninterrupted), atol=0)
+
+
+def test_incompatible_config_is_refused_then_fresh_run_starts_over(setup, uninterrupted):
+  workdir = setup / 'incompatible'
+  shutil.copytree(uninterrupted, workdir)
+  before = tree_digest(workdir / 'checkpoints')
+  cmd = train_cmd(setup, workdir, '--config.model.embed_dim=24')
+  p = run(cmd, check=False)
+  assert p.returncode != 0
+  assert 'does not fit this run' in p.stderr and 'Traceback' not in p.stderr
+  assert 'config.model.embed_dim: checkpoint 16, this run 24' in p.stderr
+  assert f'checkpoints/{TOTAL}' in p.stderr and '--fresh_run' in p.stderr
+  assert tree_digest(workdir / 'checkpoints') == before
+  p = run(cmd + ['--fresh_run', '--config.total_steps=5'])
+  moved = [n for n in os.listdir(workdir) if n.startswith('superseded-')]
+  assert len(moved) == 1 and steps(workdir) == [5]
+  assert tree_digest(workdir / moved[0] / 'checkpoints') == before
 
 
 def test_nonfinite_loss_stops_naming_the_step(setup):
@@ -276,7 +308,9 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   """2 processes x 2 CPU devices (jax.distributed, gloo), each reading its own
   corpus shards: SIGTERM (what a TPU maintenance event sends) stops both at the
   same step with a checkpoint; restarted, they restore it and finish; the final
-  params equal one process running the same step on 4 devices."""
+  params equal one process running the same step on 4 devices. Restarted from a
+  copy where process 1's input state of that step is missing, both fall back
+  to the previous step together and still end equal to the reference."""
   reason = gloo_unavailable()
   if reason:
     pytest.skip(reason)
@@ -296,11 +330,21 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   # Each process saved its own input position (its own files) with the state.
   assert all(os.path.exists(workdir / 'input_state' / str(stopped) /
                             f'process_{i}.index') for i in (0, 1))
-  procs = launch_two_processes(setup, workdir, 23457)
-  errs = finish(procs)
-  assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
-  assert f'Restored checkpoint step {stopped}' in errs[0]
-  # Another device layout sums in another order; Adam turns round-off in
-  # mathematically-zero gradients (e.g. attention key biases) into ~1e-6 moves.
-  assert_same_params(final_params(workdir), two_process_reference(setup, TOTAL),
-                     atol=1e-5)
+  # A copy in which only process 1 lacks its input state for the newest step:
+  # the processes must drop that step together and agree on the one before.
+  disagree = setup / 'two_process_disagree'
+  shutil.copytree(workdir, disagree)
+  for f in (disagree / 'input_state' / str(stopped)).glob('process_1.*'):
+    f.unlink()
+  previous = max(s for s in steps(disagree) if s < stopped)
+  reference = two_process_reference(setup, TOTAL)
+  for folder, port, expect in ((workdir, 23457, stopped), (disagree, 23458, previous)):
+    procs = launch_two_processes(setup, folder, port)
+    errs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert all(f'Restored checkpoint step {expect}' in e for e in errs), errs[1][-3000:]
+    # Another device layout sums in another order; Adam turns round-off in
+    # mathematically-zero gradients (e.g. attention key biases) into ~1e-6 moves.
+    assert_same_params(final_params(folder), reference, atol=1e-5)
+  assert any(n.startswith(f'{stopped}.corrupt') for n in
+             os.listdir(disagree / 'checkpoints'))

@@ -147,6 +147,67 @@ def test_nonfinite_step_leaves_state_untouched(policy):
   assert moved == (policy == 'skip')
 
 
+def np_contrastive_dloss_dp(img, txt, scale):
+  """float64 d(symmetric InfoNCE)/d(log scale) at scale, embeddings given."""
+  img = img / np.linalg.norm(img, axis=1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+  cos = img @ txt.T
+  def d_xent(c):   # d/ds mean_i -log softmax(s c_i)_i = mean_i (E_p[c_i] - c_ii)
+    p = np.exp(scale * c - (scale * c).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return np.mean((p * c).sum(1) - np.diag(c))
+  return scale * 0.5 * (d_xent(cos) + d_xent(cos.T))
+
+
+def test_logit_scale_has_gradient_at_the_cap():
+  """exp(min(p, cap)) had zero gradient at and above the cap: once past it,
+  the temperature was frozen for good."""
+  c = small_config('contrastive')
+  mesh, setup = build(c, dict(data=1, fsdp=-1, model=1))
+  state = setup.init(mesh, seed=0)
+  cap = np.log(c.model.logit_scale_max)
+  params = dict(jax.device_get(state.params), log_logit_scale=np.float32(cap))
+  batch = random_batch(c, 0)
+
+  def loss(p):
+    out = setup.model.apply({'params': p}, batch['image'], batch['text'])
+    return mofi_loss_only(out, batch, c, mesh)
+  grad = float(jax.grad(loss)(params)['log_logit_scale'])
+  out = setup.model.apply({'params': params}, batch['image'], batch['text'])
+  expected = np_contrastive_dloss_dp(np.asarray(out['image_emb'], np.float64),
+                                     np.asarray(out['text_emb'], np.float64),
+                                     c.model.logit_scale_max)
+  assert abs(expected) > 1e-3
+  assert grad == pytest.approx(expected, rel=1e-3)
+
+
+def mofi_loss_only(out, batch, c, mesh):
+  from mofi_jax import losses  # pylint: disable=g-import-not-at-top
+  return losses.mofi_loss(out, batch, loss_cfg=c.loss, num_classes=NUM_CLASSES,
+                          mesh=mesh)[0]
+
+
+def test_logit_scale_is_clamped_after_each_update():
+  """Adam moves log scale by ~lr = 0.5 per step, so from just below the cap it
+  would pass it at once. At random init the loss wants a smaller scale, so the
+  contrastive weight is negated to push it up. The update clamps it to the cap
+  exactly, never above."""
+  c = small_config('contrastive')
+  c.optim.update(lr=0.5, warmup_steps=1, weight_decay=0.0)
+  c.model.logit_scale_init = 99.0
+  c.loss.contrastive_weight = -1.0
+  mesh, setup = build(c, dict(data=1, fsdp=-1, model=1))
+  state, step = setup.init(mesh, seed=0), setup.train_step
+  cap = np.float32(np.log(c.model.logit_scale_max))
+  batch = sharding.global_batch(mesh, random_batch(c, 0))
+  values = []
+  for _ in range(4):
+    state, _ = step(state, batch)
+    values.append(np.float32(jax.device_get(state.params['log_logit_scale'])))
+  assert all(v <= cap for v in values), values
+  assert values[-1] == cap, values
+
+
 @pytest.mark.parametrize('module', [mofi_b16, mofi_l14, mofi_h14])
 @pytest.mark.parametrize('mode', ['supervised', 'contrastive', 'multitask'])
 def test_paper_configs_build_and_trace(module, mode):

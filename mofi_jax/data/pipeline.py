@@ -3,14 +3,17 @@
 Determinism: every random choice is either an op-level seeded tf.data op (shuffle) or a
 stateless op whose seed is derived from (seed, hash of image/key, epoch):
   * file order: `stateless_shuffle(files, seed=[seed, epoch])`, one order per epoch;
+  * record order: a stateless permutation within each block of `shuffle_buffer`
+    consecutive records (`block_shuffle`);
   * per-example seed: `fold_in(fold_in([seed, 0], hash(image/key)), epoch)` (hash:
     `tf.strings.to_hash_bucket_fast`, epoch: completed passes over this process's
     files), split into the augmentation seed and the entity-text seed.
 So the same image gets the same crop and the same entity text within an epoch, whatever
 its position in the stream or the number of processes. Two datasets built with the same
 arguments yield bit-identical batches, and the iterator is checkpointable with
-`clu.data.dataset_iterator.TfDatasetIterator(ds, checkpoint=True)` (the checkpoint holds
-the shuffle buffer, i.e. up to `shuffle_buffer` serialized records).
+`clu.data.dataset_iterator.TfDatasetIterator(ds, checkpoint=True)`. The checkpoint is
+symbolic: a few KB of reader cursors per process, whatever the image size, batch or
+shuffle block (benchmarks/input_checkpoint.py measures it).
 
 Text: with `text_source='entity'` each entity's `entity_template` text is tokenised once
 into a [C, L] table and one of the image's (kept) entities is gathered; with
@@ -80,13 +83,35 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, 0], kind=kind)
 
   ds = tf.data.Dataset.counter().flat_map(lambda epoch: _epoch_records(files, seed, epoch))
-  # Before decoding, so that the buffer (and an iterator checkpoint) holds bytes.
-  ds = ds.shuffle(_get(cfg_input, 'shuffle_buffer'), seed=seed)
+  ds = block_shuffle(ds, _get(cfg_input, 'shuffle_buffer'), seed)
   ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(per_process_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
+  # The iterator checkpoint holds cursors (file offsets, block position), not
+  # buffered records or decoded batches: every stage after the readers is a
+  # pure function of position, recomputed on restore (see block_shuffle).
+  options.experimental_symbolic_checkpoint = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def block_shuffle(ds, block, seed):
+  """A uniform random order within each run of `block` consecutive elements.
+
+  Block b is permuted by `stateless_shuffle` seeded with fold_in([seed, 1], b),
+  so the order is a function of position alone. Unlike `Dataset.shuffle`,
+  whose buffer must be saved with the iterator (`block` raw records, hundreds
+  of MB at 224 px), a symbolic checkpoint of this needs only the reader
+  cursors at the block's start: restore re-reads at most `block` records.
+  Memory is the same as a shuffle buffer of `block`.
+  """
+  base = tf.constant([seed, 1], tf.int64)
+
+  def permute(index, elements):
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(block), seed=tf.random.experimental.stateless_fold_in(base, index))
+    return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
+  return ds.batch(block, drop_remainder=True).enumerate().map(permute).unbatch()
 
 
 def check_corpus_kind(kind, text_source, corpus_dir, mode=None):
