@@ -140,41 +140,76 @@ class Checkpointer:
       step = _broadcast_int(max(steps) if steps else -1)
       if step < 0:
         return None
-      outcome, detail, restored = self._try_step(step, abstract_state, data_iter,
-                                                 run_config)
-      outcomes = [_OUTCOMES[i] for i in _gather_int(_OUTCOMES.index(outcome))]
-      worst = max(outcomes, key=_OUTCOMES.index)
+      # Phase 1, local reads only (metadata, config, tree, input-state files),
+      # agreed on before phase 2 enters Orbax's collective restore: a process
+      # must never skip a collective that the others wait in.
+      outcome, detail, _ = self._attempt(
+          step, lambda: self._preflight(step, abstract_state, run_config))
+      worst, detail = self._agree(outcome, detail)
+      if worst == 'ok':
+        worst, detail, restored = self._restore_together(step, abstract_state,
+                                                         data_iter)
       if worst == 'ok':
         logging.info('Restored checkpoint step %d from %s (checksums verified)',
                      step, self.dir)
         return step, restored['state'], restored['meta']
-      where = self.step_path(step)
-      others = [i for i, o in enumerate(outcomes) if o == worst]
-      detail = detail or f'process(es) {others} reported {worst}'
-      if worst == 'incompatible':
-        raise checks.IncompatibleCheckpointError(
-            f'checkpoint {where} does not fit this run: {detail}. Nothing was '
-            f'changed. Resume with the config it was saved with, use another '
-            f'--workdir, or pass --fresh_run to move the old run aside and start '
-            f'at step 0.')
-      if worst in ('transient', 'fatal'):
-        cls = (checks.TransientCheckpointError if worst == 'transient'
-               else checks.FatalCheckpointError)
-        raise cls(f'checkpoint {where} could not be restored and was left in '
-                  f'place: {detail}')
-      logging.error('Checkpoint step %d in %s cannot be restored (%s); moving it '
-                    'aside and trying the previous one.', step, self.dir, detail)
-      self._quarantine(step)
+      self._act_on(worst, step, detail)
+
+  def _restore_together(self, step, abstract_state, data_iter):
+    """Phase 2. Orbax's restore ends in a barrier, so a transient error is
+    retried by all processes together, never by one alone."""
+    for attempt in range(self.retries):
+      outcome, detail, restored = self._attempt(
+          step, lambda: self._restore_step(step, abstract_state, data_iter),
+          retries=1)
+      worst, detail = self._agree(outcome, detail)
+      if worst != 'transient':
+        return worst, detail, restored
+      if attempt + 1 < self.retries:
+        wait = self.backoff_s * 2**attempt
+        logging.warning('Storage error restoring step %d (attempt %d of %d, '
+                        'retrying in %.1f s): %s', step, attempt + 1,
+                        self.retries, wait, detail)
+        time.sleep(wait)
+    return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+
+  @staticmethod
+  def _agree(outcome, detail):
+    """The worst outcome over all processes, and what this process saw."""
+    outcomes = [_OUTCOMES[i] for i in _gather_int(_OUTCOMES.index(outcome))]
+    worst = max(outcomes, key=_OUTCOMES.index)
+    if worst != 'ok' and outcome != worst:
+      detail = (f'process(es) {[i for i, o in enumerate(outcomes) if o == worst]} '
+                f'reported {worst}')
+    return worst, detail
+
+  def _act_on(self, worst, step, detail):
+    """Raises for incompatible / transient / fatal; quarantines if corrupt."""
+    where = self.step_path(step)
+    if worst == 'incompatible':
+      raise checks.IncompatibleCheckpointError(
+          f'checkpoint {where} does not fit this run: {detail}. Nothing was '
+          f'changed. Resume with the config it was saved with, use another '
+          f'--workdir, or pass --fresh_run to move the old run aside and start '
+          f'at step 0.')
+    if worst in ('transient', 'fatal'):
+      cls = (checks.TransientCheckpointError if worst == 'transient'
+             else checks.FatalCheckpointError)
+      raise cls(f'checkpoint {where} could not be restored and was left in '
+                f'place: {detail}')
+    logging.error('Checkpoint step %d in %s cannot be restored (%s); moving it '
+                  'aside and trying the previous one.', step, self.dir, detail)
+    self._quarantine(step)
 
   def step_path(self, step):
     return os.path.join(self.dir, str(step))
 
-  def _try_step(self, step, abstract_state, data_iter, run_config):
-    """(outcome, detail, restored) of this process's attempt at `step`."""
-    for attempt in range(self.retries):
+  def _attempt(self, step, fn, retries=None):
+    """(outcome, detail, fn()) with transient errors retried with backoff."""
+    retries = retries or self.retries
+    for attempt in range(retries):
       try:
-        return 'ok', '', self._restore_step(step, abstract_state, data_iter,
-                                            run_config)
+        return 'ok', '', fn()
       except checks.IncompatibleCheckpointError as e:
         return 'incompatible', str(e), None
       except Exception as e:  # pylint: disable=broad-except
@@ -182,16 +217,17 @@ class Checkpointer:
         detail = f'{type(e).__name__}: {str(e)[:600]}'
         if kind != 'transient':
           return kind, detail, None
-        if attempt + 1 < self.retries:
+        if attempt + 1 < retries:
           wait = self.backoff_s * 2**attempt
           logging.warning('Storage error restoring step %d (attempt %d of %d, '
                           'retrying in %.1f s): %s', step, attempt + 1,
-                          self.retries, wait, detail)
+                          retries, wait, detail)
           time.sleep(wait)
-    return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+    suffix = f' (still failing after {retries} attempts)' if retries > 1 else ''
+    return 'transient', detail + suffix, None
 
-  def _restore_step(self, step, abstract_state, data_iter, run_config):
-    where = self.step_path(step)
+  def _preflight(self, step, abstract_state, run_config):
+    """Local checks: config and tree compatible, input state present."""
     meta = self._read_meta(step)
     saved_config = meta.get('config') if run_config else None
     diffs = checks.config_differences(saved_config, run_config) if saved_config else []
@@ -200,20 +236,25 @@ class Checkpointer:
       if changed:
         logging.info('Resuming step %d with %d config change(s) that keep the '
                      'checkpoint valid: %s', step, len(changed), '; '.join(changed[:8]))
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(where, 'state'))
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(self.step_path(step), 'state'))
     diffs += checks.tree_differences(metadata.item_metadata.tree, abstract_state)
     if diffs:
       raise checks.IncompatibleCheckpointError(
           f'{len(diffs)} difference(s): ' + '; '.join(diffs[:8]) +
           ('; ...' if len(diffs) > 8 else ''))
-    restored = self.mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    if 'checksums' in meta:
-      checks.verify_checksums(restored['state'], meta['checksums'], where)
     input_path = self._input_path(step)
     if not tf.io.gfile.exists(input_path + '.index'):
       raise FileNotFoundError(f'input state {input_path} is missing')
-    data_iter.restore(input_path)
+
+  def _restore_step(self, step, abstract_state, data_iter):
+    """Collective: the Orbax restore; then local: checksums, input state."""
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    if 'checksums' in restored['meta']:
+      checks.verify_checksums(restored['state'], restored['meta']['checksums'],
+                              self.step_path(step))
+    data_iter.restore(self._input_path(step))
     return restored
 
   def _read_meta(self, step):

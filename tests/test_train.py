@@ -188,6 +188,20 @@ def test_nonfinite_loss_stops_naming_the_step(setup):
   assert steps(workdir) == []
 
 
+def test_nonfinite_right_after_restore_names_the_checkpoint(setup, uninterrupted):
+  workdir = setup / 'nonfinite_after_restore'
+  shutil.copytree(uninterrupted, workdir)
+  # A loss weight that overflows float32: what a config or data change since
+  # the save can do to the very first step (1e39 > float32 max).
+  p = run(train_cmd(setup, workdir, f'--config.total_steps={TOTAL + 5}',
+                    '--config.loss.entity_weight=1e39'), check=False)
+  assert p.returncode != 0
+  assert (f'non-finite loss or gradient at step {TOTAL}, the first step after '
+          f'restoring checkpoint {workdir}/checkpoints/{TOTAL}') in p.stderr
+  assert 'Lower the learning rate' not in p.stderr
+  assert steps(workdir) == [20, 25, 30]
+
+
 def tree_digest(path):
   h = hashlib.sha256()
   for root, dirs, files in sorted(os.walk(path)):
