@@ -54,15 +54,18 @@ def make_iterator(corpus, mode):
   cfg.update(image_size=FLAGS.image_size, batch_size=FLAGS.batch,
              shuffle_buffer=FLAGS.shuffle_buffer)
   real = pipeline.block_shuffle
-  if mode == 'shuffle_explicit':   # the pipeline before the symbolic checkpoint
+  old = mode == 'shuffle_explicit'
+  if old:   # the pipeline before: Dataset.shuffle, autotuned parallelism and prefetch
     pipeline.block_shuffle = lambda ds, n, seed: ds.shuffle(n, seed=seed)
+    cfg.threads = cfg.prefetch_batches = tf.data.AUTOTUNE
   try:
     ds = pipeline.make_train_dataset(corpus, cfg, process_index=0, process_count=1,
                                      per_process_batch=FLAGS.batch)
   finally:
     pipeline.block_shuffle = real
   options = tf.data.Options()
-  options.experimental_symbolic_checkpoint = mode == 'block_symbolic'
+  options.experimental_symbolic_checkpoint = not old
+  options.autotune.enabled = old
   return dataset_iterator.TfDatasetIterator(ds.with_options(options), checkpoint=True)
 
 

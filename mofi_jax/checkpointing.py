@@ -236,9 +236,12 @@ class Checkpointer:
       if changed:
         logging.info('Resuming step %d with %d config change(s) that keep the '
                      'checkpoint valid: %s', step, len(changed), '; '.join(changed[:8]))
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(self.step_path(step), 'state'))
-    diffs += checks.tree_differences(metadata.item_metadata.tree, abstract_state)
+    state_dir = os.path.join(self.step_path(step), 'state')
+    item = getattr(ocp.StandardCheckpointer().metadata(state_dir), 'item_metadata', None)
+    if getattr(item, 'tree', None) is None:   # Orbax logs why and returns None
+      raise checks.CorruptCheckpointError(
+          f'{state_dir}: the array metadata cannot be read (missing or truncated)')
+    diffs += checks.tree_differences(item.tree, abstract_state)
     if diffs:
       raise checks.IncompatibleCheckpointError(
           f'{len(diffs)} difference(s): ' + '; '.join(diffs[:8]) +

@@ -69,6 +69,8 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
 
   Yields dicts: image f32 [b,S,S,3], labels i32 [b,K] (-1 padded), label_weights f32
   [b,K] (1/n over the n kept labels), text i32 [b,L]. `seed` defaults to cfg_input.seed.
+  Optional cfg_input keys: `threads` (decode/augment parallelism; default: the
+  host's CPUs) and `prefetch_batches` (default 2).
   """
   seed = _get(cfg_input, 'seed') if seed is None else seed
   global_batch = _get(cfg_input, 'batch_size', None)
@@ -82,9 +84,11 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   tok = tokenizer_lib.load_tokenizer(os.path.join(corpus_dir, schema.TOKENIZER_FILE))
   example_fn = _example_fn(cfg_input, table, tok, base_seed=[seed, 0], kind=kind)
 
-  ds = tf.data.Dataset.counter().flat_map(lambda epoch: _epoch_records(files, seed, epoch))
+  threads = _get(cfg_input, 'threads', None) or os.cpu_count()
+  ds = tf.data.Dataset.counter().flat_map(
+      lambda epoch: _epoch_records(files, seed, epoch, threads))
   ds = block_shuffle(ds, _get(cfg_input, 'shuffle_buffer'), seed)
-  ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(example_fn, num_parallel_calls=threads, deterministic=True)
   ds = ds.batch(per_process_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
@@ -92,7 +96,11 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   # buffered records or decoded batches: every stage after the readers is a
   # pure function of position, recomputed on restore (see block_shuffle).
   options.experimental_symbolic_checkpoint = True
-  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  # No autotuning: its model thread sleeps up to 60 s between rounds and the
+  # iterator's destructor waits for it, so a finished run sat silent for up
+  # to a minute before exiting. Parallelism is explicit instead.
+  options.autotune.enabled = False
+  return ds.with_options(options).prefetch(_get(cfg_input, 'prefetch_batches', 2))
 
 
 def block_shuffle(ds, block, seed):
@@ -127,14 +135,15 @@ def check_corpus_kind(kind, text_source, corpus_dir, mode=None):
       f"model.mode='contrastive' with input.text_source='alt_text', got {', '.join(got)}.")
 
 
-def _epoch_records(files, seed, epoch):
+def _epoch_records(files, seed, epoch, threads):
   """One pass over `files` in a per-epoch seeded order, records interleaved round-robin."""
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+  cycle = min(len(files), _MAX_CYCLE)
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
       lambda f: tf.data.TFRecordDataset(f).map(lambda r: (f, r)),
-      cycle_length=min(len(files), _MAX_CYCLE), block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      cycle_length=cycle, block_length=1,
+      num_parallel_calls=min(cycle, threads), deterministic=True)
   return ds.map(lambda f, r: dict(file=f, record=r, epoch=epoch))
 
 
