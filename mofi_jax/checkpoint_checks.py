@@ -27,9 +27,18 @@ import numpy as np
 from flax import traverse_util
 
 SEEDS = (0x9E3779B9, 0x7F4A7C15)
-# Config keys under `model` that change how a step runs, not what the
-# parameters mean: a resume may change them.
-EXECUTION_ONLY_KEYS = ('model.remat',)
+# Config keys under `model` that change how a step runs (or only how the
+# parameters were first drawn), not what they mean: a resume may change them.
+EXECUTION_ONLY_KEYS = ('model.remat', 'model.dtype', 'model.logit_scale_init',
+                      'model.head.bias_init', 'model.head.scale_init')
+
+
+# Input keys that do not change the tf.data graph, so the saved input position
+# still fits. Any other `input.` key does: restoring a symbolic iterator state
+# into another graph can crash TensorFlow (heap corruption, measured with a
+# changed shuffle_buffer), so it is refused before the restore.
+INPUT_FREE_KEYS = ('input.threads', 'input.prefetch_batches', 'input.data_dir')
+INPUT_FREE_PREFIXES = ('input.synthetic.',)
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +47,10 @@ class CheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(CheckpointError):
   pass
+
+
+class NothingToResumeError(CheckpointError):
+  """Every checkpoint failed its checks and was moved aside."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -149,13 +162,30 @@ def flat_config(config):
   return {k: json.loads(json.dumps(v, default=str)) for k, v in flat.items()}
 
 
-def config_differences(saved, current, prefix='model.'):
-  """Keys under `prefix` whose values differ (execution-only keys excepted)."""
-  keys = {k for k in set(saved) | set(current) if k.startswith(prefix)}
-  keys -= set(EXECUTION_ONLY_KEYS)
-  return [f'config.{k}: checkpoint {saved.get(k, "<absent>")!r}, this run '
-          f'{current.get(k, "<absent>")!r}'
-          for k in sorted(keys) if saved.get(k) != current.get(k)]
+def config_differences(saved, current, prefix='model.', ignore=EXECUTION_ONLY_KEYS,
+                       ignore_prefixes=()):
+  """Keys under `prefix` whose values differ, `ignore`d ones excepted.
+
+  Keys that only one side has (a field added to or removed from the code
+  since the save) are left out: the tree comparison shows any that changed a
+  shape.
+  """
+  keys = {k for k in set(saved) & set(current) if k.startswith(prefix)
+          and k not in ignore and not k.startswith(tuple(ignore_prefixes))}
+  return [f'config.{k}: checkpoint {saved[k]!r}, this run {current[k]!r}'
+          for k in sorted(keys) if saved[k] != current[k]]
+
+
+def resume_differences(saved, current):
+  """What makes a checkpoint unresumable in this run: model-defining keys,
+  and the input pipeline's (the input position is a cursor into it)."""
+  model = config_differences(saved, current, 'model.')
+  inputs = config_differences(saved, current, 'input.', INPUT_FREE_KEYS,
+                              INPUT_FREE_PREFIXES)
+  if inputs:
+    inputs[0] = ('the saved input position belongs to another input pipeline: '
+                 + inputs[0])
+  return model + inputs
 
 
 # ----------------------------------------------------------- classification
@@ -198,8 +228,11 @@ def classify(exc):
                       tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
       return 'transient'
   # TensorStore raises ValueError('<CODE>: ...') under Orbax's wrappers: the
-  # innermost cause carries the status code.
+  # innermost cause carries the status code. Only ValueErrors: XLA's runtime
+  # errors use the same codes for problems that are not the checkpoint's.
   for e in reversed(chain):
+    if not isinstance(e, ValueError):
+      continue
     text = str(e)
     for kind, codes in (('fatal', _FATAL_CODES), ('transient', _TRANSIENT_CODES),
                         ('corrupt', _CORRUPT_CODES)):

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
+from etils import epath
 
 from mofi_jax import checkpoint_checks as checks
 
@@ -65,7 +66,7 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.dir = os.path.join(self.workdir, 'checkpoints')
     self.input_dir = os.path.join(self.workdir, 'input_state')
-    self.retries, self.backoff_s = retries, backoff_s
+    self.retries, self.backoff_s = max(1, retries), backoff_s
     self._async = ckpt_cfg.async_save
     self._keep = ckpt_cfg.keep
     self.mngr = self._manager()
@@ -96,7 +97,7 @@ class Checkpointer:
       return False  # already saved (e.g. the final step coincides with one).
     data_iter.save(self._input_path(step))
     meta = dict(meta, step=int(step), saved_at=time.time(),
-                checksums=checks.checksums(state))
+                process_count=jax.process_count(), checksums=checks.checksums(state))
     saved = self.mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                            force=True)
@@ -135,9 +136,16 @@ class Checkpointer:
     or TransientCheckpointError; see the module docstring.
     """
     self.mngr.reload()
+    quarantined = []
     while True:
       steps = self.mngr.all_steps()
       step = _broadcast_int(max(steps) if steps else -1)
+      if step < 0 and quarantined:
+        raise checks.NothingToResumeError(
+            f'every checkpoint in {self.dir} failed its checks and was moved '
+            f'aside (steps {quarantined}, now <step>.corrupt-*); there is '
+            f'nothing to resume from. Inspect them, or pass --fresh_run to '
+            f'start at step 0.')
       if step < 0:
         return None
       # Phase 1, local reads only (metadata, config, tree, input-state files),
@@ -150,10 +158,12 @@ class Checkpointer:
         worst, detail, restored = self._restore_together(step, abstract_state,
                                                          data_iter)
       if worst == 'ok':
-        logging.info('Restored checkpoint step %d from %s (checksums verified)',
-                     step, self.dir)
+        logging.info('Restored checkpoint step %d from %s (%s)', step, self.dir,
+                     'checksums verified' if 'checksums' in restored['meta']
+                     else 'saved without checksums: not verified')
         return step, restored['state'], restored['meta']
       self._act_on(worst, step, detail)
+      quarantined.append(step)
 
   def _restore_together(self, step, abstract_state, data_iter):
     """Phase 2. Orbax's restore ends in a barrier, so a transient error is
@@ -176,6 +186,8 @@ class Checkpointer:
   @staticmethod
   def _agree(outcome, detail):
     """The worst outcome over all processes, and what this process saw."""
+    if outcome != 'ok' and jax.process_count() > 1:
+      logging.warning('Process %d: %s: %s', jax.process_index(), outcome, detail)
     outcomes = [_OUTCOMES[i] for i in _gather_int(_OUTCOMES.index(outcome))]
     worst = max(outcomes, key=_OUTCOMES.index)
     if worst != 'ok' and outcome != worst:
@@ -227,38 +239,69 @@ class Checkpointer:
     return 'transient', detail + suffix, None
 
   def _preflight(self, step, abstract_state, run_config):
-    """Local checks: config and tree compatible, input state present."""
+    """Local checks: same process count, config and tree; input state present."""
     meta = self._read_meta(step)
+    saved_procs = meta.get('process_count', jax.process_count())
+    if saved_procs != jax.process_count():
+      raise checks.IncompatibleCheckpointError(
+          f'saved by {saved_procs} processes, this run has {jax.process_count()}: '
+          f'each process saved its own input position')
     saved_config = meta.get('config') if run_config else None
-    diffs = checks.config_differences(saved_config, run_config) if saved_config else []
+    diffs = checks.resume_differences(saved_config, run_config) if saved_config else []
     if saved_config and not diffs:
       changed = checks.config_differences(saved_config, run_config, prefix='')
       if changed:
         logging.info('Resuming step %d with %d config change(s) that keep the '
                      'checkpoint valid: %s', step, len(changed), '; '.join(changed[:8]))
-    state_dir = os.path.join(self.step_path(step), 'state')
-    item = getattr(ocp.StandardCheckpointer().metadata(state_dir), 'item_metadata', None)
-    if getattr(item, 'tree', None) is None:   # Orbax logs why and returns None
-      raise checks.CorruptCheckpointError(
-          f'{state_dir}: the array metadata cannot be read (missing or truncated)')
-    diffs += checks.tree_differences(item.tree, abstract_state)
+    diffs += checks.tree_differences(self._saved_tree(step), abstract_state)
     if diffs:
       raise checks.IncompatibleCheckpointError(
           f'{len(diffs)} difference(s): ' + '; '.join(diffs[:8]) +
           ('; ...' if len(diffs) > 8 else ''))
     input_path = self._input_path(step)
-    if not tf.io.gfile.exists(input_path + '.index'):
-      raise FileNotFoundError(f'input state {input_path} is missing')
+    for suffix in ('.index', '.data-*'):
+      if not tf.io.gfile.glob(input_path + suffix):
+        raise FileNotFoundError(f'input state {input_path}{suffix} is missing')
+
+  def _state_dir(self, step):
+    return epath.Path(self.step_path(step)) / 'state'
+
+  def _saved_tree(self, step):
+    """The saved tree's metadata (errors propagate, to be classified)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return handler.metadata(self._state_dir(step)).tree
+    finally:
+      handler.close()
 
   def _restore_step(self, step, abstract_state, data_iter):
-    """Collective: the Orbax restore; then local: checksums, input state."""
-    restored = self.mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    if 'checksums' in restored['meta']:
-      checks.verify_checksums(restored['state'], restored['meta']['checksums'],
-                              self.step_path(step))
-    data_iter.restore(self._input_path(step))
-    return restored
+    """The arrays, their checksums, then the input position.
+
+    Orbax's handler is called directly: `Checkpointer.restore` ends in a
+    barrier, which a process whose read failed would never reach. Here every
+    process comes back with an outcome and they agree afterwards.
+    """
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      state = handler.restore(self._state_dir(step),
+                              args=ocp.args.StandardRestore(abstract_state))
+    finally:
+      handler.close()
+    meta = self._read_meta(step)
+    if 'checksums' in meta:
+      checks.verify_checksums(state, meta['checksums'], self.step_path(step))
+    input_path = self._input_path(step)
+    try:
+      data_iter.restore(input_path)
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
+            tf.errors.FailedPreconditionError) as e:
+      # The files are there (phase 1) and their CRCs passed (else DataLoss):
+      # the saved iterator is another pipeline's.
+      raise checks.IncompatibleCheckpointError(
+          f'input state {input_path} does not match this run\'s input pipeline '
+          f'(were input.* keys changed, such as shuffle_buffer, batch_size or '
+          f'image_size?): {type(e).__name__}: {str(e)[:300]}') from e
+    return {'state': state, 'meta': meta}
 
   def _read_meta(self, step):
     path = os.path.join(self.step_path(step), 'meta', 'metadata')

@@ -52,6 +52,33 @@ def init_processes(flags_):
     jax.distributed.initialize()
 
 
+def corpus_fingerprint(data_dir):
+  """Shard names and corpus counts, hashed: a rebuilt corpus changes it (the
+  saved input position is a cursor into these files). No per-shard stat, so
+  it stays cheap with thousands of shards on GCS."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  meta = schema.load_corpus_meta(data_dir)
+  names = sorted(os.path.basename(f) for f in schema.list_shards(data_dir))
+  key = [names, meta.get('num_train_examples'), meta.get('num_entities')]
+  return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def restore_or_start_fresh(ckpt, abstract_state, data_iter, run_config, fresh_run):
+  """ckpt.restore_latest; with `fresh_run`, checkpoints that cannot be
+  resumed (incompatible, or all corrupt) are moved aside instead of stopping
+  the run."""
+  try:
+    return ckpt.restore_latest(abstract_state, data_iter, run_config)
+  except (checkpoint_checks.IncompatibleCheckpointError,
+          checkpoint_checks.NothingToResumeError) as e:
+    if not fresh_run:
+      raise
+    logging.warning('--fresh_run: %s', e)
+    ckpt.start_fresh()
+    return None
+
+
 def validate_config(config):
   choices = {
       'model.mode': (config.model.mode, mofi.MODES),
@@ -135,20 +162,24 @@ def _all_finite(params):
 def check_finite(state, config, restored_from=None):
   """Raises NonFiniteError (policy 'stop') naming the first non-finite step.
 
-  `restored_from`: (step, path) of the checkpoint this run resumed from. When
+  `restored_from`: (step, path, checksums verified) of the checkpoint this
+  run resumed from. When
   the very first step after it is the bad one, the checkpoint (or what
   changed since it was written) is the suspect, not the learning rate.
   """
   bad_step = int(state.nonfinite_step)
   if (bad_step >= 0 and config.nonfinite == 'stop' and restored_from
       and bad_step == restored_from[0]):
+    step, path, verified = restored_from
     raise NonFiniteError(
-        f'non-finite loss or gradient at step {bad_step}, the first step after '
-        f'restoring checkpoint {restored_from[1]}. Its array checksums matched '
-        f'at restore, so the saved values are what was written: check that '
-        f'checkpoint (and any config or data change since it was saved) '
-        f'before the learning rate; the previous checkpoint may be the one to '
-        f'resume from.')
+        f'non-finite loss or gradient at step {step}, the first step after '
+        f'restoring checkpoint {path}. '
+        + ('Its array checksums matched at restore, so the saved values are '
+           'what was written: ' if verified else
+           'It was saved without checksums, so it may be damaged: ') +
+        'check that checkpoint (and any config or data change since it was '
+        'saved) before the learning rate; the previous checkpoint may be the '
+        'one to resume from.')
   if bad_step >= 0 and config.nonfinite == 'stop':
     raise NonFiniteError(
         f'non-finite loss or gradient at step {bad_step}; the run stopped '

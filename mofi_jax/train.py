@@ -34,9 +34,11 @@ flags.DEFINE_integer('num_processes', None, 'For jax.distributed.')
 flags.DEFINE_integer('process_id', None, 'For jax.distributed.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                   'with auto-detection (TPU pods).')
-flags.DEFINE_bool('fresh_run', False, 'Start at step 0 even though --workdir '
-                  'holds checkpoints: they are moved to <workdir>/superseded-'
-                  '<time>/ first, never deleted.')
+flags.DEFINE_bool('fresh_run', False, 'When the checkpoints in --workdir '
+                  'cannot be resumed (another model config or tree, or all '
+                  'corrupt), move them to <workdir>/superseded-<time>/ (never '
+                  'deleted) and start at step 0. Resumable checkpoints are '
+                  'resumed as usual, so a restart script may keep the flag.')
 
 
 class _Preemption:
@@ -91,15 +93,15 @@ def train_and_evaluate(config, workdir, fresh_run=False):
   setup = trainer.build(config, mesh)
   # --------------------------------------------- sharded init, or restore
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
-  if fresh_run:
-    ckpt.start_fresh()
-  run_config = checkpoint_checks.flat_config(config)
-  restored = ckpt.restore_latest(
-      run_setup.with_shardings(setup.abstract, setup.shardings), data_iter,
-      run_config)
+  run_config = dict(checkpoint_checks.flat_config(config),
+                    **{'input.corpus': run_setup.corpus_fingerprint(data_dir)})
+  restored = run_setup.restore_or_start_fresh(
+      ckpt, run_setup.with_shardings(setup.abstract, setup.shardings),
+      data_iter, run_config, fresh_run)
   if restored:
-    first_step, state, _ = restored
-    restored_from = (first_step, ckpt.step_path(first_step))
+    first_step, state, saved_meta = restored
+    restored_from = (first_step, ckpt.step_path(first_step),
+                     'checksums' in saved_meta)
   else:
     first_step, state = 0, setup.init(mesh, config.seed)
     restored_from = None

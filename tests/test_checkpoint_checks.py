@@ -145,10 +145,14 @@ def test_tree_and_config_differences_name_the_keys():
   diffs = checks.tree_differences(saved, run)
   assert diffs == ['params.old: only in the checkpoint', 'params.new: only in this run',
                    'params.w: checkpoint float32[4, 128], this run float32[4, 96]']
-  a = {'model.embed_dim': 128, 'model.remat': 'none', 'optim.lr': 1e-3}
-  b = {'model.embed_dim': 96, 'model.remat': 'full', 'optim.lr': 5e-4}
-  assert checks.config_differences(a, b) == [
-      'config.model.embed_dim: checkpoint 128, this run 96']
+  a = {'model.embed_dim': 128, 'model.remat': 'none', 'optim.lr': 1e-3,
+       'input.threads': 8, 'input.shuffle_buffer': 10_000, 'model.removed': 1}
+  b = {'model.embed_dim': 96, 'model.remat': 'full', 'optim.lr': 5e-4,
+       'input.threads': 2, 'input.shuffle_buffer': 2_000, 'model.new_field': 3}
+  assert checks.resume_differences(a, b) == [
+      'config.model.embed_dim: checkpoint 128, this run 96',
+      'the saved input position belongs to another input pipeline: '
+      'config.input.shuffle_buffer: checkpoint 10000, this run 2000']
 
 
 # ------------------------------------------------------------ Checkpointer
@@ -261,32 +265,65 @@ def test_other_config_changes_resume(saved_run):
   assert step == 3
 
 
-def flaky_restore(mngr, failures):
-  real, calls = mngr.restore, []
+def flaky_restore(monkeypatch, failures):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  real, calls = ocp.StandardCheckpointHandler.restore, []
 
-  def restore(*args, **kw):
+  def restore(self, *args, **kw):
     calls.append(1)
     if len(calls) <= failures:
       raise wrapped(ValueError('UNAVAILABLE: connection reset by the object store'))
-    return real(*args, **kw)
-  mngr.restore = restore
+    return real(self, *args, **kw)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'restore', restore)
   return calls
 
 
-def test_transient_errors_are_retried_then_succeed(saved_run):
+def test_transient_errors_are_retried_then_succeed(saved_run, monkeypatch):
   ckpt = checkpointing.Checkpointer(saved_run, ckpt_cfg(), retries=3, backoff_s=0)
-  calls = flaky_restore(ckpt.mngr, failures=2)
+  calls = flaky_restore(monkeypatch, failures=2)
   step, _, _ = ckpt.restore_latest(abstract_of(state_at(0)), _Input(), CONFIG)
   assert step == 3 and len(calls) == 3
 
 
-def test_persistent_transient_error_fails_without_quarantine(saved_run):
+def test_persistent_transient_error_fails_without_quarantine(saved_run, monkeypatch):
   before = digest(saved_run)
   ckpt = checkpointing.Checkpointer(saved_run, ckpt_cfg(), retries=3, backoff_s=0)
-  calls = flaky_restore(ckpt.mngr, failures=99)
+  calls = flaky_restore(monkeypatch, failures=99)
   with pytest.raises(checks.TransientCheckpointError, match='after 3 attempts'):
     ckpt.restore_latest(abstract_of(state_at(0)), _Input(), CONFIG)
   assert len(calls) == 3 and digest(saved_run) == before
+
+
+def rewrite_meta(workdir, step, **fields):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  with open(path, 'w') as f:
+    json.dump(dict(meta, **fields), f)
+
+
+@pytest.mark.parametrize('field, expect', [
+    ({'process_count': 2}, 'saved by 2 processes, this run has 1'),
+    ({'config': dict(CONFIG, **{'input.batch_size': 64})},
+     'another input pipeline: config.input.batch_size'),
+])
+def test_other_process_count_or_input_pipeline_is_refused(saved_run, field, expect):
+  """Both would restore an input position that is not this run's; restoring
+  a tf.data state into another pipeline can even corrupt the heap."""
+  rewrite_meta(saved_run, 3, **field)
+  before = digest(saved_run)
+  with pytest.raises(checks.IncompatibleCheckpointError, match=expect):
+    checkpointing.Checkpointer(saved_run, ckpt_cfg()).restore_latest(
+        abstract_of(state_at(0)), _Input(), dict(CONFIG, **{'input.batch_size': 32}))
+  assert digest(saved_run) == before
+
+
+def test_all_checkpoints_corrupt_stops_instead_of_starting_over(saved_run):
+  for step in (1, 2, 3):
+    os.remove(os.path.join(saved_run, 'input_state', str(step), 'process_0.index'))
+  with pytest.raises(checks.NothingToResumeError, match=r'steps \[3, 2, 1\]'):
+    checkpointing.Checkpointer(saved_run, ckpt_cfg()).restore_latest(
+        abstract_of(state_at(0)), _Input(), CONFIG)
 
 
 def test_fresh_run_moves_the_old_run_aside(saved_run):

@@ -176,6 +176,10 @@ def test_incompatible_config_is_refused_then_fresh_run_starts_over(setup, uninte
   moved = [n for n in os.listdir(workdir) if n.startswith('superseded-')]
   assert len(moved) == 1 and steps(workdir) == [5]
   assert tree_digest(workdir / moved[0] / 'checkpoints') == before
+  # A restart script that keeps the flag resumes a resumable run.
+  p = run(cmd + ['--fresh_run', '--config.total_steps=10'])
+  assert 'Restored checkpoint step 5' in p.stderr and steps(workdir) == [5, 10]
+  assert len([n for n in os.listdir(workdir) if n.startswith('superseded-')]) == 1
 
 
 def test_nonfinite_loss_stops_naming_the_step(setup):
