@@ -136,12 +136,17 @@ def test_mofi_modes_create_only_their_parts():
       assert float(out['logit_scale']) == pytest.approx(1 / 0.07, rel=1e-5)
 
 
-def test_logit_scale_is_capped_at_100():
+def test_logit_scale_is_exp_of_the_parameter_and_the_clamp_caps_it():
+  """The forward is exp(p), so the gradient never vanishes; the train step
+  keeps p in [0, log(100)] with clamp_logit_scale (tests/test_trainer.py)."""
   cfg = dict(embed_dim=8, image=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch=4),
              text=dict(vocab_size=50, context=10, width=16, depth=1, num_heads=2,
                        mlp_dim=32))
   model = mofi.Mofi(mode='contrastive', **cfg)
   x, t = jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 10), jnp.int32)
   params = model.init(jax.random.key(0), x, t)['params']
-  params = dict(params, log_logit_scale=jnp.log(500.0))
-  assert float(model.apply({'params': params}, x, t)['logit_scale']) == pytest.approx(100.0)
+  for value, clamped in ((500.0, 100.0), (0.5, 1.0), (42.0, 42.0)):
+    params = dict(params, log_logit_scale=jnp.log(value))
+    assert float(model.apply({'params': params}, x, t)['logit_scale']) == pytest.approx(value)
+    capped = mofi.clamp_logit_scale(params, 100.0)
+    assert float(jnp.exp(capped['log_logit_scale'])) == pytest.approx(clamped, rel=1e-6)

@@ -327,7 +327,8 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   corpus shards: SIGTERM (what a TPU maintenance event sends) stops both at the
   same step with a checkpoint; restarted, they restore it and finish; the final
   params equal one process running the same step on 4 devices. Restarted from a
-  copy where process 1's input state of that step is missing, both fall back
+  copy where process 1's input state of that step is missing, or from one
+  where only the array files process 1 wrote are truncated, both fall back
   to the previous step together and still end equal to the reference."""
   reason = gloo_unavailable()
   if reason:
@@ -355,8 +356,17 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   for f in (disagree / 'input_state' / str(stopped)).glob('process_1.*'):
     f.unlink()
   previous = max(s for s in steps(disagree) if s < stopped)
+  # And one in which only the array files process 1 wrote (and reads back)
+  # are truncated: process 1's read fails while process 0's succeeds, and
+  # neither may wait in a barrier the other skips.
+  one_shard = setup / 'two_process_one_shard'
+  shutil.copytree(workdir, one_shard)
+  written_by_1 = one_shard / 'checkpoints' / str(stopped) / 'state' / 'ocdbt.process_1'
+  assert written_by_1.is_dir()
+  damage(str(written_by_1), 'truncate')
   reference = two_process_reference(setup, TOTAL)
-  for folder, port, expect in ((workdir, 23457, stopped), (disagree, 23458, previous)):
+  for folder, port, expect in ((workdir, 23457, stopped), (disagree, 23458, previous),
+                               (one_shard, 23459, previous)):
     procs = launch_two_processes(setup, folder, port)
     errs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
@@ -364,5 +374,6 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
     # Another device layout sums in another order; Adam turns round-off in
     # mathematically-zero gradients (e.g. attention key biases) into ~1e-6 moves.
     assert_same_params(final_params(folder), reference, atol=1e-5)
-  assert any(n.startswith(f'{stopped}.corrupt') for n in
-             os.listdir(disagree / 'checkpoints'))
+  for folder in (disagree, one_shard):
+    assert any(n.startswith(f'{stopped}.corrupt') for n in
+               os.listdir(folder / 'checkpoints'))

@@ -111,6 +111,7 @@ def block_shuffle(ds, block, seed):
   whose buffer must be saved with the iterator (`block` raw records, hundreds
   of MB at 224 px), a symbolic checkpoint of this needs only the reader
   cursors at the block's start: restore re-reads at most `block` records.
+  Memory is that of a shuffle buffer of `block`.
   """
   base = tf.constant([seed, 1], tf.int64)
 
@@ -118,10 +119,10 @@ def block_shuffle(ds, block, seed):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(block), seed=tf.random.experimental.stateless_fold_in(base, index))
     return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
-  # prefetch(1): the next block is read while this one is consumed, so the
-  # stream never waits at a block boundary (memory: up to three blocks).
-  return (ds.batch(block, drop_remainder=True).enumerate().map(permute)
-          .prefetch(1).unbatch())
+  # No prefetch between map and unbatch: TF 2.21 segfaults when such an
+  # iterator is destroyed mid-read (reproduced with `next(iter(ds))` in a
+  # loop). The next block is read when the consumer reaches it.
+  return ds.batch(block, drop_remainder=True).enumerate().map(permute).unbatch()
 
 
 def check_corpus_kind(kind, text_source, corpus_dir, mode=None):
