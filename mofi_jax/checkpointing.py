@@ -166,22 +166,30 @@ class Checkpointer:
       quarantined.append(step)
 
   def _restore_together(self, step, abstract_state, data_iter):
-    """Phase 2. Orbax's restore ends in a barrier, so a transient error is
-    retried by all processes together, never by one alone."""
+    """Phase 2, in two agreed steps: (a) every process reads its arrays (no
+    collective; a transient error is retried by all processes together);
+    (b) only if all reads succeeded, the checksums (a collective) and the
+    input position."""
     for attempt in range(self.retries):
-      outcome, detail, restored = self._attempt(
-          step, lambda: self._restore_step(step, abstract_state, data_iter),
-          retries=1)
+      outcome, detail, state = self._attempt(
+          step, lambda: self._read_arrays(step, abstract_state), retries=1)
       worst, detail = self._agree(outcome, detail)
       if worst != 'transient':
-        return worst, detail, restored
+        break
       if attempt + 1 < self.retries:
         wait = self.backoff_s * 2**attempt
         logging.warning('Storage error restoring step %d (attempt %d of %d, '
                         'retrying in %.1f s): %s', step, attempt + 1,
                         self.retries, wait, detail)
         time.sleep(wait)
-    return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+    else:
+      return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+    if worst != 'ok':
+      return worst, detail, None
+    outcome, detail, restored = self._attempt(
+        step, lambda: self._verify_and_restore_input(step, state, data_iter))
+    worst, detail = self._agree(outcome, detail)
+    return worst, detail, restored
 
   @staticmethod
   def _agree(outcome, detail):
@@ -274,19 +282,18 @@ class Checkpointer:
     finally:
       handler.close()
 
-  def _restore_step(self, step, abstract_state, data_iter):
-    """The arrays, their checksums, then the input position.
-
-    Orbax's handler is called directly: `Checkpointer.restore` ends in a
-    barrier, which a process whose read failed would never reach. Here every
-    process comes back with an outcome and they agree afterwards.
-    """
+  def _read_arrays(self, step, abstract_state):
+    """This process's shards. Orbax's handler is called directly:
+    `Checkpointer.restore` ends in a barrier, which a process whose read
+    failed would never reach; here every process returns with an outcome."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      state = handler.restore(self._state_dir(step),
-                              args=ocp.args.StandardRestore(abstract_state))
+      return handler.restore(self._state_dir(step),
+                             args=ocp.args.StandardRestore(abstract_state))
     finally:
       handler.close()
+
+  def _verify_and_restore_input(self, step, state, data_iter):
     meta = self._read_meta(step)
     if 'checksums' in meta:
       checks.verify_checksums(state, meta['checksums'], self.step_path(step))
