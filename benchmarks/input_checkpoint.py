@@ -5,7 +5,7 @@ state) against the current one (block shuffle, symbolic checkpoint).
   python benchmarks/input_checkpoint.py                    # batch 512, 224 px
   python benchmarks/input_checkpoint.py --batch 64 --shuffle_buffer 2000
 
-The synthetic corpus is the one benchmarks/input_pipeline.py writes (JPEGs of
+The synthetic corpus is benchmarks/bench_corpus.py's (JPEGs of
 --source_size px, as the I2E pipeline stores web images). Each mode builds the
 training dataset as `mofi_jax.train` does, pulls --steps batches (the
 prefetch and the shuffle buffer fill), then times `TfDatasetIterator.save`
@@ -28,7 +28,8 @@ from absl import app, flags
 from clu.data import dataset_iterator
 
 from configs import common
-from mofi_jax.data import pipeline, synthetic
+from bench_corpus import synthetic_corpus
+from mofi_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch', 512, 'Per-host batch.')
@@ -39,14 +40,6 @@ flags.DEFINE_integer('steps', 4, 'Batches pulled before the save.')
 flags.DEFINE_string('corpus', None, 'I2E corpus folder (default: synthetic).')
 flags.DEFINE_multi_string('modes', ['shuffle_explicit', 'block_symbolic'],
                           'Which pipelines to measure.')
-
-
-def corpus_dir():
-  if FLAGS.corpus:
-    return FLAGS.corpus
-  cfg = dict(num_entities=50, images_per_entity=20, num_shards=4,
-             image_size=FLAGS.source_size, retrieval_categories=2, seed=0)
-  return synthetic.ensure_demo_corpus(f'/tmp/mofi_bench_corpus_{FLAGS.source_size}px', cfg)
 
 
 def make_iterator(corpus, mode):
@@ -100,7 +93,7 @@ def measure(corpus, mode):
 
 def main(argv):
   del argv
-  corpus = corpus_dir()
+  corpus = FLAGS.corpus or synthetic_corpus(FLAGS.source_size)
   results = [measure(corpus, mode) for mode in FLAGS.modes]
   for r in results:
     print(f'{r["mode"]:17s} {r["mib_per_host"]:10.3f} MiB per host, save stalls the '

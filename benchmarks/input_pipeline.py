@@ -27,7 +27,8 @@ from absl import app, flags
 
 from configs import common
 from mofi_jax import tpu_specs
-from mofi_jax.data import pipeline, synthetic
+from bench_corpus import synthetic_corpus
+from mofi_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('corpus', None, 'I2E corpus folder (default: synthetic).')
@@ -38,13 +39,6 @@ flags.DEFINE_integer('batches', 30, 'Timed batches (after --warmup).')
 flags.DEFINE_integer('warmup', 5, 'Untimed batches first (fills the shuffle buffer).')
 flags.DEFINE_integer('threads', 1, 'tf.data threads (1: the per-vCPU figure).')
 flags.DEFINE_multi_string('aot_report', [], 'JSON written by mofi_jax.aot --json.')
-
-
-def synthetic_corpus(size):
-  path = f'/tmp/mofi_bench_corpus_{size}px'
-  cfg = dict(num_entities=50, images_per_entity=20, num_shards=4, image_size=size,
-             retrieval_categories=2, seed=0)
-  return synthetic.ensure_demo_corpus(path, cfg)
 
 
 def dataset(corpus):

@@ -149,51 +149,37 @@ class Checkpointer:
       if step < 0:
         return None
       # Phase 1, local reads only (metadata, config, tree, input-state files),
-      # agreed on before phase 2 enters Orbax's collective restore: a process
-      # must never skip a collective that the others wait in.
-      outcome, detail, _ = self._attempt(
-          step, lambda: self._preflight(step, abstract_state, run_config))
-      worst, detail = self._agree(outcome, detail)
+      # agreed on before phase 2: a process must never skip a collective that
+      # the others wait in.
+      worst, detail, meta = self._agreed(self._with_retries(
+          step, lambda: self._try_once(
+              lambda: self._preflight(step, abstract_state, run_config))))
       if worst == 'ok':
         worst, detail, restored = self._restore_together(step, abstract_state,
-                                                         data_iter)
+                                                         meta, data_iter)
       if worst == 'ok':
         logging.info('Restored checkpoint step %d from %s (%s)', step, self.dir,
-                     'checksums verified' if 'checksums' in restored['meta']
+                     'checksums verified' if 'checksums' in meta
                      else 'saved without checksums: not verified')
-        return step, restored['state'], restored['meta']
+        return step, restored, meta
       self._act_on(worst, step, detail)
       quarantined.append(step)
 
-  def _restore_together(self, step, abstract_state, data_iter):
+  def _restore_together(self, step, abstract_state, meta, data_iter):
     """Phase 2, in two agreed steps: (a) every process reads its arrays (no
-    collective; a transient error is retried by all processes together);
-    (b) only if all reads succeeded, the checksums (a collective) and the
-    input position."""
-    for attempt in range(self.retries):
-      outcome, detail, state = self._attempt(
-          step, lambda: self._read_arrays(step, abstract_state), retries=1)
-      worst, detail = self._agree(outcome, detail)
-      if worst != 'transient':
-        break
-      if attempt + 1 < self.retries:
-        wait = self.backoff_s * 2**attempt
-        logging.warning('Storage error restoring step %d (attempt %d of %d, '
-                        'retrying in %.1f s): %s', step, attempt + 1,
-                        self.retries, wait, detail)
-        time.sleep(wait)
-    else:
-      return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
+    collective); (b) only if all reads succeeded, the checksums (a
+    collective) and the input position. Retries happen together."""
+    worst, detail, state = self._with_retries(step, lambda: self._agreed(
+        self._try_once(lambda: self._read_arrays(step, abstract_state))))
     if worst != 'ok':
       return worst, detail, None
-    outcome, detail, restored = self._attempt(
-        step, lambda: self._verify_and_restore_input(step, state, data_iter))
-    worst, detail = self._agree(outcome, detail)
-    return worst, detail, restored
+    return self._with_retries(step, lambda: self._agreed(self._try_once(
+        lambda: self._verify_and_restore_input(step, state, meta, data_iter))))
 
   @staticmethod
-  def _agree(outcome, detail):
-    """The worst outcome over all processes, and what this process saw."""
+  def _agreed(attempt):
+    """(outcome, detail, value) -> the worst outcome over all processes."""
+    outcome, detail, value = attempt
     if outcome != 'ok' and jax.process_count() > 1:
       logging.warning('Process %d: %s: %s', jax.process_index(), outcome, detail)
     outcomes = [_OUTCOMES[i] for i in _gather_int(_OUTCOMES.index(outcome))]
@@ -201,7 +187,7 @@ class Checkpointer:
     if worst != 'ok' and outcome != worst:
       detail = (f'process(es) {[i for i, o in enumerate(outcomes) if o == worst]} '
                 f'reported {worst}')
-    return worst, detail
+    return worst, detail, value
 
   def _act_on(self, worst, step, detail):
     """Raises for incompatible / transient / fatal; quarantines if corrupt."""
@@ -224,30 +210,35 @@ class Checkpointer:
   def step_path(self, step):
     return os.path.join(self.dir, str(step))
 
-  def _attempt(self, step, fn, retries=None):
-    """(outcome, detail, fn()) with transient errors retried with backoff."""
-    retries = retries or self.retries
-    for attempt in range(retries):
-      try:
-        return 'ok', '', fn()
-      except checks.IncompatibleCheckpointError as e:
-        return 'incompatible', str(e), None
-      except Exception as e:  # pylint: disable=broad-except
-        kind = checks.classify(e)
-        detail = f'{type(e).__name__}: {str(e)[:600]}'
-        if kind != 'transient':
-          return kind, detail, None
-        if attempt + 1 < retries:
-          wait = self.backoff_s * 2**attempt
-          logging.warning('Storage error restoring step %d (attempt %d of %d, '
-                          'retrying in %.1f s): %s', step, attempt + 1,
-                          retries, wait, detail)
-          time.sleep(wait)
-    suffix = f' (still failing after {retries} attempts)' if retries > 1 else ''
-    return 'transient', detail + suffix, None
+  @staticmethod
+  def _try_once(fn):
+    """(outcome, detail, fn()), the outcome classified from any error."""
+    try:
+      return 'ok', '', fn()
+    except checks.IncompatibleCheckpointError as e:
+      return 'incompatible', str(e), None
+    except Exception as e:  # pylint: disable=broad-except
+      return checks.classify(e), f'{type(e).__name__}: {str(e)[:600]}', None
+
+  def _with_retries(self, step, attempt):
+    """Repeats `attempt()` with backoff while it is transient. An attempt
+    that contains a collective must agree first (`_agreed`), so that all
+    processes retry together."""
+    for i in range(self.retries):
+      outcome, detail, value = attempt()
+      if outcome != 'transient':
+        return outcome, detail, value
+      if i + 1 < self.retries:
+        wait = self.backoff_s * 2**i
+        logging.warning('Storage error restoring step %d (attempt %d of %d, '
+                        'retrying in %.1f s): %s', step, i + 1, self.retries,
+                        wait, detail)
+        time.sleep(wait)
+    return 'transient', f'{detail} (still failing after {self.retries} attempts)', None
 
   def _preflight(self, step, abstract_state, run_config):
-    """Local checks: same process count, config and tree; input state present."""
+    """Local checks: same process count, config and tree; input state
+    present. Returns the step's metadata."""
     meta = self._read_meta(step)
     saved_procs = meta.get('process_count', jax.process_count())
     if saved_procs != jax.process_count():
@@ -257,7 +248,8 @@ class Checkpointer:
     saved_config = meta.get('config') if run_config else None
     diffs = checks.resume_differences(saved_config, run_config) if saved_config else []
     if saved_config and not diffs:
-      changed = checks.config_differences(saved_config, run_config, prefix='')
+      changed = checks.config_differences(saved_config, run_config, prefix='',
+                                          ignore=())
       if changed:
         logging.info('Resuming step %d with %d config change(s) that keep the '
                      'checkpoint valid: %s', step, len(changed), '; '.join(changed[:8]))
@@ -270,6 +262,7 @@ class Checkpointer:
     for suffix in ('.index', '.data-*'):
       if not tf.io.gfile.glob(input_path + suffix):
         raise FileNotFoundError(f'input state {input_path}{suffix} is missing')
+    return meta
 
   def _state_dir(self, step):
     return epath.Path(self.step_path(step)) / 'state'
@@ -293,8 +286,7 @@ class Checkpointer:
     finally:
       handler.close()
 
-  def _verify_and_restore_input(self, step, state, data_iter):
-    meta = self._read_meta(step)
+  def _verify_and_restore_input(self, step, state, meta, data_iter):
     if 'checksums' in meta:
       checks.verify_checksums(state, meta['checksums'], self.step_path(step))
     input_path = self._input_path(step)
@@ -308,7 +300,7 @@ class Checkpointer:
           f'input state {input_path} does not match this run\'s input pipeline '
           f'(were input.* keys changed, such as shuffle_buffer, batch_size or '
           f'image_size?): {type(e).__name__}: {str(e)[:300]}') from e
-    return {'state': state, 'meta': meta}
+    return state
 
   def _read_meta(self, step):
     path = os.path.join(self.step_path(step), 'meta', 'metadata')
