@@ -8,8 +8,8 @@ This is the paper's bootstrap: a CLIP trained on image-text pairs scores each li
 entity's text ('{name}, {description}') against the image, and the I2E pipeline keeps
 the entities it sees (data_prep/i2e/select.py, `build_i2e --clip /tmp/bootstrap`).
 Its corpus is a 'pairs' corpus (alt-texts, no entities), so the mode is contrastive
-and the text is the alt-text. Sized for the demo (data_prep/i2e/demo.py builds the
-demo corpus with it): about a minute on 2 CPU cores.
+and the text is the alt-text. Sized for the demo (data_prep/demo_world/i2e_build.py
+builds the demo corpus with it): about a minute on 2 CPU cores.
 """
 import ml_collections as mlc
 
@@ -18,7 +18,7 @@ from configs import demo
 
 def get_config():
   c = demo.get_config('contrastive')
-  del c.input['synthetic']  # Its corpus comes from build_i2e --pairs_only.
+  del c.input['recipe'], c.input['recipe_args']  # Its corpus: build_i2e --pairs_only.
   c.total_steps = 200
   c.log_every = 50
   # Entity texts ('Lequyl, a cyan star on a diagonally striped background') are longer

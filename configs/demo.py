@@ -2,17 +2,17 @@
 
   python -m mofi_jax.train --config configs/demo.py --workdir /tmp/mofi_demo
 
-On first use the corpus is built the real way into `{workdir}/corpus`: synthetic
-web image/alt-text pairs (a few hundred procedurally drawn "entities", distractor
-mentions and noise) and a mini Wikidata dump go through the Beam I2E pipeline,
-whose CLIP selection uses a small CLIP first trained on the raw pairs (see
-data_prep/i2e/demo.py; ~3-4 min). A held-out GPR1200-layout retrieval set of
+On first use the recipe `demo_world` builds the corpus the real way into
+`{workdir}/corpus`: synthetic web image/alt-text pairs (a few hundred procedurally
+drawn "entities", distractor mentions and noise) and a mini Wikidata dump go
+through the Beam I2E pipeline, whose CLIP selection uses a small CLIP first
+trained on the raw pairs (see data_prep/demo_world/; ~3-4 min). A held-out GPR1200-layout retrieval set of
 unseen categories comes with it. Training then takes a few minutes on 2 CPU cores.
 """
 import ml_collections as mlc
 
 from configs import common
-from mofi_jax.data import synthetic
+from data_prep import demo_world
 
 
 def get_config(mode='multitask'):
@@ -21,8 +21,9 @@ def get_config(mode='multitask'):
   c.log_every = 100
   c.input.update(batch_size=128, image_size=32, text_len=16,
                  shuffle_buffer=2000, rrc_scale=(0.5, 1.0))
-  c.input.synthetic = synthetic.default_synthetic_config()
-  c.input.synthetic.builder = 'i2e'   # 'direct' writes the corpus without the pipeline
+  c.input.recipe = 'demo_world'   # see mofi_jax/train.py's CORPUS_RECIPES
+  c.input.recipe_args = demo_world.default_config()
+  c.input.recipe_args.builder = 'i2e'   # 'direct' writes the corpus without the pipeline
   c.model.update(embed_dim=128, dtype='float32', scan=False)
   c.model.image = dict(variant=None, width=128, depth=4, num_heads=4,
                        mlp_dim=512, patch=8, pool='cls', act='gelu', ln_pre=True)

@@ -14,13 +14,13 @@ options); the default is the local runner on both cores.
 Reads like a table of contents: flags -> config -> checks -> pipeline -> summary.
 """
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import sys
 
 from apache_beam.io.filesystems import FileSystems
+
+from mofi_jax import config_files
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'configs', 'i2e.py')
@@ -51,44 +51,9 @@ def parse_args(argv):
   return args, config, [a for a in rest if not a.startswith('--config.')]
 
 
-def load_config(path, overrides=()):
-  """get_config() of the file at `path`, with `--config.a.b=value` overrides applied."""
-  if not os.path.isfile(path):
-    raise UsageError(f'--config {path}: file not found.')
-  spec = importlib.util.spec_from_file_location('i2e_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for flag in overrides:
-    key, sep, text = flag[len('--config.'):].partition('=')
-    if not sep:
-      raise UsageError(f'{flag}: expected --config.KEY=VALUE.')
-    *parents, leaf = key.split('.')
-    node = config
-    for part in parents:
-      node = node.get(part) if hasattr(node, 'get') else None
-    if node is None or not hasattr(node, 'keys') or leaf not in node:
-      raise UsageError(f'{flag}: unknown config key {key!r}.')
-    node[leaf] = _parse_value(text, node[leaf], flag)
-  return config
-
-
-def _parse_value(text, current, flag):
-  if isinstance(current, str):
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if not isinstance(current, tuple):
-      raise UsageError(f'{flag}: {text!r} is not a Python literal.') from None
-    value = tuple(t for t in text.split(',') if t)  # --config.x.dirs=/a,/b
-  if isinstance(current, tuple) and isinstance(value, (list, tuple, str)):
-    return tuple([value] if isinstance(value, str) else value)
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if type(value) is not type(current):  # pylint: disable=unidiomatic-typecheck
-    raise UsageError(f'{flag}: expected {type(current).__name__}, got {value!r}.')
-  return value
+def load_config(spec, overrides=()):
+  """get_config() of the file `spec`, with '--config.a.b=value' overrides applied."""
+  return config_files.load(spec, [o[len('--config.'):] for o in overrides], flag='--config.')
 
 
 def check_inputs(args):

@@ -7,7 +7,8 @@
 Flags this module does not know go to Beam's PipelineOptions. Without --runner: the local
 DirectRunner on both cores (multi-processing). The KB is built in a staging folder beside --out and
 moved into place when the pipeline has finished, so a failed build never touches an existing KB;
-an existing non-empty --out is replaced only with --overwrite. Layout: see data_prep/i2e/kb.py.
+an existing non-empty --out is replaced only with --overwrite. Parsing: data_prep/i2e/wikidata.py;
+layout: data_prep/i2e/kb.py.
 """
 import argparse
 import json
@@ -93,12 +94,12 @@ def run(args, beam_args):
   # pylint: disable=import-outside-toplevel
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
-  from data_prep.i2e import kb
+  from data_prep.i2e import kb, wikidata
   staging = f'{args.out.rstrip("/")}.staging-{uuid.uuid4().hex[:8]}'
   try:
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-      kb.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
-                        min_sitelinks=args.min_sitelinks)
+      wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
+                              min_sitelinks=args.min_sitelinks)
     with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:
       meta = json.loads(f.read().decode('utf-8'))
     move_into_place(staging, args.out)

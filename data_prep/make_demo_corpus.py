@@ -1,14 +1,14 @@
-"""Builds the synthetic demo corpus (mofi_jax/data/synthetic.py) and prints a summary.
+"""Builds the demo corpus of the demo world (data_prep/demo_world/) and prints a summary.
 
   python -m data_prep.make_demo_corpus --out /tmp/mofi_demo/corpus [--num_entities 300 ...]
 
-By default the corpus is built the real way (--builder i2e, data_prep/i2e/demo.py): raw
+By default the corpus is built the real way (--builder i2e, demo_world/i2e_build.py): raw
 web pairs and a Wikidata dump go through the Beam I2E pipeline, whose CLIP selection uses
 a bootstrap CLIP trained first on the raw pairs; the summary reports the selection's
 precision and recall against the generator's ground truth. --builder direct writes the
 labelled corpus directly (seconds; what the unit tests use).
 
-Every field of `default_synthetic_config()` is a flag. Re-running with the same flags is
+Every field of `demo_world.default_config()` is a flag. Re-running with the same flags is
 a no-op; different flags on an existing demo corpus need --overwrite.
 """
 import argparse
@@ -19,9 +19,9 @@ import time
 
 from absl import logging
 
-from data_prep.i2e import synthetic_web
+from data_prep import demo_world
+from data_prep.demo_world import web
 from mofi_jax.data import schema
-from mofi_jax.data import synthetic
 
 
 def parse_args(argv=None):
@@ -30,10 +30,10 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='corpus folder to create')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace an existing demo corpus made with another config')
-  synthetic_web.add_config_flags(parser)
+  web.add_config_flags(parser)
   parser.set_defaults(builder='i2e')
   args = parser.parse_args(argv)
-  cfg = {k: getattr(args, k) for k in synthetic.default_synthetic_config()}
+  cfg = {k: getattr(args, k) for k in demo_world.default_config()}
   return args.out, cfg, args.overwrite
 
 
@@ -81,7 +81,7 @@ def main(argv=None):
   logging.set_verbosity(logging.INFO)
   start = time.time()
   try:
-    corpus_dir = synthetic.ensure_demo_corpus(out, cfg, overwrite=overwrite)
+    corpus_dir = demo_world.ensure_corpus(out, cfg, overwrite=overwrite)
   except (ValueError, RuntimeError, OSError) as e:
     sys.exit(f'make_demo_corpus: error: {e}')
   print(f'ready in {time.time() - start:.1f}s')

@@ -9,9 +9,7 @@ Needs libtpu: pip install -e ".[tpu]". No corpus is read: head.num_classes and
 text.vocab_size come from the config (give them with --set where it says -1).
 Exit status: 0 fits with --min_headroom to spare; 1 does not; 2 bad input.
 """
-import ast
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -26,7 +24,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax
 from absl import app, flags
 
-from mofi_jax import run_setup, sharding, step_analysis, tpu_specs
+from mofi_jax import config_files, run_setup, sharding, step_analysis, tpu_specs
 from mofi_jax.models import layers, mofi
 
 FLAGS = flags.FLAGS
@@ -47,72 +45,6 @@ class AotError(ValueError):
 
 
 # ------------------------------------------------------------------ config
-def load_config(spec):
-  """'path/to/config.py[:arg]' -> get_config(arg), big_vision style."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise AotError(f'--config: no such file {path!r}')
-  module_spec = importlib.util.spec_from_file_location('aot_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise AotError(f'--config: {path} defines no get_config()')
-  try:
-    return module.get_config(arg) if arg else module.get_config()
-  except (KeyError, ValueError) as e:
-    raise AotError(f'--config {spec}: {e}') from e
-
-
-def _typed(key, text, old):
-  """`text` as a value of the type that config entry `key` holds."""
-  expected = type(old).__name__
-  try:
-    if isinstance(old, bool):
-      if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-      return text.lower() in ('true', '1')
-    if isinstance(old, int):
-      return int(text)
-    if isinstance(old, float):
-      return float(text)
-    if isinstance(old, str):
-      return text
-    if old is None:   # untyped entry: a Python literal, else the text
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
-    value = ast.literal_eval(text)
-    if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
-      raise ValueError(text)
-    return type(old)(value) if isinstance(old, (tuple, list)) else value
-  except (ValueError, SyntaxError) as e:
-    article = 'an' if expected[0] in 'aeiou' else 'a'
-    raise AotError(f'--set {key}={text!r}: expected {article} {expected}, like the '
-                   f'current value {old!r}') from e
-
-
-def apply_overrides(config, assignments):
-  """Applies 'a.b.c=value' strings; unknown keys and wrong types are errors."""
-  for item in assignments:
-    key, sep, text = item.partition('=')
-    if not sep or not key:
-      raise AotError(f'--set {item!r}: expected key=value, e.g. '
-                     f'input.batch_size=16384')
-    node, parts = config, key.split('.')
-    for i, part in enumerate(parts):
-      if not hasattr(node, 'keys') or part not in node:
-        raise AotError(f'--set {key}: config has no entry '
-                       f'{".".join(parts[:i + 1])!r}')
-      if i < len(parts) - 1:
-        node = node[part]
-    old = node[parts[-1]]
-    if hasattr(old, 'keys'):
-      raise AotError(f'--set {key}: that is a section, not a value')
-    node[parts[-1]] = _typed(key, text, old)
-  return config
-
-
 def check_complete(config):
   """Sizes that train.py takes from the corpus must be given here."""
   try:
@@ -238,11 +170,12 @@ def main(argv):
       if not FLAGS[name].value:
         raise AotError(f'--{name} is required')
     topology = tpu_specs.parse(FLAGS.topology)
-    config = apply_overrides(load_config(FLAGS.config), FLAGS.set)
+    config = config_files.load(FLAGS.config, FLAGS.set, flag='--set ')
     check_complete(config)
     report = analyse(config, topology, FLAGS.min_headroom, FLAGS.cost,
                      label=FLAGS.config)
-  except (AotError, tpu_specs.TopologyError, sharding.ShardingError) as e:
+  except (AotError, config_files.ConfigFileError, tpu_specs.TopologyError,
+          sharding.ShardingError) as e:
     print(f'mofi_jax.aot: error: {e}', file=sys.stderr)
     sys.exit(2)
   print(format_report(report))

@@ -37,8 +37,10 @@ EXECUTION_ONLY_KEYS = ('model.remat', 'model.dtype', 'model.logit_scale_init',
 # still fits. Any other `input.` key does: restoring a symbolic iterator state
 # into another graph can crash TensorFlow (heap corruption, measured with a
 # changed shuffle_buffer), so it is refused before the restore.
-INPUT_FREE_KEYS = ('input.threads', 'input.prefetch_batches', 'input.data_dir')
-INPUT_FREE_PREFIXES = ('input.synthetic.',)
+# The corpus recipe is free too: what it built is compared by the corpus's fingerprint.
+INPUT_FREE_KEYS = ('input.threads', 'input.prefetch_batches', 'input.data_dir',
+                   'input.recipe')
+INPUT_FREE_PREFIXES = ('input.recipe_args.',)
 
 
 class CheckpointError(RuntimeError):

@@ -12,7 +12,7 @@ import os
 import jax
 
 from configs import demo as demo_config
-from mofi_jax.data import synthetic
+from data_prep import demo_world
 
 # Smaller than the default demo world: the notebooks run top to bottom in CI.
 NOTEBOOK_WORLD = dict(builder='i2e', num_entities=120, images_per_entity=30,
@@ -22,13 +22,13 @@ NOTEBOOK_WORLD = dict(builder='i2e', num_entities=120, images_per_entity=30,
 def ensure_corpus(root, **overrides):
   """Path of the I2E demo corpus under `root` (built by the Beam pipeline if missing)."""
   cfg = dict(NOTEBOOK_WORLD, **overrides)
-  return synthetic.ensure_demo_corpus(os.path.join(root, 'corpus'), cfg)
+  return demo_world.ensure_corpus(os.path.join(root, 'corpus'), cfg)
 
 
 def run_config(corpus, steps=150, mode='multitask'):
   c = demo_config.get_config(mode)
   c.input.data_dir = corpus
-  c.input.synthetic = None
+  c.input.recipe = None
   c.total_steps = steps
   c.log_every = max(1, steps // 15)
   c.optim.warmup_steps = max(1, steps // 7)

@@ -86,8 +86,10 @@ class Encoder:
     self.model = mofi.build(self.config.model)
     specs = _param_shardings(self.model, self.config, self.mesh)
     self.params = jax.device_put(self.params, specs)
-    self._embed_image = trainer.make_embed_fn(
-        self.model, mofi.Mofi.encode_image, self.mesh, specs)
+    # jax.jit compiles on first use, so the unused one costs nothing.
+    self._embed_image, self._embed_image_raw = (
+        trainer.make_embed_fn(self.model, mofi.Mofi.encode_image, self.mesh, specs,
+                              normalize=normalize) for normalize in (True, False))
     if self.has_text:
       self._embed_text = trainer.make_embed_fn(
           self.model, mofi.Mofi.encode_text, self.mesh, specs)
@@ -116,9 +118,14 @@ class Encoder:
     return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3),
                                               np.float32)
 
-  def embed_images(self, images, batch_size=256):
-    """float32 [N, S, S, 3] (preprocessed) -> float32 [N, D], L2-normalised."""
-    return self._batched(self._embed_image, np.asarray(images, np.float32), batch_size)
+  def embed_images(self, images, batch_size=256, normalize=True):
+    """float32 [N, S, S, 3] (preprocessed) -> float32 [N, D], L2-normalised.
+
+    normalize=False: the image tower's raw output, what the linear entity head sees in
+    training (`head_weights` scores it).
+    """
+    fn = self._embed_image if normalize else self._embed_image_raw
+    return self._batched(fn, np.asarray(images, np.float32), batch_size)
 
   def embed_tokens(self, tokens, batch_size=1024):
     if not self.has_text:

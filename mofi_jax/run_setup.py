@@ -1,5 +1,6 @@
 """Small pieces of the training entry point: config checks, processes, paths,
 finite checks. Kept here so that train.py reads like a table of contents."""
+import importlib
 import os
 
 import jax
@@ -97,6 +98,19 @@ def validate_config(config):
       value = value[part]
     if int(value) <= 0:
       raise ConfigError(f'config.{key}={value}; expected a positive integer')
+
+
+def corpus_recipe(name, registry):
+  """The function `config.input.recipe` names: a key of `registry`, or 'module:function'."""
+  target = registry.get(name, name)
+  module, sep, function = target.partition(':')
+  if not sep:
+    raise ConfigError(f'config.input.recipe={name!r}; expected one of {sorted(registry)} '
+                      "or 'module:function'")
+  try:
+    return getattr(importlib.import_module(module), function)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f'config.input.recipe={name!r}: cannot load {target!r} ({e})') from e
 
 
 def resolve_path(path, **kw):

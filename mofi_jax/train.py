@@ -20,10 +20,15 @@ from ml_collections import config_flags
 
 from mofi_jax import (checkpoint_checks, checkpointing, inference,
                       periodic_evals, run_setup, sharding, trainer)
-from mofi_jax.data import pipeline, synthetic
+from mofi_jax.data import pipeline
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
+# Corpus recipes a config may name (input.recipe), as 'module:function'. Process 0
+# calls function(data_dir, input.recipe_args) before the input reads data_dir; a
+# recipe returns at once when its corpus is already there. Named here, at the entry
+# point, so that the training library never learns how a corpus is built.
+CORPUS_RECIPES = {'demo_world': 'data_prep.demo_world:ensure_corpus'}
 config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and caches.')
@@ -75,10 +80,10 @@ def train_and_evaluate(config, workdir, fresh_run=False):
                jax.device_count(), jax.process_count())
   # ----------------------------------------------------------------- input
   data_dir = run_setup.resolve_path(config.input.data_dir, workdir=workdir)
-  if config.input.get('synthetic'):
+  if config.input.get('recipe'):
+    recipe = run_setup.corpus_recipe(config.input.recipe, CORPUS_RECIPES)
     run_setup.on_process_zero(
-        lambda: synthetic.ensure_demo_corpus(data_dir, config.input.synthetic),
-        'synthetic_corpus')
+        lambda: recipe(data_dir, config.input.get('recipe_args')), 'corpus_recipe')
   # Validates the corpus (the first shards up front; every later record as it
   # is read) before anything reads the corpus metadata.
   per_process_batch = config.input.batch_size // jax.process_count()

@@ -128,11 +128,12 @@ def compile_train_step(train_step, mesh, shardings):
                  donate_argnums=(0,))
 
 
-def make_embed_fn(model, method, mesh, param_shardings):
-  """Jitted, L2-normalised embeddings; host batches in, host numpy out."""
+def make_embed_fn(model, method, mesh, param_shardings, normalize=True):
+  """Jitted embeddings (L2-normalised unless `normalize=False`); host batches in, host
+  numpy out."""
   def embed(params, x):
     emb = model.apply({'params': params}, x, method=method)
-    return losses.l2_normalize(emb)
+    return losses.l2_normalize(emb) if normalize else emb
   fn = jax.jit(embed, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                out_shardings=sharding.replicated(mesh))
 

@@ -18,8 +18,8 @@ TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shar
 def tiny_corpus(tmp_path_factory):
   """Path (str) of a tiny synthetic I2E corpus in the production format."""
   # Imported here so that test sessions that never use it do not pay for TensorFlow.
-  from mofi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  return synthetic.ensure_demo_corpus(tmp_path_factory.mktemp('data') / 'tiny_corpus',
+  from data_prep import demo_world  # pylint: disable=g-import-not-at-top
+  return demo_world.ensure_corpus(tmp_path_factory.mktemp('data') / 'tiny_corpus',
                                       TINY_CORPUS_CONFIG)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import mofi_b16
-from mofi_jax import aot, sharding, step_analysis, tpu_specs, trainer
+from mofi_jax import aot, config_files, sharding, step_analysis, tpu_specs, trainer
 from mofi_jax.models import mofi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,27 +70,6 @@ def test_topology_devices(name, kind, hosts):
   assert len({d.process_index for d in devices}) == hosts   # 4 chips per host
 
 
-def test_set_overrides_are_typed():
-  c = aot.apply_overrides(mofi_b16.get_config('multitask'), [
-      'input.batch_size=16384', 'model.remat=dots', 'model.scan=false',
-      'optim.lr=3', 'input.rrc_scale=(0.5, 1.0)', 'loss.head_dtype=bfloat16'])
-  assert c.input.batch_size == 16384 and c.model.remat == 'dots'
-  assert c.model.scan is False and c.optim.lr == 3.0
-  assert c.input.rrc_scale == (0.5, 1.0) and c.loss.head_dtype == 'bfloat16'
-
-
-@pytest.mark.parametrize('item, message', [
-    ('input.batch_size=big', r"input.batch_size='big': expected an int"),
-    ('input.batch_size=1.5', 'expected an int'),
-    ('model.scan=maybe', 'expected a bool'),
-    ('model.no_such=1', "no entry 'model.no_such'"),
-    ('model=3', 'a section'),
-    ('input.batch_size', 'expected key=value')])
-def test_bad_overrides_name_the_key(item, message):
-  with pytest.raises(aot.AotError, match=message):
-    aot.apply_overrides(mofi_b16.get_config('multitask'), [item])
-
-
 def test_sizes_from_the_corpus_must_be_given():
   from configs import demo  # pylint: disable=g-import-not-at-top
   with pytest.raises(aot.AotError, match=r'model.head.num_classes is -1.*--set'):
@@ -98,7 +77,7 @@ def test_sizes_from_the_corpus_must_be_given():
 
 
 def test_unknown_remat_policy_is_named():
-  c = aot.apply_overrides(mofi_b16.get_config('multitask'), ['model.remat=some'])
+  c = config_files.apply_overrides(mofi_b16.get_config('multitask'), ['model.remat=some'])
   with pytest.raises(aot.AotError, match=r"model.remat='some'; expected one of"):
     aot.check_complete(c)
 

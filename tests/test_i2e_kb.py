@@ -1,4 +1,5 @@
-"""The Wikidata KB builder (data_prep/i2e/kb.py, data_prep/build_kb.py) and its loader."""
+"""The Wikidata KB builder (data_prep/i2e/wikidata.py, data_prep/build_kb.py) and its loader
+(data_prep/i2e/kb.py)."""
 import bz2
 import gzip
 import json
@@ -12,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from data_prep import build_kb
 from data_prep.i2e import kb
-from data_prep.i2e import types
+from data_prep.i2e import types, wikidata
 
 IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
 
@@ -77,7 +78,7 @@ def test_build_kb_from_each_dump_compression(tmp_path, suffix):
   dump = write_dump(tmp_path / f'latest-all{suffix}')
   out = str(tmp_path / 'kb')
   with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    kb.build_pipeline(p, dump, out, language='en', num_shards=2)
+    wikidata.build_pipeline(p, dump, out, language='en', num_shards=2)
   meta = json.loads((tmp_path / 'kb' / 'kb.json').read_text())
   assert meta['num_entities'] == 3 and meta['num_aliases'] == 5
   assert meta['skipped'] == {'not_item': 2, 'no_label': 1}
@@ -100,7 +101,7 @@ def test_build_kb_from_each_dump_compression(tmp_path, suffix):
 def test_parse_stage_alone_routes_every_line():
   lines = [('dump', l) for l in [b'['] + [l + b',' for l in ENTITY_LINES] + [b']']]
   with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    out = p | beam.Create(lines) | kb.ParseWikidata('en')
+    out = p | beam.Create(lines) | wikidata.ParseWikidata('en')
     assert_that(out['main'] | 'Ids' >> beam.Map(lambda e: e.id), equal_to(['Q1', 'Q3', 'Q4']),
                 label='main')
     assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.reason, f.key)),
@@ -113,12 +114,12 @@ def test_parse_stage_alone_routes_every_line():
 def test_language_option_picks_labels_descriptions_and_aliases():
   line = _item('Q5', {'en': 'Germany', 'de': 'Deutschland'}, {'en': 'country', 'de': 'Staat'},
                {'de': ['BRD']}, sitelinks=2)
-  assert kb.parse_line(line, 'de') == types.Entity('Q5', 'Deutschland', 'Staat', ('BRD',), 2)
-  assert kb.parse_line(line, 'en') == types.Entity('Q5', 'Germany', 'country', (), 2)
-  assert kb.parse_line(b'[') is None and kb.parse_line(b' ]\n') is None
+  assert wikidata.parse_line(line, 'de') == types.Entity('Q5', 'Deutschland', 'Staat', ('BRD',), 2)
+  assert wikidata.parse_line(line, 'en') == types.Entity('Q5', 'Germany', 'country', (), 2)
+  assert wikidata.parse_line(b'[') is None and wikidata.parse_line(b' ]\n') is None
   with pytest.raises(Exception, match='2 sitelinks < 3') as info:
-    kb.parse_line(line, 'en', min_sitelinks=3)
-  assert info.value.reason == 'few_sitelinks' and 'few_sitelinks' in kb.SKIP_REASONS
+    wikidata.parse_line(line, 'en', min_sitelinks=3)
+  assert info.value.reason == 'few_sitelinks' and 'few_sitelinks' in wikidata.SKIP_REASONS
 
 
 def test_normalize_alias_nfkc_casefold_whitespace():

@@ -262,12 +262,13 @@ def test_cli_errors_are_one_line(raw_pairs, tmp_path):
       (['--pairs', tars, '--out', out, '--kb', str(tmp_path), '--clip', str(tmp_path)],
        'kb.json not found'),
       (['--pairs', tars, '--out', out, '--pairs_only', '--config.write.nope=1'],
-       "unknown config key 'write.nope'"),
+       "--config.write.nope: config has no entry 'write.nope'"),
       (['--pairs', tars, '--out', out, '--pairs_only', '--config.write.num_shards=two'],
-       'not a Python literal'),
+       "--config.write.num_shards='two': expected an int"),
       (['--pairs', tars, '--out', out, '--pairs_only', '--config.clean.max_chars=2.5'],
-       'expected int, got 2.5'),
-      (['--pairs', tars, '--out', out, '--config', str(tmp_path / 'none.py')], 'not found'),
+       "--config.clean.max_chars='2.5': expected an int"),
+      (['--pairs', tars, '--out', out, '--config', str(tmp_path / 'none.py')],
+       'none.py\': no such file'),
   ]:
     with pytest.raises(SystemExit) as exit_info:
       build_i2e.main(args)

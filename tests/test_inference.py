@@ -65,10 +65,13 @@ def test_embeddings_equal_single_device_apply(saved_run):
   images = rng.normal(size=(13, s, s, 3)).astype(np.float32)   # 13: not a multiple of 8
   tokens = random_batch(c, 9)['text'][:11]
   got_img = enc.embed_images(images, batch_size=5)
+  got_raw = enc.embed_images(images, batch_size=5, normalize=False)
   got_txt = enc.embed_tokens(tokens, batch_size=4)
   model = enc.model
   ref_img = np.asarray(model.apply({'params': params}, images, method=model.encode_image),
                        np.float64)
+  np.testing.assert_allclose(got_raw, ref_img, rtol=1e-5, atol=2e-5)
+  assert np.abs(np.linalg.norm(ref_img, axis=1) - 1).max() > 0.1   # raw is not unit length
   ref_txt = np.asarray(model.apply({'params': params}, tokens, method=model.encode_text),
                        np.float64)
   ref_img /= np.linalg.norm(ref_img, axis=1, keepdims=True)

@@ -37,9 +37,9 @@ def pixel_towers(corpus):
   names, so zero-shot, kNN and the probe all see the colour signal."""
   with open(os.path.join(corpus, 'retrieval', 'categories.json')) as f:
     colour_of = {e['description']: e['color'] for e in json.load(f)}
-  from mofi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from data_prep.demo_world import world  # pylint: disable=g-import-not-at-top
   rgb = {name: (np.array(v) / 255.0 - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
-         for name, v in synthetic.COLORS.items()}
+         for name, v in world.COLORS.items()}
   from mofi_jax.evals import embedding  # pylint: disable=g-import-not-at-top
   return embedding.Towers(
       embed_images=lambda batch: batch.mean(axis=(1, 2)),

@@ -28,14 +28,14 @@ CONFIG = textwrap.dedent(f'''
       c.log_every = {EVERY}
       c.ckpt.update(every_steps={EVERY}, keep=3)
       c.input.update(batch_size=16, shuffle_buffer=64)
-      c.input.synthetic.update(builder='direct', num_entities=20, images_per_entity=6, num_shards=4,
-                               retrieval_categories=5, vocab_size=400, image_size=24)
+      c.input.recipe_args.update(builder='direct', num_entities=20, images_per_entity=6,
+                                 num_shards=4, retrieval_categories=5, vocab_size=400, image_size=24)
       c.model.image.update(depth=1, width=32, num_heads=2, mlp_dim=64)
       c.model.text.update(depth=1, width=32, num_heads=2, mlp_dim=64)
       c.model.embed_dim = 16
       c.evals.retrieval.update(every_steps=10, batch_size=50)
       if arg == 'nosynth':
-        del c.input['synthetic']
+        c.input.recipe = None
       return c
 ''')
 

@@ -11,15 +11,11 @@
 """
 import os
 
-import flax.linen as nn
-import jax
 import numpy as np
 import tensorflow as tf
 
-from mofi_jax import sharding
 from mofi_jax.data import pipeline
 from mofi_jax.evals import embedding
-from mofi_jax.models import mofi
 
 
 def top_k(scores, k):
@@ -40,22 +36,6 @@ def head_scores(raw_embedding, kernel, bias, kind):
     columns = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
     return (x / max(np.linalg.norm(x), 1e-12)) @ columns
   raise ValueError(f'Unknown head kind {kind!r}; expected linear or cosine.')
-
-
-# One jitted image tower per model (Linen modules holding dicts cannot be static arguments);
-# the model is kept alongside so that its id is never reused.
-_RAW_IMAGE_FNS = {}
-
-
-def raw_image_embeddings(encoder, images):
-  """Image-tower outputs before L2 normalisation (what the linear head sees in training)."""
-  model = encoder.model
-  if id(model) not in _RAW_IMAGE_FNS:
-    _RAW_IMAGE_FNS[id(model)] = model, jax.jit(
-        lambda p, x: model.apply({'params': p}, x, method=mofi.Mofi.encode_image))
-  encode = _RAW_IMAGE_FNS[id(model)][1]
-  with jax.set_mesh(encoder.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return np.asarray(jax.device_get(encode(encoder.params, np.asarray(images, np.float32))))
 
 
 def entity_text_embeddings(encoder, cache_dir=None, batch_size=1024):
@@ -90,7 +70,8 @@ def rank_entities(encoder, image_bytes, k=10, cache_dir=None):
   ranked = {'head': None, 'text': None}
   if encoder.has_head:
     kernel, bias, kind = encoder.head_weights()
-    ranked['head'] = head_scores(raw_image_embeddings(encoder, images)[0], kernel, bias, kind)
+    ranked['head'] = head_scores(encoder.embed_images(images, normalize=False)[0], kernel,
+                                 bias, kind)
   if encoder.has_text and encoder.tokenize is not None:
     image = encoder.embed_images(images)[0]
     ranked['text'] = entity_text_embeddings(encoder, cache_dir) @ image

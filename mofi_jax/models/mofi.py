@@ -6,7 +6,7 @@ Modes (the paper's three ways to train):
   multitask    all three; the image embedding feeds both losses.
 """
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp

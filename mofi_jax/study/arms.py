@@ -50,7 +50,7 @@ def arm_config(arm, seed, *, corpora, total_steps):
   c.total_steps = total_steps
   c.log_every = max(1, total_steps // 10)
   c.input.data_dir = corpora[spec['corpus']]
-  c.input.synthetic = None          # the study builds its corpora itself
+  c.input.recipe = None             # the study builds its corpora itself
   c.input.text_source = spec.get('text_source', c.input.text_source)
   c.input.entity_template = spec.get('template', c.input.entity_template)
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, total_steps // 7))

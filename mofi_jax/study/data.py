@@ -1,8 +1,8 @@
 """The study's data: the demo world's raw web pairs, and the I2E corpus built from them.
 
-One call to `synthetic.ensure_demo_corpus(builder='i2e')` runs the whole chain (web
+One call to `demo_world.ensure_corpus(builder='i2e')` runs the whole chain (web
 pairs + Wikidata dump -> KB -> pairs corpus -> bootstrap CLIP -> I2E corpus, see
-data_prep/i2e/demo.py); the study trains on two of its products:
+data_prep/demo_world/i2e_build.py); the study trains on two of its products:
 
   pairs   the cleaned raw pairs (alt-text only): the I2T baseline's data
   i2e     the entity-labelled corpus: every other model's data
@@ -11,8 +11,9 @@ data_prep/i2e/demo.py); the study trains on two of its products:
 import json
 import os
 
-from data_prep.i2e import demo as i2e_demo
-from mofi_jax.data import schema, synthetic
+from data_prep import demo_world
+from data_prep.demo_world import i2e_build
+from mofi_jax.data import schema
 
 FULL_WORLD = dict(builder='i2e')   # the demo's default world
 # A smaller world and a shorter-trained bootstrap CLIP (a weaker selector) for --quick.
@@ -22,10 +23,10 @@ QUICK_WORLD = dict(builder='i2e', num_entities=80, images_per_entity=25,
 
 def build(root, *, quick=False, log=print):
   world = QUICK_WORLD if quick else FULL_WORLD
-  corpus = synthetic.ensure_demo_corpus(os.path.join(root, 'i2e'), world)
+  corpus = demo_world.ensure_corpus(os.path.join(root, 'i2e'), world)
   corpora = dict(i2e=corpus,
-                 pairs=os.path.join(corpus, i2e_demo.BUILD_DIR, 'pairs'),
-                 heldout=os.path.join(corpus, synthetic.RETRIEVAL_DIR))
+                 pairs=os.path.join(corpus, i2e_build.BUILD_DIR, 'pairs'),
+                 heldout=os.path.join(corpus, demo_world.RETRIEVAL_DIR))
   for name, path in corpora.items():
     if not os.path.isdir(path):
       raise FileNotFoundError(f'study data: {name} folder {path} is missing; delete '
@@ -33,7 +34,7 @@ def build(root, *, quick=False, log=print):
   stats = _stats(corpus)
   log(f'data: {stats.get("inputs")} raw pairs -> {stats.get("written")} I2E images, '
       f'{len(schema.load_entities(corpus))} entities; selection '
-      f'{json.dumps(stats.get(i2e_demo.SELECTION_KEY, {}))}')
+      f'{json.dumps(stats.get(i2e_build.SELECTION_KEY, {}))}')
   return corpora
 
 
@@ -58,7 +59,7 @@ def describe(corpora, runs, seconds):
       f'- Data: {stats.get("inputs", "?")} synthetic web pairs; I2T baseline trains on the '
       f'{pairs_meta["num_train_examples"]} cleaned pairs, the others on the '
       f'{meta["num_train_examples"]} I2E images with {meta["num_entities"]} entities.',
-      f'- {_selection_line(stats.get(i2e_demo.SELECTION_KEY, {}))}',
+      f'- {_selection_line(stats.get(i2e_build.SELECTION_KEY, {}))}',
       f'- Every model: ViT width {c.model.image.width}, depth {c.model.image.depth}, patch '
       f'{c.model.image.patch}, {c.input.image_size} px; {c.total_steps} steps x batch '
       f'{c.input.batch_size}; seeds {seeds}; mean ± sample std over seeds.',

@@ -1,9 +1,9 @@
 """Raw web-style image/alt-text pairs and the mini Wikidata dump they refer to.
 
 The I2E pipeline's input, drawn from the same procedural world as the demo corpus
-(mofi_jax/data/synthetic.py: same entities, names and rendering for a seed):
+(world.py, render.py: the same entities, names and rendering for a seed):
 
-  python -m data_prep.i2e.synthetic_web --out DIR [--seed 0 --num_entities 300 ...]
+  python -m data_prep.demo_world.web --out DIR [--seed 0 --num_entities 300 ...]
 
   DIR/pairs/NNNNN.tar               WebDataset shards as img2dataset writes them: {key}.jpg,
                                     {key}.json (caption, url, size, sha256, status), {key}.txt
@@ -29,8 +29,6 @@ entity's name is replaced by another drawable entity's; with probability
 is named too ('... at Tobrun Harbour', 'photo: Kraxa Zuli').
 """
 import argparse
-import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -43,35 +41,20 @@ import tempfile
 
 import numpy as np
 
-from mofi_jax.data import synthetic
+from data_prep.demo_world import config as config_lib
+from data_prep.demo_world import render, web_kb
+from data_prep.demo_world import world as world_lib
 
 WEB_VERSION = 1
 PAIRS_DIR, PAIRS_GLOB = 'pairs', 'pairs/*.tar'
 DUMP_PATH = 'wikidata/latest-all.json.gz'
 GROUND_TRUTH_FILE = 'ground_truth.jsonl'
 META_FILE = 'web.json'
-PLACE_KINDS = ('Harbour', 'Market', 'Museum', 'Park', 'Station', 'Zoo', 'Festival')
-NICKNAME_FRAC = 0.5   # drawable entities with a nickname alias
 ALIAS_FRAC = 0.35     # mentions of such an entity that use the nickname
 DESCRIBE_FRAC = 0.4   # true mentions followed by the entity's attributes
-_LANGS = ('en de fr es it nl pl pt ru ja zh sv uk ca no fi cs hu ko fa id tr ar he ro da sr '
-          'bg eu vi ms eo lt sk sl et hr gl el hi').split()
-SITES = tuple(f'{lang}{project}' for project in ('wiki', 'wikiquote', 'wikivoyage', 'wikinews')
-              for lang in _LANGS)
 _DRAWN_PHRASES = (', not {d}', ' next to a poster of {d}', ' (see also {d})', ' like {d}')
 _PLACE_PHRASES = (' at {d}', ', {d}', ' near {d}')
 _PERSON_PHRASES = (' by {d}', ', photo: {d}', ' \N{COPYRIGHT SIGN} {d}')
-
-
-@dataclasses.dataclass
-class KBEntity:
-  qid: str
-  label: str
-  description: str
-  aliases: list
-  sitelinks: int
-  kind: str              # 'drawable' | 'place' | 'person'
-
 
 # ----------------------------------------------------------------------------------------
 # Entry points.
@@ -84,14 +67,14 @@ def write_web_pairs(out_dir, cfg=None, *, overwrite=False):
   earlier output (web.json), once the new one is complete.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
-  cfg = synthetic.resolve_config(cfg)
+  cfg = config_lib.resolve_config(cfg)
   replace = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
   if replace and not overwrite:
     raise FileExistsError(f'{out_dir}: folder is not empty; choose another one or pass '
                           '--overwrite.')
   if replace and not os.path.exists(os.path.join(out_dir, META_FILE)):
     raise FileExistsError(f'{out_dir}: holds no {META_FILE}, so it is not an output of '
-                          'synthetic_web; refusing to replace it.')
+                          'demo_world.web; refusing to replace it.')
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-',
                          dir=os.path.dirname(out_dir))
@@ -110,18 +93,18 @@ def write_web_pairs(out_dir, cfg=None, *, overwrite=False):
 def generate(out_dir, cfg):
   """Writes everything of the module docstring into the (empty) folder `out_dir`."""
   rng = np.random.default_rng(cfg.seed)
-  world = synthetic.make_world(rng, cfg)
-  labels = synthetic.draw_labels(rng, cfg)
-  kb, regimes = make_kb(rng, world, labels)
+  world = world_lib.make_world(rng, cfg)
+  labels = world_lib.draw_labels(rng, cfg)
+  kb, regimes = web_kb.make_kb(rng, world, labels)
   texts, truths = zip(*[alt_text(rng, lab, kb, regimes, cfg) for lab in labels])
-  images = synthetic.render_jpegs(rng, [world.combos[l] for l in labels], cfg.image_size)
+  images = render.render_jpegs(rng, [world.combos[l] for l in labels], cfg.image_size)
   keys = _write_shards(os.path.join(out_dir, PAIRS_DIR), images, texts, cfg.num_shards,
                        cfg.image_size)
-  _write_dump(rng, os.path.join(out_dir, DUMP_PATH), kb)
+  web_kb.write_dump(rng, os.path.join(out_dir, DUMP_PATH), kb)
   with open(os.path.join(out_dir, GROUND_TRUTH_FILE), 'w') as f:
     for key, lab, truth in zip(keys, labels, truths):
       f.write(json.dumps(dict(key=key, **_drawn(world, kb, lab), **truth)) + '\n')
-  synthetic.write_retrieval(rng, os.path.join(out_dir, synthetic.RETRIEVAL_DIR), world.heldout,
+  render.write_retrieval(rng, os.path.join(out_dir, config_lib.RETRIEVAL_DIR), world.heldout,
                             cfg.image_size)
   kinds = [e.kind for e in kb]
   meta = dict(web_version=WEB_VERSION, synthetic_config=cfg.to_dict(), num_pairs=len(keys),
@@ -129,85 +112,17 @@ def generate(out_dir, cfg):
               **{f'num_{k}': kinds.count(k) for k in ('drawable', 'place', 'person')},
               ambiguous_aliases={kb[a].aliases[0]: r for a, r in regimes.items()},
               pairs=PAIRS_GLOB, wikidata=DUMP_PATH, ground_truth=GROUND_TRUTH_FILE,
-              retrieval_dir=synthetic.RETRIEVAL_DIR, num_retrieval_categories=len(world.heldout))
+              retrieval_dir=config_lib.RETRIEVAL_DIR, num_retrieval_categories=len(world.heldout))
   with open(os.path.join(out_dir, META_FILE), 'w') as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   return meta
 
 
 def _drawn(world, kb, lab):
-  bg = synthetic.BACKGROUNDS[world.combos[lab[0]][2]]  # Rendering uses the first's background.
-  return dict(objects=[dict(entity=kb[e].qid, shape=synthetic.SHAPES[world.combos[e][0]],
-                            color=list(synthetic.COLORS)[world.combos[e][1]]) for e in lab],
+  bg = world_lib.BACKGROUNDS[world.combos[lab[0]][2]]  # Rendering uses the first's background.
+  return dict(objects=[dict(entity=kb[e].qid, shape=world_lib.SHAPES[world.combos[e][0]],
+                            color=list(world_lib.COLORS)[world.combos[e][1]]) for e in lab],
               background=bg, true=[kb[e].qid for e in lab])
-
-
-# ----------------------------------------------------------------------------------------
-# The knowledge base: drawable entities first (same index as in the world), then KB-only.
-
-
-def make_kb(rng, world, labels):
-  """(list of KBEntity, {drawable index: 'prior' | 'coherence'} of ambiguous nicknames)."""
-  c = len(world.names)
-  n_places = n_people = max(2, c // 10)
-  n_nick, n_ambiguous = int(round(NICKNAME_FRAC * c)), max(1, c // 20)
-  taken = {n.lower() for n in world.names} | _vocabulary()
-  words = [w for w in synthetic.make_names(rng, 2 * c + 6 * n_places + 10)
-           if w.lower() not in taken]
-  need = n_nick + 2 * n_places + 2 * n_people
-  if len(words) < need:
-    raise RuntimeError(f'synthetic_web: {len(words)} fresh names for {need} KB words.')
-  nicks, words = words[:n_nick], words[n_nick:]
-  counts = np.bincount(np.concatenate(labels), minlength=c)
-  links = np.clip(np.round(counts * rng.uniform(0.5, 2.0, c)), 1, len(SITES)).astype(int)
-  qids = _fresh_qids(rng, set(world.qids), 2 * n_places + n_people)
-  with_nick = rng.choice(c, n_nick, replace=False)
-  kb = [KBEntity(world.qids[i], world.names[i], world.descriptions[i], [], int(links[i]),
-                 'drawable') for i in range(c)]
-  for i, nick in zip(with_nick, nicks):
-    kb[i].aliases.append(nick)
-  for k in range(n_places):
-    kind = PLACE_KINDS[rng.integers(len(PLACE_KINDS))]
-    kb.append(KBEntity(qids[k], f'{words[2 * k]} {kind}', f'a {kind.lower()} in '
-                       f'{words[2 * k + 1]}', [], int(rng.integers(1, len(SITES))), 'place'))
-  words = words[2 * n_places:]
-  for k in range(n_people):
-    kb.append(KBEntity(qids[n_places + k], f'{words[2 * k]} {words[2 * k + 1]}',
-                       'a photographer', [], int(rng.integers(1, 40)), 'person'))
-  return kb, _share_nicknames(rng, kb, with_nick[:n_ambiguous], c)
-
-
-def _share_nicknames(rng, kb, drawables, c):
-  """Gives each of `drawables`' nickname to a distinct KB-only entity too; sets the prior."""
-  others = rng.choice(np.arange(c, len(kb)), len(drawables), replace=False)
-  regimes = {}
-  for k, (a, p) in enumerate(zip(drawables, others)):
-    kb[p].aliases.append(kb[a].aliases[0])
-    if k % 2 == 0:  # The prior alone resolves it.
-      regimes[int(a)] = 'prior'
-      kb[a].sitelinks = max(kb[a].sitelinks, 8)
-      kb[p].sitelinks = kb[a].sitelinks // 4
-    else:  # The KB-only one is a bit more popular: only coherence can pick the drawable one.
-      regimes[int(a)] = 'coherence'
-      kb[p].sitelinks = min(len(SITES), int(kb[a].sitelinks * 1.25) + 1)
-  return regimes
-
-
-def _vocabulary():
-  """Words the alt-texts use around names: no KB name may equal one of them."""
-  words = {w for pool in synthetic.WORDS.values() for w in pool}
-  words |= set(synthetic.SHAPES) | set(synthetic.COLORS) | {k.lower() for k in PLACE_KINDS}
-  return words
-
-
-def _fresh_qids(rng, used, n):
-  out = []
-  while len(out) < n:
-    qid = f'Q{1000 + int(rng.integers(10_000_000))}'
-    if qid not in used:
-      used.add(qid)
-      out.append(qid)
-  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,10 +131,10 @@ def _fresh_qids(rng, used, n):
 
 def alt_text(rng, lab, kb, regimes, cfg):
   """(text, truth) for an image drawing the drawable entities `lab` (1 or 2 indices)."""
-  words = {k: v[rng.integers(len(v))] for k, v in synthetic.WORDS.items()}
-  words['filler2'] = synthetic.WORDS['filler'][rng.integers(len(synthetic.WORDS['filler']))]
+  words = {k: v[rng.integers(len(v))] for k, v in world_lib.WORDS.items()}
+  words['filler2'] = world_lib.WORDS['filler'][rng.integers(len(world_lib.WORDS['filler']))]
   if rng.random() < cfg.noise_frac:
-    pool = synthetic.NAMELESS
+    pool = world_lib.NAMELESS
     text = pool[rng.integers(len(pool))].format(num=rng.integers(10000), **words)
     return text, dict(kind='noise', mentions=[], mentioned_true=[], distractors=[])
   c = sum(e.kind == 'drawable' for e in kb)
@@ -233,7 +148,7 @@ def alt_text(rng, lab, kb, regimes, cfg):
     surface = _surface(rng, kb, e, regimes, co_mentioned=len(lab) == 2)
     mentions.append((surface, e, 'true'))
     named.append(surface + _describe(rng, kb[e].description))
-  pool = synthetic.PAIR if len(lab) == 2 else synthetic.NAMED
+  pool = world_lib.PAIR if len(lab) == 2 else world_lib.NAMED
   text = pool[rng.integers(len(pool))].format(name=named[0], name2=named[-1], **words)
   if rng.random() < cfg.distractor_frac:
     d, phrases = _distractor(rng, kb, c, {m[1] for m in mentions} | set(lab))
@@ -281,7 +196,7 @@ def _truth(text, mentions, kb, regimes):
     # Whole words only: a name may be the prefix of another ('Bata', 'Batashu').
     found = re.search(rf'(?<!\w){re.escape(surface)}(?!\w)', text)
     if not found:
-      raise RuntimeError(f'synthetic_web: mention {surface!r} not in alt-text {text!r}.')
+      raise RuntimeError(f'demo_world.web: mention {surface!r} not in alt-text {text!r}.')
     alias = surface != kb[e].label
     out.append(dict(start=found.start(), end=found.end(), text=surface, entity=kb[e].qid,
                     role=role, alias=alias, ambiguous=alias and e in regimes))
@@ -322,57 +237,13 @@ def _add(tar, name, data):
   tar.addfile(info, io.BytesIO(data))
 
 
-def _write_dump(rng, path, kb):
-  """JSON array, one entity per line, as `latest-all.json`; plus entries readers must skip."""
-  records = [_item(e) for e in kb] + _skipped_entries()
-  order = rng.permutation(len(records))
-  lines = [json.dumps(records[i], ensure_ascii=False) for i in order]
-  os.makedirs(os.path.dirname(path))
-  with open(path, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', filename='',
-                                              mtime=0) as f:
-    f.write(('[\n' + ',\n'.join(lines) + '\n]\n').encode('utf-8'))
-
-
-def _text(value, lang='en'):
-  return {'language': lang, 'value': value}
-
-
-def _item(e):
-  # Class ids below 1000: entity ids are >= Q1000, so they never collide.
-  klass = {'drawable': 'Q100', 'place': 'Q200', 'person': 'Q5'}[e.kind]
-  claim = {'mainsnak': {'snaktype': 'value', 'property': 'P31', 'datatype': 'wikibase-item',
-                        'datavalue': {'type': 'wikibase-entityid', 'value': {
-                            'entity-type': 'item', 'numeric-id': int(klass[1:]), 'id': klass}}},
-           'type': 'statement', 'id': f'{e.qid}$P31', 'rank': 'normal'}
-  return {'type': 'item', 'id': e.qid, 'title': e.qid, 'ns': 0,
-          'labels': {'en': _text(e.label), 'de': _text(e.label, 'de')},
-          'descriptions': {'en': _text(e.description)},
-          'aliases': {'en': [_text(a) for a in e.aliases]} if e.aliases else {},
-          'claims': {'P31': [claim]},
-          'sitelinks': {s: {'site': s, 'title': e.label, 'badges': []}
-                        for s in SITES[:e.sitelinks]},
-          'modified': '2024-01-01T00:00:00Z'}
-
-
-def _skipped_entries():
-  """A property, a lexeme and an item with no English label: not entities of an 'en' KB."""
-  return [
-      {'type': 'property', 'id': 'P31', 'datatype': 'wikibase-item',
-       'labels': {'en': _text('instance of')}, 'descriptions': {}, 'aliases': {}, 'claims': {}},
-      {'type': 'lexeme', 'id': 'L7', 'lemmas': {'en': _text('photo')}, 'lexicalCategory': 'Q1084',
-       'language': 'Q1860', 'claims': {}, 'forms': [], 'senses': []},
-      {'type': 'item', 'id': 'Q999', 'labels': {'de': _text('Nur Deutsch', 'de')},
-       'descriptions': {}, 'aliases': {}, 'claims': {}, 'sitelinks': {}},
-  ]
-
-
 # ----------------------------------------------------------------------------------------
 # Command line.
 
 
 def add_config_flags(parser):
-  """One flag per field of synthetic.default_synthetic_config()."""
-  for key, value in synthetic.default_synthetic_config().items():
+  """One flag per field of config_lib.default_config()."""
+  for key, value in config_lib.default_config().items():
     parser.add_argument(f'--{key}', type=type(value), default=value)
 
 
@@ -383,11 +254,11 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
   add_config_flags(parser)
   args = parser.parse_args(argv)
-  cfg = {k: getattr(args, k) for k in synthetic.default_synthetic_config()}
+  cfg = {k: getattr(args, k) for k in config_lib.default_config()}
   try:
     out = write_web_pairs(args.out, cfg, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
-    sys.exit(f'synthetic_web: error: {e}')
+    sys.exit(f'demo_world.web: error: {e}')
   with open(os.path.join(out, META_FILE)) as f:
     meta = json.load(f)
   print(f'{out}: {meta["num_pairs"]} pairs in {meta["num_shards"]} shards, '

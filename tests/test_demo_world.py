@@ -1,4 +1,5 @@
-"""Tests for mofi_jax/data/synthetic.py: the demo corpus, read back with raw APIs."""
+"""Tests for data_prep/demo_world/ (world, render, direct, corpus): the demo corpus, read back
+with raw APIs."""
 import collections
 import io
 import json
@@ -11,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from mofi_jax.data import schema
-from mofi_jax.data import synthetic
+from data_prep import demo_world
+from data_prep.demo_world import render, world
 from mofi_jax.data import tokenizer as tokenizer_lib
 
 SMALL = dict(seed=3, num_entities=6, images_per_entity=3, num_shards=2, image_size=16,
@@ -74,8 +76,8 @@ def test_entity_table(corpus):
   assert len(set(table.descriptions)) == len(table)
   for d in table.descriptions:
     color, shape, background = DESCRIPTION_RE.match(d).groups()
-    assert color in synthetic.COLORS and shape in synthetic.SHAPES
-    assert background in synthetic.BACKGROUNDS
+    assert color in world.COLORS and shape in world.SHAPES
+    assert background in world.BACKGROUNDS
 
 
 def dominant_colour(jpeg):
@@ -87,11 +89,11 @@ def dominant_colour(jpeg):
 
 def test_drawn_colour_matches_description(corpus):
   table = corpus['table']
-  palette = np.array(list(synthetic.COLORS.values()), np.float32)
+  palette = np.array(list(world.COLORS.values()), np.float32)
   hits = []
   for r in corpus['records']:
     if len(r['classes']) == 1:
-      nearest = list(synthetic.COLORS)[np.argmin(
+      nearest = list(world.COLORS)[np.argmin(
           np.linalg.norm(palette - dominant_colour(r['image']), axis=1))]
       hits.append(nearest == DESCRIPTION_RE.match(table.descriptions[r['classes'][0]]).group(1))
   assert np.mean(hits) >= 0.95, np.mean(hits)
@@ -110,7 +112,7 @@ def test_alt_texts_are_noisy_but_labels_are_not(corpus):
 
 
 def test_retrieval_folder_holds_unseen_categories(corpus):
-  folder = os.path.join(corpus['dir'], synthetic.RETRIEVAL_DIR)
+  folder = os.path.join(corpus['dir'], demo_world.RETRIEVAL_DIR)
   with open(os.path.join(folder, 'categories.json')) as f:
     categories = json.load(f)
   assert [c['category'] for c in categories] == list(range(5))
@@ -125,10 +127,10 @@ def test_idempotent_and_config_mismatch(corpus):
   meta_path = os.path.join(corpus['dir'], schema.META_FILE)
   before = os.stat(meta_path).st_mtime_ns
   cfg = corpus['meta']['synthetic_config']
-  assert synthetic.ensure_demo_corpus(corpus['dir'], cfg) == corpus['dir']
+  assert demo_world.ensure_corpus(corpus['dir'], cfg) == corpus['dir']
   assert os.stat(meta_path).st_mtime_ns == before
   with pytest.raises(schema.CorpusError, match='corpus.json: a corpus with a different config'):
-    synthetic.ensure_demo_corpus(corpus['dir'], {**cfg, 'seed': 99})
+    demo_world.ensure_corpus(corpus['dir'], {**cfg, 'seed': 99})
 
 
 def corpus_bytes(corpus_dir):
@@ -138,9 +140,9 @@ def corpus_bytes(corpus_dir):
 
 
 def test_deterministic_in_seed(tmp_path):
-  a = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'a', SMALL))
-  b = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'b', SMALL))
-  c = corpus_bytes(synthetic.ensure_demo_corpus(tmp_path / 'c', {**SMALL, 'seed': 4}))
+  a = corpus_bytes(demo_world.ensure_corpus(tmp_path / 'a', SMALL))
+  b = corpus_bytes(demo_world.ensure_corpus(tmp_path / 'b', SMALL))
+  c = corpus_bytes(demo_world.ensure_corpus(tmp_path / 'c', {**SMALL, 'seed': 4}))
   assert a == b
   assert a.keys() == c.keys() and a['train-00000-of-00002.tfrecord'] != c[
       'train-00000-of-00002.tfrecord']
@@ -148,8 +150,8 @@ def test_deterministic_in_seed(tmp_path):
 
 
 def test_overwrite_replaces_demo_corpus(tmp_path):
-  out = synthetic.ensure_demo_corpus(tmp_path / 'x', SMALL)
-  synthetic.ensure_demo_corpus(out, {**SMALL, 'num_entities': 7}, overwrite=True)
+  out = demo_world.ensure_corpus(tmp_path / 'x', SMALL)
+  demo_world.ensure_corpus(out, {**SMALL, 'num_entities': 7}, overwrite=True)
   assert schema.load_corpus_meta(out)['num_entities'] == 7
   assert sorted(os.listdir(tmp_path)) == ['x']  # No temporary folders left behind.
 
@@ -157,16 +159,16 @@ def test_overwrite_replaces_demo_corpus(tmp_path):
 def test_killed_run_leaves_no_half_corpus(tmp_path, monkeypatch):
   def crash(*args):
     raise KeyboardInterrupt('killed')
-  monkeypatch.setattr(synthetic, 'write_retrieval', crash)
+  monkeypatch.setattr(render, 'write_retrieval', crash)
   with pytest.raises(KeyboardInterrupt):
-    synthetic.ensure_demo_corpus(tmp_path / 'half', SMALL)
+    demo_world.ensure_corpus(tmp_path / 'half', SMALL)
   assert os.listdir(tmp_path) == []
 
 
 def test_refuses_foreign_folder(tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(schema.CorpusError, match='not empty'):
-    synthetic.ensure_demo_corpus(tmp_path, SMALL)
+    demo_world.ensure_corpus(tmp_path, SMALL)
   assert os.listdir(tmp_path) == ['notes.txt']
 
 
@@ -180,4 +182,4 @@ def test_refuses_foreign_folder(tmp_path):
 ])
 def test_config_errors(cfg, message):
   with pytest.raises(ValueError, match=message):
-    synthetic.resolve_config(cfg)
+    demo_world.resolve_config(cfg)

@@ -1,5 +1,5 @@
-"""Tests for data_prep/i2e/synthetic_web.py: raw web pairs, the Wikidata dump and the ground
-truth, read back with raw APIs (tarfile, gzip, json, PIL) and checked against each other."""
+"""Tests for data_prep/demo_world/web.py and web_kb.py: raw web pairs, the Wikidata dump and
+the ground truth, read back with raw APIs (tarfile, gzip, json, PIL) and checked against each other."""
 import collections
 import gzip
 import hashlib
@@ -13,10 +13,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from test_synthetic import DESCRIPTION_RE, dominant_colour
-from data_prep.i2e import synthetic_web
+from test_demo_world import DESCRIPTION_RE, dominant_colour
+from data_prep import demo_world
+from data_prep.demo_world import web as web_lib
+from data_prep.demo_world import web_kb, world
 from mofi_jax.data import schema
-from mofi_jax.data import synthetic
 
 SMALL = dict(seed=5, num_entities=40, images_per_entity=8, num_shards=3, image_size=24,
              multi_entity_frac=0.3, label_noise=0.15, retrieval_categories=3, vocab_size=300,
@@ -25,10 +26,10 @@ SMALL = dict(seed=5, num_entities=40, images_per_entity=8, num_shards=3, image_s
 
 @pytest.fixture(scope='module')
 def web(tmp_path_factory):
-  out = synthetic_web.write_web_pairs(tmp_path_factory.mktemp('web') / 'w', SMALL)
-  with open(os.path.join(out, synthetic_web.META_FILE)) as f:
+  out = web_lib.write_web_pairs(tmp_path_factory.mktemp('web') / 'w', SMALL)
+  with open(os.path.join(out, web_lib.META_FILE)) as f:
     meta = json.load(f)
-  with open(os.path.join(out, synthetic_web.GROUND_TRUTH_FILE)) as f:
+  with open(os.path.join(out, web_lib.GROUND_TRUTH_FILE)) as f:
     truth = [json.loads(line) for line in f]
   return dict(dir=out, meta=meta, truth=truth, pairs=read_tars(out), dump=read_dump(out))
 
@@ -36,7 +37,7 @@ def web(tmp_path_factory):
 def read_tars(out):
   """{key: {ext: bytes}} from the tar shards, with each key's shard index."""
   pairs = {}
-  folder = os.path.join(out, synthetic_web.PAIRS_DIR)
+  folder = os.path.join(out, web_lib.PAIRS_DIR)
   for shard, name in enumerate(sorted(os.listdir(folder))):
     assert name == f'{shard:05d}.tar'
     with tarfile.open(os.path.join(folder, name)) as tar:
@@ -47,7 +48,7 @@ def read_tars(out):
 
 
 def read_dump(out):
-  with gzip.open(os.path.join(out, synthetic_web.DUMP_PATH), 'rt', encoding='utf-8') as f:
+  with gzip.open(os.path.join(out, web_lib.DUMP_PATH), 'rt', encoding='utf-8') as f:
     return f.read()
 
 
@@ -100,7 +101,7 @@ def test_dump_is_official_layout(web, kb):
   classes = collections.Counter(v[4] for v in kb.values())
   assert classes == {'Q100': 40, 'Q200': meta['num_place'], 'Q5': meta['num_person']}
   for label, description, _, sitelinks, klass in kb.values():
-    assert 1 <= sitelinks <= len(synthetic_web.SITES)
+    assert 1 <= sitelinks <= len(web_kb.SITES)
     if klass == 'Q100':
       assert DESCRIPTION_RE.match(description), description
   # No two entities share a label; the only shared names are the ambiguous aliases.
@@ -176,7 +177,7 @@ def test_ground_truth_matches_texts(web, kb):
 
 
 def test_true_entities_are_drawn(web, kb):
-  palette = np.array(list(synthetic.COLORS.values()), np.float32)
+  palette = np.array(list(world.COLORS.values()), np.float32)
   hits = []
   for t in web['truth']:
     assert t['true'] == [o['entity'] for o in t['objects']] and 1 <= len(t['true']) <= 2
@@ -187,21 +188,21 @@ def test_true_entities_are_drawn(web, kb):
         assert t['background'] == background
     if len(t['objects']) == 1:
       pixels = dominant_colour(web['pairs'][t['key']]['jpg'])
-      nearest = list(synthetic.COLORS)[np.argmin(np.linalg.norm(palette - pixels, axis=1))]
+      nearest = list(world.COLORS)[np.argmin(np.linalg.norm(palette - pixels, axis=1))]
       hits.append(nearest == t['objects'][0]['color'])
   assert len(hits) > 100 and np.mean(hits) >= 0.95, np.mean(hits)
 
 
 def test_world_is_the_demo_world(web, kb, tmp_path):
-  direct = synthetic.ensure_demo_corpus(tmp_path / 'direct', SMALL)
+  direct = demo_world.ensure_corpus(tmp_path / 'direct', SMALL)
   table = schema.load_entities(direct)
   assert {(q, n, d) for q, n, d in zip(table.ids, table.names, table.descriptions)} == {
       (q, v[0], v[1]) for q, v in kb.items() if v[4] == 'Q100'}
-  with open(os.path.join(direct, synthetic.RETRIEVAL_DIR, 'categories.json'), 'rb') as f:
+  with open(os.path.join(direct, demo_world.RETRIEVAL_DIR, 'categories.json'), 'rb') as f:
     direct_categories = f.read()
-  with open(os.path.join(web['dir'], synthetic.RETRIEVAL_DIR, 'categories.json'), 'rb') as f:
+  with open(os.path.join(web['dir'], demo_world.RETRIEVAL_DIR, 'categories.json'), 'rb') as f:
     assert f.read() == direct_categories
-  names = os.listdir(os.path.join(web['dir'], synthetic.RETRIEVAL_DIR))
+  names = os.listdir(os.path.join(web['dir'], demo_world.RETRIEVAL_DIR))
   per_category = collections.Counter(n.split('_')[0] for n in names if n.endswith('.jpg'))
   assert per_category == {'0': 10, '1': 10, '2': 10}
 
@@ -217,32 +218,32 @@ def tree_bytes(folder):
 
 
 def test_deterministic_in_seed(web, tmp_path):
-  again = tree_bytes(synthetic_web.write_web_pairs(tmp_path / 'again', SMALL))
+  again = tree_bytes(web_lib.write_web_pairs(tmp_path / 'again', SMALL))
   assert again == tree_bytes(web['dir'])
-  other = tree_bytes(synthetic_web.write_web_pairs(tmp_path / 'other', {**SMALL, 'seed': 6}))
+  other = tree_bytes(web_lib.write_web_pairs(tmp_path / 'other', {**SMALL, 'seed': 6}))
   plain = lambda files: {f for f in files if not f.startswith('retrieval/')}
   assert plain(other) == plain(again)  # Retrieval images are named by content hash.
   assert other['pairs/00000.tar'] != again['pairs/00000.tar']
-  assert other[synthetic_web.DUMP_PATH] != again[synthetic_web.DUMP_PATH]
+  assert other[web_lib.DUMP_PATH] != again[web_lib.DUMP_PATH]
 
 
 def test_cli_errors_leave_folder_alone(tmp_path, capsys):
   (tmp_path / 'notes.txt').write_text('mine')
-  with pytest.raises(SystemExit, match=r'^synthetic_web: error: .*folder is not empty'):
-    synthetic_web.main(['--out', str(tmp_path), '--num_entities', '6'])
-  with pytest.raises(SystemExit, match=r'^synthetic_web: error: .*holds no web.json, so it '
-                     'is not an output of synthetic_web; refusing to replace it'):
-    synthetic_web.main(['--out', str(tmp_path), '--overwrite'])
-  with pytest.raises(SystemExit, match=r'^synthetic_web: error: .*noise_frac=2.0; expected a '
+  with pytest.raises(SystemExit, match=r'^demo_world.web: error: .*folder is not empty'):
+    web_lib.main(['--out', str(tmp_path), '--num_entities', '6'])
+  with pytest.raises(SystemExit, match=r'^demo_world.web: error: .*holds no web.json, so it '
+                     'is not an output of demo_world.web; refusing to replace it'):
+    web_lib.main(['--out', str(tmp_path), '--overwrite'])
+  with pytest.raises(SystemExit, match=r'^demo_world.web: error: .*noise_frac=2.0; expected a '
                      r'fraction'):
-    synthetic_web.main(['--out', str(tmp_path / 'x'), '--noise_frac', '2'])
+    web_lib.main(['--out', str(tmp_path / 'x'), '--noise_frac', '2'])
   assert sorted(os.listdir(tmp_path)) == ['notes.txt']
-  synthetic_web.main(['--out', str(tmp_path / 'ok'), '--num_entities', '6',
+  web_lib.main(['--out', str(tmp_path / 'ok'), '--num_entities', '6',
                       '--images_per_entity', '2', '--image_size', '16',
                       '--retrieval_categories', '1'])
   assert re.search(r'ok: \d+ pairs in 8 shards, 10 KB entities \(6 drawable, 2 places, '
                    r'2 photographers\), 1 ambiguous aliases', capsys.readouterr().out)
-  synthetic_web.main(['--out', str(tmp_path / 'ok'), '--num_entities', '7', '--overwrite',
+  web_lib.main(['--out', str(tmp_path / 'ok'), '--num_entities', '7', '--overwrite',
                       '--images_per_entity', '2', '--image_size', '16',
                       '--retrieval_categories', '1'])
   assert '(7 drawable' in capsys.readouterr().out

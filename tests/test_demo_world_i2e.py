@@ -1,4 +1,4 @@
-"""Tests for data_prep/i2e/demo.py: the selection metrics against hand-computed values, and
+"""Tests for data_prep/demo_world/i2e_build.py and selection.py: the selection metrics against hand-computed values, and
 the whole demo build (web pairs -> KB -> pairs corpus -> bootstrap CLIP -> I2E corpus) at a
 tiny scale, checked against the generator's ground truth and trained on by the spine."""
 import json
@@ -10,11 +10,10 @@ import pytest
 import tensorflow as tf
 
 from data_prep import make_demo_corpus
-from data_prep.i2e import demo
-from data_prep.i2e import synthetic_web
+from data_prep import demo_world
+from data_prep.demo_world import i2e_build, selection, web
 from mofi_jax.data import pipeline
 from mofi_jax.data import schema
-from mofi_jax.data import synthetic
 
 
 def truth(key, true, mentioned, distractors, ambiguous=()):
@@ -45,7 +44,7 @@ def test_selection_metrics_hand_computed(tmp_path):
   with open(tmp_path / 'gt.jsonl', 'w') as f:
     f.writelines(json.dumps(t) + '\n' for t in gt)
   write_corpus(tmp_path / 'c', {'k1': ['A'], 'k2': ['C'], 'k3': ['F']})
-  got = demo.selection_metrics(str(tmp_path / 'c'), str(tmp_path / 'gt.jsonl'))
+  got = selection.selection_metrics(str(tmp_path / 'c'), str(tmp_path / 'gt.jsonl'))
   assert got['counts'] == dict(pairs=5, kept=3, kept_true=2, mentioned_true=3,
                                mentioned_true_kept=2, distractors=3, distractors_kept=1,
                                ambiguous=1, ambiguous_kept=1)
@@ -57,8 +56,8 @@ def test_selection_metrics_hand_computed(tmp_path):
   assert got['entities'] == 3 and got['entities_never_drawn'] == 1
   assert got['drawn_entities_kept'] == 0.4
   write_corpus(tmp_path / 'other', {'k9': ['A']})
-  with pytest.raises(demo.DemoBuildError, match=r"image keys \['k9'\] are not in .*gt.jsonl"):
-    demo.selection_metrics(str(tmp_path / 'other'), str(tmp_path / 'gt.jsonl'))
+  with pytest.raises(selection.GroundTruthMismatch, match=r"image keys \['k9'\] are not in .*gt.jsonl"):
+    selection.selection_metrics(str(tmp_path / 'other'), str(tmp_path / 'gt.jsonl'))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -71,8 +70,8 @@ TINY = dict(seed=2, num_entities=12, images_per_entity=12, num_shards=2, image_s
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-  out = synthetic.ensure_demo_corpus(tmp_path_factory.mktemp('demo') / 'corpus', TINY)
-  with open(os.path.join(out, demo.STATS_FILE)) as f:
+  out = demo_world.ensure_corpus(tmp_path_factory.mktemp('demo') / 'corpus', TINY)
+  with open(os.path.join(out, i2e_build.STATS_FILE)) as f:
     return out, json.load(f)
 
 
@@ -80,18 +79,18 @@ def test_demo_corpus_matches_ground_truth(built):
   out, stats = built
   meta, table = schema.validate_corpus(out)
   assert schema.corpus_kind(meta) == 'i2e' and meta['synthetic_config']['builder'] == 'i2e'
-  gt_path = os.path.join(out, demo.BUILD_DIR, 'web', synthetic_web.GROUND_TRUTH_FILE)
+  gt_path = os.path.join(out, i2e_build.BUILD_DIR, 'web', web.GROUND_TRUTH_FILE)
   with open(gt_path) as f:
     gt = {t['key']: t for t in map(json.loads, f)}
   named = {k: {m['entity'] for m in t['mentions']} for k, t in gt.items()}
-  selected = demo.read_selected(out)
+  selected = selection.read_selected(out)
   assert stats['written'] == len(selected) == meta['num_train_examples'] > 0
   assert stats['inputs'] == len(gt) and stats['reconciled']
   for key, ids in selected.items():  # Only entities the alt-text names can be selected.
     assert set(ids) <= named[key], (key, ids, gt[key]['mentions'])
   # The recorded metrics are those of the corpus on disk.
-  recomputed = demo.selection_metrics(out, gt_path)
-  sel = stats[demo.SELECTION_KEY]
+  recomputed = selection.selection_metrics(out, gt_path)
+  sel = stats[i2e_build.SELECTION_KEY]
   assert {k: v for k, v in sel.items() if k != 'seconds'} == recomputed
   n = sel['counts']
   assert n['kept'] == sum(len(v) for v in selected.values())
@@ -105,10 +104,10 @@ def test_demo_corpus_trains_and_is_idempotent(built):
   out, _ = built
   meta_path = os.path.join(out, schema.META_FILE)
   before = os.stat(meta_path).st_mtime_ns
-  assert synthetic.ensure_demo_corpus(out, TINY) == out  # Same config: nothing rebuilt.
+  assert demo_world.ensure_corpus(out, TINY) == out  # Same config: nothing rebuilt.
   assert os.stat(meta_path).st_mtime_ns == before
   with pytest.raises(schema.CorpusError, match='a corpus with a different config'):
-    synthetic.ensure_demo_corpus(out, {**TINY, 'clip_threshold': 0.5})
+    demo_world.ensure_corpus(out, {**TINY, 'clip_threshold': 0.5})
   cfg = ml_collections.ConfigDict(dict(
       image_size=16, max_entities=2, text_source='entity', entity_template='{name}, '
       '{description}', text_len=12, shuffle_buffer=8, seed=0))
@@ -117,7 +116,7 @@ def test_demo_corpus_trains_and_is_idempotent(built):
   labels = batch['labels'].numpy()
   assert labels.shape == (4, 2) and np.all(labels[:, 0] >= 0)
   # The bootstrap CLIP's workdir still names its pairs corpus after the move into place.
-  with open(os.path.join(out, demo.BUILD_DIR, 'bootstrap_clip', 'config.json')) as f:
-    assert json.load(f)['input']['data_dir'] == os.path.join(out, demo.BUILD_DIR, 'pairs')
+  with open(os.path.join(out, i2e_build.BUILD_DIR, 'bootstrap_clip', 'config.json')) as f:
+    assert json.load(f)['input']['data_dir'] == os.path.join(out, i2e_build.BUILD_DIR, 'pairs')
   summary = make_demo_corpus.summary(out)
   assert 'built by: i2e' in summary and 'CLIP selection vs ground truth: precision' in summary

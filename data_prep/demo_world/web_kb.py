@@ -1,0 +1,139 @@
+"""The demo world's knowledge base and the Wikidata dump it is written as.
+
+Drawable entities first (same index as in the world), then KB-only ones: places and
+photographers. Some drawable entities get a nickname alias; a few nicknames are shared
+with a KB-only entity, the ambiguous aliases the linker must resolve.
+"""
+import dataclasses
+import gzip
+import json
+import os
+
+import numpy as np
+
+from data_prep.demo_world import world as world_lib
+
+PLACE_KINDS = ('Harbour', 'Market', 'Museum', 'Park', 'Station', 'Zoo', 'Festival')
+NICKNAME_FRAC = 0.5   # drawable entities with a nickname alias
+_LANGS = ('en de fr es it nl pl pt ru ja zh sv uk ca no fi cs hu ko fa id tr ar he ro da sr '
+          'bg eu vi ms eo lt sk sl et hr gl el hi').split()
+SITES = tuple(f'{lang}{project}' for project in ('wiki', 'wikiquote', 'wikivoyage', 'wikinews')
+              for lang in _LANGS)
+
+
+@dataclasses.dataclass
+class KBEntity:
+  qid: str
+  label: str
+  description: str
+  aliases: list
+  sitelinks: int
+  kind: str              # 'drawable' | 'place' | 'person'
+
+
+def make_kb(rng, world, labels):
+  """(list of KBEntity, {drawable index: 'prior' | 'coherence'} of ambiguous nicknames)."""
+  c = len(world.names)
+  n_places = n_people = max(2, c // 10)
+  n_nick, n_ambiguous = int(round(NICKNAME_FRAC * c)), max(1, c // 20)
+  taken = {n.lower() for n in world.names} | _vocabulary()
+  words = [w for w in world_lib.make_names(rng, 2 * c + 6 * n_places + 10)
+           if w.lower() not in taken]
+  need = n_nick + 2 * n_places + 2 * n_people
+  if len(words) < need:
+    raise RuntimeError(f'demo_world.web_kb: {len(words)} fresh names for {need} KB words.')
+  nicks, words = words[:n_nick], words[n_nick:]
+  counts = np.bincount(np.concatenate(labels), minlength=c)
+  links = np.clip(np.round(counts * rng.uniform(0.5, 2.0, c)), 1, len(SITES)).astype(int)
+  qids = _fresh_qids(rng, set(world.qids), 2 * n_places + n_people)
+  with_nick = rng.choice(c, n_nick, replace=False)
+  kb = [KBEntity(world.qids[i], world.names[i], world.descriptions[i], [], int(links[i]),
+                 'drawable') for i in range(c)]
+  for i, nick in zip(with_nick, nicks):
+    kb[i].aliases.append(nick)
+  for k in range(n_places):
+    kind = PLACE_KINDS[rng.integers(len(PLACE_KINDS))]
+    kb.append(KBEntity(qids[k], f'{words[2 * k]} {kind}', f'a {kind.lower()} in '
+                       f'{words[2 * k + 1]}', [], int(rng.integers(1, len(SITES))), 'place'))
+  words = words[2 * n_places:]
+  for k in range(n_people):
+    kb.append(KBEntity(qids[n_places + k], f'{words[2 * k]} {words[2 * k + 1]}',
+                       'a photographer', [], int(rng.integers(1, 40)), 'person'))
+  return kb, _share_nicknames(rng, kb, with_nick[:n_ambiguous], c)
+
+
+def _share_nicknames(rng, kb, drawables, c):
+  """Gives each of `drawables`' nickname to a distinct KB-only entity too; sets the prior."""
+  others = rng.choice(np.arange(c, len(kb)), len(drawables), replace=False)
+  regimes = {}
+  for k, (a, p) in enumerate(zip(drawables, others)):
+    kb[p].aliases.append(kb[a].aliases[0])
+    if k % 2 == 0:  # The prior alone resolves it.
+      regimes[int(a)] = 'prior'
+      kb[a].sitelinks = max(kb[a].sitelinks, 8)
+      kb[p].sitelinks = kb[a].sitelinks // 4
+    else:  # The KB-only one is a bit more popular: only coherence can pick the drawable one.
+      regimes[int(a)] = 'coherence'
+      kb[p].sitelinks = min(len(SITES), int(kb[a].sitelinks * 1.25) + 1)
+  return regimes
+
+
+def _vocabulary():
+  """Words the alt-texts use around names: no KB name may equal one of them."""
+  words = {w for pool in world_lib.WORDS.values() for w in pool}
+  words |= set(world_lib.SHAPES) | set(world_lib.COLORS) | {k.lower() for k in PLACE_KINDS}
+  return words
+
+
+def _fresh_qids(rng, used, n):
+  out = []
+  while len(out) < n:
+    qid = f'Q{1000 + int(rng.integers(10_000_000))}'
+    if qid not in used:
+      used.add(qid)
+      out.append(qid)
+  return out
+
+
+def write_dump(rng, path, kb):
+  """JSON array, one entity per line, as `latest-all.json`; plus entries readers must skip."""
+  records = [_item(e) for e in kb] + _skipped_entries()
+  order = rng.permutation(len(records))
+  lines = [json.dumps(records[i], ensure_ascii=False) for i in order]
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', filename='',
+                                              mtime=0) as f:
+    f.write(('[\n' + ',\n'.join(lines) + '\n]\n').encode('utf-8'))
+
+
+def _text(value, lang='en'):
+  return {'language': lang, 'value': value}
+
+
+def _item(e):
+  # Class ids below 1000: entity ids are >= Q1000, so they never collide.
+  klass = {'drawable': 'Q100', 'place': 'Q200', 'person': 'Q5'}[e.kind]
+  claim = {'mainsnak': {'snaktype': 'value', 'property': 'P31', 'datatype': 'wikibase-item',
+                        'datavalue': {'type': 'wikibase-entityid', 'value': {
+                            'entity-type': 'item', 'numeric-id': int(klass[1:]), 'id': klass}}},
+           'type': 'statement', 'id': f'{e.qid}$P31', 'rank': 'normal'}
+  return {'type': 'item', 'id': e.qid, 'title': e.qid, 'ns': 0,
+          'labels': {'en': _text(e.label), 'de': _text(e.label, 'de')},
+          'descriptions': {'en': _text(e.description)},
+          'aliases': {'en': [_text(a) for a in e.aliases]} if e.aliases else {},
+          'claims': {'P31': [claim]},
+          'sitelinks': {s: {'site': s, 'title': e.label, 'badges': []}
+                        for s in SITES[:e.sitelinks]},
+          'modified': '2024-01-01T00:00:00Z'}
+
+
+def _skipped_entries():
+  """A property, a lexeme and an item with no English label: not entities of an 'en' KB."""
+  return [
+      {'type': 'property', 'id': 'P31', 'datatype': 'wikibase-item',
+       'labels': {'en': _text('instance of')}, 'descriptions': {}, 'aliases': {}, 'claims': {}},
+      {'type': 'lexeme', 'id': 'L7', 'lemmas': {'en': _text('photo')}, 'lexicalCategory': 'Q1084',
+       'language': 'Q1860', 'claims': {}, 'forms': [], 'senses': []},
+      {'type': 'item', 'id': 'Q999', 'labels': {'de': _text('Nur Deutsch', 'de')},
+       'descriptions': {}, 'aliases': {}, 'claims': {}, 'sitelinks': {}},
+  ]

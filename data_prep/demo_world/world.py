@@ -1,0 +1,96 @@
+"""The demo world: entities as combinations of visual attributes, their names and words.
+
+An entity is a combination shape x foreground colour x background. All combinations are
+shuffled with the seed; the first `num_entities` are the train entities and the next
+`retrieval_categories` are held out for retrieval, so held-out categories are new
+combinations of seen attributes: a model that learns attributes generalises to them, one
+that memorises entities does not. Every builder draws the world first, so it is the same
+for a seed.
+"""
+import dataclasses
+
+import numpy as np
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'star', 'ring', 'hexagon')
+COLORS = {
+    'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (235, 220, 40),
+    'green': (40, 180, 60), 'cyan': (40, 205, 215), 'blue': (40, 70, 225),
+    'purple': (135, 50, 205), 'magenta': (225, 50, 170),
+}
+BACKGROUNDS = ('dark', 'light', 'horizontally striped', 'vertically striped', 'checkered',
+               'dotted', 'diagonally striped', 'gradient')
+
+
+@dataclasses.dataclass
+class World:
+  """The procedural entities: attribute combos [C, 3] (shape, colour, background indices)."""
+  combos: np.ndarray       # train entities
+  heldout: np.ndarray      # retrieval categories: unseen combinations of seen attributes
+  names: list
+  qids: list
+  descriptions: list
+
+
+def make_world(rng, cfg):
+  """The entity world of `cfg`; both builders draw it first, so it is the same for a seed."""
+  combos = rng.permutation(len(SHAPES) * len(COLORS) * len(BACKGROUNDS))
+  combos = np.stack(np.unravel_index(combos, (len(SHAPES), len(COLORS), len(BACKGROUNDS))), 1)
+  train_combos = combos[:cfg.num_entities]
+  names = make_names(rng, cfg.num_entities)
+  qids = [f'Q{1000 + q}' for q in rng.choice(10_000_000, cfg.num_entities, replace=False)]
+  return World(combos=train_combos,
+               heldout=combos[cfg.num_entities:cfg.num_entities + cfg.retrieval_categories],
+               names=names, qids=qids, descriptions=[describe(c) for c in train_combos])
+
+
+def describe(combo):
+  shape, color, bg = SHAPES[combo[0]], list(COLORS)[combo[1]], BACKGROUNDS[combo[2]]
+  article = 'an' if color[0] in 'aeiou' else 'a'
+  return f'{article} {color} {shape} on a {bg} background'
+
+
+def draw_labels(rng, cfg):
+  """Per image: [entity] or [entity, other entity] (raw entity indices, shuffled order)."""
+  per_entity = np.maximum(1, np.round(cfg.images_per_entity *
+                                      rng.lognormal(0.0, 0.3, cfg.num_entities))).astype(int)
+  primary = rng.permutation(np.repeat(np.arange(cfg.num_entities), per_entity))
+  multi = rng.random(len(primary)) < cfg.multi_entity_frac
+  # A uniform draw among the other entities: offset 1..C-1 modulo C.
+  second = (primary + rng.integers(1, cfg.num_entities, len(primary))) % cfg.num_entities
+  return [[int(p), int(s)] if m else [int(p)] for p, s, m in zip(primary, second, multi)]
+
+
+# ----------------------------------------------------------------------------------------
+# Names and noisy alt-texts.
+
+_ONSETS = ('b', 'd', 'f', 'g', 'k', 'l', 'm', 'n', 'p', 'r', 's', 't', 'v', 'z', 'th', 'sh',
+           'kr', 'br', 'dr', 'gl', 'tr', 'st', 'qu', 'x')
+_VOWELS = ('a', 'e', 'i', 'o', 'u', 'ai', 'ou', 'ae', 'y')
+_CODAS = ('', 'n', 'th', 'r', 'x', 's', 'l', 'k', 'm', 'sh', 'nd', 'rd')
+WORDS = dict(
+    place=('fair', 'beach', 'market', 'museum', 'park', 'harbour', 'festival', 'station', 'zoo'),
+    adj=('lovely', 'old', 'new', 'tiny', 'famous', 'rare', 'shiny', 'strange', 'vintage'),
+    filler=('photo', 'image', 'snapshot', 'wallpaper', 'hd', 'stock', 'free', 'download',
+            'vacation', 'weekend', 'summer', 'art', 'closeup', '2019', 'best'))
+NAMED = ('photo of {name} at the {place}', '{name} and friends', 'my {adj} {name}',
+          '{name}, {filler} {filler2}', 'a picture of the {adj} {name}',
+          '{filler} {name} {filler2}', 'look at this {name}!', '{name} spotted near the {place}',
+          '{name}')
+PAIR = ('{name} with {name2} at the {place}', '{name} and {name2}',
+         '{filler}: {name2} next to {name}')
+NAMELESS = ('{adj} day at the {place}', 'untitled {filler}', 'img_{num}',
+             'my favourite {filler} {filler2}')
+
+
+def make_names(rng, n):
+  """`n` unique pronounceable made-up names, deterministic in `rng`."""
+  names, seen = [], set()
+  while len(names) < n:
+    syllables = rng.integers(2, 4)
+    parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+             for _ in range(syllables)]
+    name = (''.join(parts) + _CODAS[rng.integers(len(_CODAS))]).capitalize()
+    if name not in seen:
+      seen.add(name)
+      names.append(name)
+  return names
