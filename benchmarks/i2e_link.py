@@ -125,7 +125,7 @@ def main(argv=None):
 
   n = len(texts)
   n_mentions = sum(len(m) for m in found)
-  print(f'i2e_link: {len(knowledge_base)} entities, {sum(1 for _ in knowledge_base.aliases())} '
+  print(f'i2e_link: {len(knowledge_base)} entities, {knowledge_base.meta["num_aliases"]} '
         f'aliases; {n} alt-texts, {n_mentions} mentions, '
         f'{sum(len(c) for c in linked)} linked entities; {cores} core(s)')
   print(f'  setup     KB load {t_load:.2f} + matcher build {t_matcher:.2f} CPU-s (once per worker)')

@@ -91,16 +91,18 @@ def main(argv=None):
   except (ValueError, OSError) as e:
     sys.exit(f'data_prep.build_i2e: error: {e}')
   try:
-    with beam.Pipeline(options=options) as p:
-      pipeline.build_i2e(p, pairs=args.pairs, out_dir=args.out, config=config,
-                         kb_dir=args.kb, clip=args.clip, pairs_only=args.pairs_only,
-                         overwrite=args.overwrite)
+    p = beam.Pipeline(options=options)
+    pipeline.build_i2e(p, pairs=args.pairs, out_dir=args.out, config=config, kb_dir=args.kb,
+                       clip=args.clip, pairs_only=args.pairs_only, overwrite=args.overwrite)
+    result = p.run()
+    result.wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except  # Runners wrap errors variously.
     sys.exit(f'data_prep.build_i2e: error: {_one_line(e)}')
   with FileSystems.open(FileSystems.join(args.out, write.STATS_FILE)) as f:
     stats = json.loads(f.read())
   from data_prep.i2e import stats as stats_lib  # pylint: disable=import-outside-toplevel
   print(stats_lib.stage_table(stats))
+  print(stats_lib.shuffle_line(result, stats['inputs']))
   print(f'{args.out}: {stats["written"]} of {stats["inputs"]} inputs written; '
         f'filtered {stats["filtered"]}; dead-lettered {stats["dead_letter"]}.')
 

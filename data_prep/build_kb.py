@@ -1,8 +1,17 @@
 """Builds the I2E knowledge base from a Wikidata JSON dump, on Apache Beam.
 
   python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out /data/kb [--language en]
-  python -m data_prep.build_kb --wikidata gs://b/latest-all.json.bz2 --out gs://b/kb \
+  python -m data_prep.split_dump --dump latest-all.json.bz2 --out /data/dump_chunks
+  python -m data_prep.build_kb --wikidata '/data/dump_chunks/*.json.gz' --out /data/kb
+  python -m data_prep.build_kb --wikidata 'gs://b/dump_chunks/*.json.gz' --out gs://b/kb \
       --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
+
+--wikidata takes files or globs (repeat the flag or separate with commas). One compressed
+file is read by one worker, so split the official single-file dump into line-aligned chunks
+first (data_prep/split_dump.py) and give their glob. Items whose P31 (instance of) is a
+non-visual kind (--exclude_types, default wikidata.DEFAULT_EXCLUDED_TYPES: disambiguation
+pages, categories, templates, scholarly articles, genes, ...) are skipped and counted per
+kind in kb.json.
 
 Flags this module does not know go to Beam's PipelineOptions. Without --runner: the local
 DirectRunner on both cores (multi-processing). The KB is built in a staging folder beside --out and
@@ -34,16 +43,26 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
   parser = _Parser(prog='python -m data_prep.build_kb', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--wikidata', required=True,
-                      help='dump file or glob (.json, .json.bz2, .json.gz), any Beam filesystem')
+  parser.add_argument('--wikidata', required=True, action='append',
+                      help='dump file(s) or glob(s) (.json, .json.bz2, .json.gz), any Beam '
+                      'filesystem; repeat the flag or separate with commas')
   parser.add_argument('--out', required=True, help='KB folder to create')
   parser.add_argument('--language', default='en', help='label/description/alias language')
   parser.add_argument('--num_shards', type=int, default=0,
                       help='Parquet shards per table (0: the runner decides)')
   parser.add_argument('--min_sitelinks', type=int, default=0,
                       help='skip items with fewer sitelinks (the KB is held in memory by workers)')
+  parser.add_argument('--exclude_types', default=None,
+                      help="QID=reason,... of P31 classes to skip (default: wikidata."
+                      "DEFAULT_EXCLUDED_TYPES); '' keeps every type")
+  parser.add_argument('--index_shards', type=int, default=8,
+                      help='shards of each memory-mapped index trie (one worker builds each)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing KB in --out')
   args, beam_args = parser.parse_known_args(argv)
+  args.wikidata = [p for flag in args.wikidata for p in flag.split(',') if p]
+  args.exclude_types = parse_types(args.exclude_types)
+  if args.index_shards < 1:
+    raise UsageError(f'--index_shards must be >= 1, got {args.index_shards}')
   if not re.fullmatch(r'[a-z]{2,3}(-[a-z0-9]+)*', args.language):
     raise UsageError(f'--language {args.language!r} is not a Wikidata language code (e.g. en, '
                      'de, pt-br)')
@@ -55,14 +74,28 @@ def parse_args(argv):
   return args, beam_args
 
 
+def parse_types(text):
+  """'Q1=reason,Q2=other' -> {Q-id: reason}; None -> None (the default list)."""
+  if text is None:
+    return None
+  out = {}
+  for item in filter(None, text.split(',')):
+    qid, sep, reason = item.partition('=')
+    if not sep or not re.fullmatch(r'Q[1-9][0-9]*', qid) or not re.fullmatch(r'\w+', reason):
+      raise UsageError(f'--exclude_types {item!r}: expected QID=reason, e.g. '
+                       'Q4167410=disambiguation_page')
+    out[qid] = reason
+  return out
+
+
 def _files_under(folder):
   return [m.path for m in FileSystems.match([FileSystems.join(folder, '*')])[0].metadata_list]
 
 
 def check_paths(args):
-  matched = FileSystems.match([args.wikidata])[0].metadata_list
-  if not matched:
-    raise UsageError(f'--wikidata {args.wikidata}: no such file')
+  for pattern in args.wikidata:
+    if not FileSystems.match([pattern])[0].metadata_list:
+      raise UsageError(f'--wikidata {pattern}: no such file')
   if _files_under(args.out) and not args.overwrite:
     raise UsageError(f'--out {args.out} exists and is not empty; pass --overwrite to replace it')
 
@@ -99,7 +132,9 @@ def run(args, beam_args):
   try:
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
       wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
-                              min_sitelinks=args.min_sitelinks)
+                              min_sitelinks=args.min_sitelinks,
+                              excluded_types=args.exclude_types,
+                              index_shards=args.index_shards)
     with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:
       meta = json.loads(f.read().decode('utf-8'))
     move_into_place(staging, args.out)

@@ -1,6 +1,8 @@
-"""Tests for data_prep/demo_world/i2e_build.py and selection.py: the selection metrics against hand-computed values, and
-the whole demo build (web pairs -> KB -> pairs corpus -> bootstrap CLIP -> I2E corpus) at a
-tiny scale, checked against the generator's ground truth and trained on by the spine."""
+"""Tests for data_prep/demo_world/i2e_build.py and selection.py: the selection metrics against
+hand-computed values, and the whole demo build (web pairs -> KB -> pairs corpus -> bootstrap
+CLIP -> I2E corpus) at a tiny scale, checked against the generator's ground truth, trained on
+by the spine, and run again on Beam's portable runner (job service + external worker pool)."""
+import glob
 import json
 import os
 
@@ -12,6 +14,7 @@ import tensorflow as tf
 from data_prep import make_demo_corpus
 from data_prep import demo_world
 from data_prep.demo_world import i2e_build, selection, web
+from portable_runner import portable_services
 from mofi_jax.data import pipeline
 from mofi_jax.data import schema
 
@@ -120,3 +123,42 @@ def test_demo_corpus_trains_and_is_idempotent(built):
     assert json.load(f)['input']['data_dir'] == os.path.join(out, i2e_build.BUILD_DIR, 'pairs')
   summary = make_demo_corpus.summary(out)
   assert 'built by: i2e' in summary and 'CLIP selection vs ground truth: precision' in summary
+
+
+def _corpus_files(folder):
+  """{name: bytes} of what a reader of the corpus sees: shards, entities, tokenizer."""
+  names = [os.path.basename(p) for p in glob.glob(os.path.join(folder, '*.tfrecord*'))]
+  names += [schema.ENTITIES_FILE, schema.TOKENIZER_FILE]
+  out = {}
+  for name in names:
+    with open(os.path.join(folder, name), 'rb') as f:
+      out[name] = f.read()
+  return out
+
+
+def test_kb_and_corpus_on_the_portable_runner_equal_the_direct_runners(built, tmp_path):
+  """build_kb and build_i2e through the local job service and an external SDK worker pool
+  (2 workers), with the KB and the CLIP checkpoint reaching the workers as paths."""
+  out, stats = built
+  build = os.path.join(out, i2e_build.BUILD_DIR)
+  paths = dict(web=os.path.join(build, 'web'), kb=str(tmp_path / 'kb'),
+               pairs=str(tmp_path / 'pairs'), bootstrap_clip=os.path.join(build, 'bootstrap_clip'),
+               corpus=str(tmp_path / 'corpus'), logs=str(tmp_path / 'logs'))
+  os.makedirs(paths['logs'])
+  with portable_services(str(tmp_path)) as flags:
+    steps = dict(i2e_build.commands(paths, demo_world.resolve_config(TINY), beam_flags=flags))
+    for name in ('build_kb', 'i2e_corpus'):
+      i2e_build.run_step(name, steps[name], paths['logs'])
+  # The SDK workers were the pool's processes (one per job: Beam's Python job service runs
+  # each job on one worker, whatever --sdk_worker_parallelism says).
+  with open(tmp_path / 'worker_pool.log') as f:
+    assert f.read().count('Starting worker with command') >= 2
+  direct_kb = os.path.join(build, 'kb')
+  for name in ('kb.json',):
+    a, b = (json.load(open(os.path.join(d, name))) for d in (direct_kb, paths['kb']))
+    for key in ('num_entities', 'num_aliases', 'skipped', 'dead_letter', 'index_files'):
+      assert a[key] == b[key], key
+  assert _corpus_files(paths['corpus']) == _corpus_files(out)
+  with open(os.path.join(paths['corpus'], i2e_build.STATS_FILE)) as f:
+    portable = json.load(f)
+  assert portable['reconciled'] and portable['stages'] == stats['stages']

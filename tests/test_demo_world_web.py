@@ -17,6 +17,7 @@ from test_demo_world import DESCRIPTION_RE, dominant_colour
 from data_prep import demo_world
 from data_prep.demo_world import web as web_lib
 from data_prep.demo_world import web_kb, world
+from data_prep.i2e import wikidata
 from mofi_jax.data import schema
 
 SMALL = dict(seed=5, num_entities=40, images_per_entity=8, num_shards=3, image_size=24,
@@ -61,12 +62,20 @@ def dump_entities(text):
   return [json.loads(line.rstrip(',')) for line in body]
 
 
+NON_VISUAL_CLASSES = {klass for klass, *_ in web_kb.NON_VISUAL}
+
+
+def _class(e):
+  return e['claims']['P31'][0]['mainsnak']['datavalue']['value']['id']
+
+
 @pytest.fixture(scope='module')
 def kb(web):
-  """{qid: (label, description, aliases, sitelinks, P31 class)} of the English items."""
+  """{qid: (label, description, aliases, sitelinks, P31 class)} of the English items that are
+  not of a non-visual class."""
   out = {}
   for e in dump_entities(web['dump']):
-    if e['type'] == 'item' and 'en' in e['labels']:
+    if e['type'] == 'item' and 'en' in e['labels'] and _class(e) not in NON_VISUAL_CLASSES:
       out[e['id']] = (e['labels']['en']['value'], e['descriptions']['en']['value'],
                       [a['value'] for a in e['aliases'].get('en', [])], len(e['sitelinks']),
                       e['claims']['P31'][0]['mainsnak']['datavalue']['value']['id'])
@@ -92,7 +101,16 @@ def test_tar_shards_are_img2dataset_layout(web):
 def test_dump_is_official_layout(web, kb):
   entities = dump_entities(web['dump'])
   types = collections.Counter(e['type'] for e in entities)
-  assert types == {'item': len(kb) + 1, 'property': 1, 'lexeme': 1}  # + the German-only item.
+  non_visual = [e for e in entities if e['type'] == 'item' and e['claims'] and
+                _class(e) in NON_VISUAL_CLASSES]
+  assert types == {'item': len(kb) + 1 + len(non_visual), 'property': 1, 'lexeme': 1}
+  # The non-visual items: one of each kind per 10th drawable entity, named after it, of
+  # classes that build_kb's default type filter drops.
+  assert len(non_visual) == web['meta']['num_non_visual'] == 4 * len(web_kb.NON_VISUAL)
+  assert NON_VISUAL_CLASSES <= set(wikidata.DEFAULT_EXCLUDED_TYPES)
+  drawable_names = {v[0] for v in kb.values() if v[4] == 'Q100'}
+  assert {e['labels']['en']['value'] for e in non_visual
+          if _class(e) == 'Q4167410'} <= drawable_names
   assert len({e['id'] for e in entities}) == len(entities)
   assert all(re.fullmatch(r'Q[1-9]\d*', q) for q in kb)
   meta = web['meta']

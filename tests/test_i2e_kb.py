@@ -1,17 +1,19 @@
 """The Wikidata KB builder (data_prep/i2e/wikidata.py, data_prep/build_kb.py) and its loader
 (data_prep/i2e/kb.py)."""
 import bz2
+import glob
 import gzip
 import json
 import os
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_prep import build_kb
+from data_prep import build_kb, split_dump
 from data_prep.i2e import kb
 from data_prep.i2e import types, wikidata
 
@@ -68,9 +70,13 @@ def write_dump(path, lines=ENTITY_LINES):
   return str(path)
 
 
-def _alias_table(knowledge_base):
-  return sorted((a, q, h.quality) for a, q in knowledge_base.alias_items()
-                for h in knowledge_base.lookup(a) if h.entity_id == q)
+def _alias_table(kb_dir, loaded):
+  """The rows of the Parquet alias table, each of them found by the mapped index's lookup."""
+  rows = [r for f in sorted(glob.glob(os.path.join(kb_dir, 'aliases-*.parquet')))
+          for r in pq.read_table(f).to_pylist()]
+  for r in rows:
+    assert types.AliasHit(r['entity_id'], r['quality'], r['alias']) in loaded.lookup(r['alias'])
+  return sorted((r['alias'], r['entity_id'], r['quality']) for r in rows)
 
 
 @pytest.mark.parametrize('suffix', ['.json', '.json.bz2', '.json.gz'])
@@ -93,9 +99,11 @@ def test_build_kb_from_each_dump_compression(tmp_path, suffix):
   assert sorted((d['reason'], d['key']) for d in dead) == EXPECTED_DEAD
   assert {d['source'] for d in dead if d['reason'] != 'duplicate_id'} == {dump}
 
+  assert meta['num_untyped'] == 3   # the test items carry P31 snaks without a value
+  assert meta['index_files']['surface'] == [f'surface-0000{i}-of-00008.marisa' for i in range(8)]
   loaded = kb.KnowledgeBase.load(out)
   assert [loaded.entity(q) for q in loaded.ids()] == EXPECTED_ENTITIES
-  assert _alias_table(loaded) == EXPECTED_ALIASES
+  assert _alias_table(out, loaded) == EXPECTED_ALIASES
 
 
 def test_parse_stage_alone_routes_every_line():
@@ -163,3 +171,68 @@ def test_cli_builds_and_never_overwrites(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and 'none.json: no such file' in err
   assert build_kb.main(['--out', str(tmp_path / 'kb3')]) == 1
   assert '--wikidata' in capsys.readouterr().err
+
+
+def _typed(qid, label, *classes, sitelinks=1, claims=None):
+  obj = json.loads(_item(qid, {'en': label}, sitelinks=sitelinks))
+  obj['claims'] = claims if claims is not None else {'P31': [
+      {'mainsnak': {'snaktype': 'value', 'property': 'P31', 'datavalue': {
+          'type': 'wikibase-entityid', 'value': {'entity-type': 'item', 'id': c}}},
+       'rank': 'normal'} for c in classes]}
+  return json.dumps(obj).encode('utf-8')
+
+
+TYPED_LINES = [
+    _typed('Q10', 'Lequyl', 'Q5'),                                     # kept: a human
+    _typed('Q11', 'Lequyl', 'Q4167410', sitelinks=40),                 # disambiguation page
+    _typed('Q12', 'Category:Lequyl', 'Q4167836'),                      # category
+    _typed('Q13', 'Lequyl and kin', 'Q13442814', 'Q5'),                # scholarly article
+    _typed('Q14', 'Template:Lequyl', 'Q11266439'),                     # template
+    _typed('Q15', 'Tobrun', claims={}),                                # no P31: kept, untyped
+    _typed('Q16', 'Old Tobrun', claims={'P31': [                       # deprecated: ignored
+        {'mainsnak': {'snaktype': 'value', 'datavalue': {'value': {'id': 'Q4167410'}}},
+         'rank': 'deprecated'}]}),
+    _typed('Q17', 'Broken', claims={'P31': 'Q5'}),                     # dead: bad_claim
+    _typed('Q18', 'Broken too', claims={'P31': [{'mainsnak': {'snaktype': 'value'}}]}),
+]
+
+
+def _build(tmp_path, name, dumps, **kwargs):
+  out = str(tmp_path / name)
+  with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    wikidata.build_pipeline(p, dumps, out, language='en', num_shards=1, **kwargs)
+  return out, json.loads((tmp_path / name / 'kb.json').read_text())
+
+
+def test_p31_types_are_filtered_and_counted_per_kind(tmp_path):
+  dump = write_dump(tmp_path / 'typed.json', TYPED_LINES)
+  out, meta = _build(tmp_path, 'kb', dump)
+  assert meta['skipped'] == {'type:category': 1, 'type:disambiguation_page': 1,
+                             'type:scholarly_article': 1, 'type:template': 1}
+  assert meta['dead_letter'] == {'bad_claim': 2} and meta['num_untyped'] == 2
+  assert meta['num_entities'] + sum(meta['skipped'].values()) + 2 == len(TYPED_LINES)
+  loaded = kb.KnowledgeBase.load(out)
+  assert loaded.ids() == ['Q10', 'Q15', 'Q16']
+  assert [h.entity_id for h in loaded.lookup('lequyl')] == ['Q10']
+  # With no excluded types the non-visual items are entities too (so the filter is real).
+  _, keep_all = _build(tmp_path, 'kb_all', dump, excluded_types={})
+  assert keep_all['skipped'] == {} and keep_all['num_entities'] == 7
+
+
+def test_dump_chunks_build_the_same_kb_as_the_whole_dump(tmp_path):
+  lines = ENTITY_LINES + TYPED_LINES
+  whole = write_dump(tmp_path / 'whole.json.gz', lines)
+  chunks = tmp_path / 'chunks'
+  manifest = split_dump.split(whole, str(chunks), lines_per_chunk=6)
+  assert manifest['lines'] == [6, 6, 6, 4] and manifest['total_lines'] == len(lines) + 2
+  with gzip.open(chunks / 'chunk-00003.json.gz') as f:
+    assert f.read().endswith(b']\n')   # line-aligned: the closing bracket in the last chunk
+  a_dir, a = _build(tmp_path, 'a', whole)
+  b_dir, b = _build(tmp_path, 'b', [str(chunks / 'chunk-0000[01].json.gz'),
+                                    str(chunks / 'chunk-0000[23].json.gz')])
+  assert b['num_dump_files'] == 4 and a['num_dump_files'] == 1
+  for key in ('num_entities', 'num_aliases', 'num_untyped', 'skipped', 'dead_letter'):
+    assert a[key] == b[key], key
+  ka, kb_b = kb.KnowledgeBase.load(a_dir), kb.KnowledgeBase.load(b_dir)
+  assert ka.ids() == kb_b.ids() and [ka.entity(q) for q in ka.ids()] == [
+      kb_b.entity(q) for q in kb_b.ids()]

@@ -1,4 +1,8 @@
 """Stage c, FindMentions (data_prep/i2e/mentions.py): exact spans, merging, the NER path."""
+import gzip
+import os
+import tarfile
+
 import apache_beam as beam
 import pytest
 import spacy
@@ -6,9 +10,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from data_prep.demo_world import web
 from data_prep.i2e import kb
 from data_prep.i2e import mentions
 from data_prep.i2e import types
+from data_prep.i2e import wikidata
 
 IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
 M = types.Mention
@@ -115,3 +121,63 @@ def test_clear_errors_at_construction(kb_dir, tmp_path):
     mentions.FindMentions(kb_dir, use_alias_matcher=False)
   with pytest.raises(kb.KBError, match='kb.json not found'):
     mentions.FindMentions(str(tmp_path / 'no_kb'))
+
+
+def phrase_matcher_spans(entities, texts):
+  """The reference: spaCy's PhraseMatcher (attr='LOWER') over every surface form of the KB,
+  each label and alias lower-cased as written and normalised: the matcher this stage used
+  before the mapped index, which holds one Python pattern per alias."""
+  from spacy.matcher import PhraseMatcher  # pylint: disable=import-outside-toplevel
+  nlp = spacy.blank('en')
+  matcher = PhraseMatcher(nlp.vocab, attr='LOWER')
+  forms = set()
+  for e in entities:
+    for form in (e.label,) + e.aliases:
+      forms.update((form.lower(), kb.normalize_alias(form)))
+  matcher.add('kb', list(nlp.tokenizer.pipe(sorted(f for f in forms if f))))
+  return [sorted((s.start_char, s.end_char) for s in matcher(doc, as_spans=True))
+          for doc in nlp.tokenizer.pipe(texts)]
+
+
+TRICKY = ['Skyline of New York City at dusk, nyc', 'new  york city', 'NEW YORK-CITY',
+          'york york york', 'Große Straße / GROSSE STRASSE / grosse strasse', 'AC/DC, ac/dc.',
+          '"Paris"(Paris)[PARIS]', 'Ada Lovelace-Ada lovelace', 'it it IT It', 'x X x.',
+          'Londoner in London', '', '   ', 'New York City New York City', 'nyc\tNYC\nNyc']
+
+
+@pytest.mark.parametrize('index_shards', [1, 3])
+def test_trie_matcher_equals_phrase_matcher(tmp_path, index_shards):
+  path = str(tmp_path / 'kb')
+  kb.write_small_kb(path, ENTITIES, index_shards=index_shards)
+  finder = mentions.MentionFinder(kb.KnowledgeBase.load(path))
+  reference = phrase_matcher_spans(ENTITIES, TRICKY)
+  assert sum(map(len, reference)) > 20
+  assert [finder.alias_spans(t) for t in TRICKY] == reference
+
+
+def test_trie_matcher_equals_phrase_matcher_on_the_demo_world(tmp_path):
+  """Every alt-text of a small demo world, against its own Wikidata dump."""
+  cfg = dict(num_entities=60, images_per_entity=8, num_shards=2, retrieval_categories=2,
+             distractor_frac=0.5)
+  out = web.write_web_pairs(tmp_path / 'web', cfg)
+  with gzip.open(os.path.join(out, web.DUMP_PATH)) as f:
+    entities = [e for e in (_parse_or_none(line) for line in f) if e is not None]
+  texts = []
+  for name in sorted(os.listdir(os.path.join(out, web.PAIRS_DIR))):
+    with tarfile.open(os.path.join(out, web.PAIRS_DIR, name)) as tar:
+      texts += [tar.extractfile(m).read().decode('utf-8') for m in tar.getmembers()
+                if m.name.endswith('.txt')]
+  path = str(tmp_path / 'kb')
+  kb.write_small_kb(path, entities)
+  finder = mentions.MentionFinder(kb.KnowledgeBase.load(path))
+  reference = phrase_matcher_spans(entities, texts)
+  assert len(texts) == 60 * 8 or len(texts) > 400
+  assert sum(map(len, reference)) > len(texts) // 2
+  assert [finder.alias_spans(t) for t in texts] == reference
+
+
+def _parse_or_none(line):
+  try:
+    return wikidata.parse_line(line, excluded_types={})
+  except Exception:  # pylint: disable=broad-except  # the dump's deliberately skipped entries
+    return None

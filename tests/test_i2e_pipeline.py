@@ -85,7 +85,7 @@ def raw_pairs(tmp_path_factory):
 
 
 EXPECTED_DEAD = sorted([(s, r, k) for k, (s, r) in BAD.items()] + [
-    ('read', 'duplicate_key', 'g00'), ('read', 'unreadable_shard', ''),
+    ('dedup', 'duplicate_key', 'g00'), ('read', 'unreadable_shard', ''),
     ('read', 'unreadable_shard', '')])
 
 
@@ -181,8 +181,8 @@ def test_every_bad_input_is_dead_lettered_and_counts_reconcile(i2e_corpus):
   assert filtered == {'duplicate_image': 1, 'no_mention': 1, 'rare_entity_only': 1}
   assert st['inputs'] == st['written'] + sum(filtered.values()) + sum(
       st['dead_letter'].values()) == len(GOOD) + len(NO_ENTITY) + 1 + len(EXPECTED_DEAD)
-  assert [s['name'] for s in st['stages']] == ['read', 'clean', 'mentions', 'link', 'select',
-                                               'global', 'write']
+  assert [s['name'] for s in st['stages']] == ['read', 'dedup', 'clean', 'mentions', 'link',
+                                               'select', 'global', 'write']
   assert st['entities']['below_min_images'] == 1  # Zorbin
 
 

@@ -1,5 +1,6 @@
-"""ReadPairs: WebDataset tars, Parquet and TFRecord files -> Pairs, every bad input
-dead-lettered with its reason, duplicate keys resolved to a fixed survivor.
+"""ReadPairs: WebDataset tars, Parquet and TFRecord files -> an index of Copies, every bad
+input dead-lettered with its reason; with dedup.DedupPairs, the Pairs themselves, duplicate
+keys resolved to a fixed survivor.
 
 Also the raw-pair writers the other I2E tests share (tar/Parquet/TFRecord shards)."""
 import hashlib
@@ -17,7 +18,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from data_prep.i2e import read
+from data_prep.i2e import dedup, read
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -71,16 +72,19 @@ def pair_view(pair):
 
 
 def check_read(patterns, want_pairs, want_dead, **kw):
-  """ReadPairs(patterns) gives exactly these pairs (key, image bytes, text, file name) and
-  dead letters (project)."""
+  """ReadPairs(patterns) then DedupPairs give exactly these pairs (key, image bytes, text,
+  file name) and dead letters (project); the index holds one Copy per good record."""
   with test_pipeline.TestPipeline() as p:
-    result = p | read.ReadPairs(patterns, **kw)
+    reader = read.ReadPairs(patterns, **kw)
+    result = p | reader
+    deduped = result['main'] | dedup.DedupPairs(reader.read_fn)
     want_pairs = [(k, digest(i), t, f) for k, i, t, f in want_pairs]
-    assert_that(result['main'] | 'ViewPairs' >> beam.Map(pair_view), equal_to(want_pairs),
+    assert_that(deduped['main'] | 'ViewPairs' >> beam.Map(pair_view), equal_to(want_pairs),
                 label='pairs')
-    assert_that(result['dead_letter'] | 'ViewDead' >> beam.Map(project), equal_to(want_dead),
-                label='dead')
+    dead = (result['dead_letter'], deduped['dead_letter']) | 'Dead' >> beam.Flatten()
+    assert_that(dead | 'ViewDead' >> beam.Map(project), equal_to(want_dead), label='dead')
     assert_that(result['filtered'], equal_to([]), label='filtered')
+    assert_that(deduped['filtered'], equal_to([]), label='dedup_filtered')
 
 
 # ----------------------------------------------------------------------------- pure functions

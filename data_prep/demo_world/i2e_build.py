@@ -64,8 +64,8 @@ def build_demo_corpus(out_dir, cfg, stamp, final_dir=None):
   os.makedirs(paths['web'])
   web.generate(paths['web'], cfg)
   timings['web_pairs'] = time.time() - start
-  for name, argv in _commands(paths, cfg):
-    timings[name] = _run(name, argv, paths['logs'])
+  for name, argv in commands(paths, cfg):
+    timings[name] = run_step(name, argv, paths['logs'])
   _move_corpus_up(paths['corpus'], out_dir)
   shutil.move(os.path.join(paths['web'], RETRIEVAL_DIR), out_dir)
   _finish_meta(out_dir, cfg, stamp, paths['web'])
@@ -80,8 +80,8 @@ def build_demo_corpus(out_dir, cfg, stamp, final_dir=None):
   return selection_stats
 
 
-def _commands(paths, cfg):
-  """[(step name, argv)] of steps 2-5."""
+def commands(paths, cfg, beam_flags=BEAM_FLAGS):
+  """[(step name, argv)] of steps 2-5; `beam_flags` pick the Beam runner of steps 2, 3, 5."""
   py, web_dir = [sys.executable, '-m'], paths['web']
   pairs_glob = os.path.join(web_dir, web.PAIRS_GLOB)
   common = [f'--config.seed={cfg.seed}', f'--config.write.vocab_size={cfg.vocab_size}',
@@ -89,9 +89,9 @@ def _commands(paths, cfg):
   return [
       ('build_kb', py + ['data_prep.build_kb', '--wikidata',
                          os.path.join(web_dir, web.DUMP_PATH), '--out', paths['kb'],
-                         *BEAM_FLAGS]),
+                         *beam_flags]),
       ('pairs_corpus', py + ['data_prep.build_i2e', '--pairs', pairs_glob, '--pairs_only',
-                             '--out', paths['pairs'], *common, *BEAM_FLAGS,
+                             '--out', paths['pairs'], *common, *beam_flags,
                              f'--config.write.text_len={PAIRS_TEXT_LEN}']),
       ('bootstrap_clip', py + ['mofi_jax.train', f'--config={BOOTSTRAP_CONFIG}',
                                f'--workdir={paths["bootstrap_clip"]}',
@@ -101,14 +101,14 @@ def _commands(paths, cfg):
                                f'--config.seed={cfg.seed}']),
       ('i2e_corpus', py + ['data_prep.build_i2e', '--pairs', pairs_glob, '--kb', paths['kb'],
                            '--clip', paths['bootstrap_clip'], '--out', paths['corpus'], *common,
-                           *BEAM_FLAGS,
+                           *beam_flags,
                            f'--config.write.text_len={cfg.text_len}',
                            f'--config.select.threshold={cfg.clip_threshold}',
                            f'--config.global_passes.min_images={cfg.min_images}']),
   ]
 
 
-def _run(name, argv, log_dir):
+def run_step(name, argv, log_dir):
   """Runs one step on CPU; its output goes to logs/{name}.log. Returns the seconds taken."""
   # One CPU device: simulated multi-device setups (tests) only slow these small steps down.
   xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()

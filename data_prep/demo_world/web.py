@@ -109,6 +109,7 @@ def generate(out_dir, cfg):
   kinds = [e.kind for e in kb]
   meta = dict(web_version=WEB_VERSION, synthetic_config=cfg.to_dict(), num_pairs=len(keys),
               num_shards=cfg.num_shards, num_kb_entities=len(kb),
+              num_non_visual=len(web_kb.non_visual_items(kb)),
               **{f'num_{k}': kinds.count(k) for k in ('drawable', 'place', 'person')},
               ambiguous_aliases={kb[a].aliases[0]: r for a, r in regimes.items()},
               pairs=PAIRS_GLOB, wikidata=DUMP_PATH, ground_truth=GROUND_TRUTH_FILE,

@@ -96,10 +96,13 @@ def _fresh_qids(rng, used, n):
 
 
 def write_dump(rng, path, kb):
-  """JSON array, one entity per line, as `latest-all.json`; plus entries readers must skip."""
+  """JSON array, one entity per line, as `latest-all.json`; plus entries readers must skip,
+  and at the end (drawn without `rng`, so every other byte of the world stays the same) the
+  non-visual items that a type filter must drop."""
   records = [_item(e) for e in kb] + _skipped_entries()
   order = rng.permutation(len(records))
   lines = [json.dumps(records[i], ensure_ascii=False) for i in order]
+  lines += [json.dumps(r, ensure_ascii=False) for r in non_visual_items(kb)]
   os.makedirs(os.path.dirname(path))
   with open(path, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', filename='',
                                               mtime=0) as f:
@@ -110,20 +113,46 @@ def _text(value, lang='en'):
   return {'language': lang, 'value': value}
 
 
+# Wikidata's classes of items that are never photographed, as the dump marks them (P31), with
+# the label each gets from a drawable entity's name: a type filter must drop them, or the
+# disambiguation page 'Lequyl', with its many sitelinks, would out-rank the entity 'Lequyl'.
+NON_VISUAL = (('Q4167410', '{}', 'Wikimedia disambiguation page', 40),
+              ('Q4167836', 'Category:{}', 'Wikimedia category', 2),
+              ('Q13442814', '{} and its kin', 'scholarly article', 0),
+              ('Q11266439', 'Template:{}', 'Wikimedia template', 1),
+              ('Q13406463', 'list of {} sightings', 'Wikimedia list article', 3))
+NON_VISUAL_EVERY = 10   # every 10th drawable entity gets one of each
+
+
+def non_visual_items(kb):
+  """Dump records of the non-visual items (Q-ids below Q1000 never collide with entities)."""
+  drawable = [e for e in kb if e.kind == 'drawable'][::NON_VISUAL_EVERY]
+  out = []
+  for i, e in enumerate(drawable[:100]):
+    for k, (klass, label, description, sitelinks) in enumerate(NON_VISUAL):
+      qid = f'Q{400 + len(NON_VISUAL) * i + k}'
+      out.append(_record(qid, label.format(e.label), description, [], sitelinks, klass))
+  return out
+
+
 def _item(e):
   # Class ids below 1000: entity ids are >= Q1000, so they never collide.
   klass = {'drawable': 'Q100', 'place': 'Q200', 'person': 'Q5'}[e.kind]
+  return _record(e.qid, e.label, e.description, e.aliases, e.sitelinks, klass)
+
+
+def _record(qid, label, description, aliases, sitelinks, klass):
   claim = {'mainsnak': {'snaktype': 'value', 'property': 'P31', 'datatype': 'wikibase-item',
                         'datavalue': {'type': 'wikibase-entityid', 'value': {
                             'entity-type': 'item', 'numeric-id': int(klass[1:]), 'id': klass}}},
-           'type': 'statement', 'id': f'{e.qid}$P31', 'rank': 'normal'}
-  return {'type': 'item', 'id': e.qid, 'title': e.qid, 'ns': 0,
-          'labels': {'en': _text(e.label), 'de': _text(e.label, 'de')},
-          'descriptions': {'en': _text(e.description)},
-          'aliases': {'en': [_text(a) for a in e.aliases]} if e.aliases else {},
+           'type': 'statement', 'id': f'{qid}$P31', 'rank': 'normal'}
+  return {'type': 'item', 'id': qid, 'title': qid, 'ns': 0,
+          'labels': {'en': _text(label), 'de': _text(label, 'de')},
+          'descriptions': {'en': _text(description)},
+          'aliases': {'en': [_text(a) for a in aliases]} if aliases else {},
           'claims': {'P31': [claim]},
-          'sitelinks': {s: {'site': s, 'title': e.label, 'badges': []}
-                        for s in SITES[:e.sitelinks]},
+          'sitelinks': {s: {'site': s, 'title': label, 'badges': []}
+                        for s in SITES[:sitelinks]},
           'modified': '2024-01-01T00:00:00Z'}
 
 

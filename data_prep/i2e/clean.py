@@ -1,4 +1,4 @@
-"""CleanPairs: normalise and bound alt-texts, verify images, drop exact duplicate images.
+"""CleanPairs: normalise and bound alt-texts, verify images.
 
   cleaned = pairs | CleanPairs(min_chars=1, max_chars=1000)
 
@@ -18,10 +18,10 @@ reads (JPEG, PNG, GIF, BMP, WebP) are kept byte for byte; others (TIFF, ...), an
 files that decode but lack their end marker (PIL accepts them, TensorFlow does not), are
 re-encoded as PNG, so that every written image decodes in the training pipeline.
 
-DedupImages: exact duplicates by SHA-256 of the image bytes; the copy with the smallest
-key is kept, the others are filtered 'duplicate_image'.
+Exact duplicate images (and keys) are removed before this stage, by dedup.py, on small
+records; `text_passes` is the text check it applies to choose among the copies of an
+image, so that a copy this stage would drop for its text never hides a good one.
 """
-import hashlib
 import html
 import io
 import re
@@ -112,34 +112,9 @@ class _CleanFn(beam.DoFn):
     yield types.Pair(key=pair.key, image=image, text=text, source=pair.source)
 
 
-def image_hash(pair):
-  return hashlib.sha256(pair.image).hexdigest()
-
-
-def keep_smallest_key(item):
-  """(hash, [Pair, ...]) -> the Pair with the smallest key; others filtered. Streams."""
-  _, pairs = item
-  best = None
-  for pair in pairs:
-    if best is None or pair.key < best.key:
-      pair, best = best, pair
-    if pair is not None:
-      yield beam.pvalue.TaggedOutput(types.FILTERED,
-                                     types.Filtered(STAGE, 'duplicate_image', pair.key))
-  yield best
-
-
-class DedupImages(beam.PTransform):
-  """Pair -> {'main': first copy of each image, 'filtered': duplicates, 'dead_letter': -}."""
-
-  def expand(self, pairs):
-    deduped = (pairs
-               | 'ByImageHash' >> beam.WithKeys(image_hash)
-               | 'GroupByHash' >> beam.GroupByKey()
-               | 'KeepSmallestKey' >> beam.FlatMap(keep_smallest_key).with_outputs(
-                   types.FILTERED, main='main'))
-    return {'main': deduped.main, 'filtered': deduped[types.FILTERED],
-            'dead_letter': pairs.pipeline | 'NoDeadLetter' >> beam.Create([])}
+def text_passes(text, min_chars, max_chars):
+  """Whether _CleanFn keeps `text` (neither 'empty_text' nor 'text_too_short')."""
+  return len(truncate_words(normalize_text(text), max_chars)) >= max(1, min_chars)
 
 
 class CleanPairs(beam.PTransform):
@@ -155,10 +130,5 @@ class CleanPairs(beam.PTransform):
   def expand(self, pairs):
     cleaned = pairs | 'CleanAndVerify' >> beam.ParDo(self._fn).with_outputs(
         types.DEAD_LETTER, types.FILTERED, main='main')
-    deduped = cleaned.main | 'DedupImages' >> DedupImages()
-    return {
-        'main': deduped['main'],
-        'dead_letter': cleaned[types.DEAD_LETTER],
-        'filtered': ((cleaned[types.FILTERED], deduped['filtered'])
-                     | 'AllFiltered' >> beam.Flatten()),
-    }
+    return {'main': cleaned.main, 'dead_letter': cleaned[types.DEAD_LETTER],
+            'filtered': cleaned[types.FILTERED]}

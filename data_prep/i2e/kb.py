@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import types
+from data_prep.i2e import kb_index, types
 
 KB_FILE = 'kb.json'
 DEAD_LETTER_FILE = 'dead_letter.jsonl'
@@ -35,6 +35,7 @@ ALIAS_SCHEMA = pa.schema([('alias', pa.string()), ('entity_id', pa.string()),
                           ('quality', pa.float64())])
 
 _WS = re.compile(r'\s+')
+_ENTITY_CACHE_SIZE = 100_000
 
 
 class KBError(ValueError):
@@ -64,7 +65,8 @@ def entity_row(entity):
 
 
 
-def write_small_kb(kb_dir, entities, language='en', source='in memory'):
+def write_small_kb(kb_dir, entities, language='en', source='in memory',
+                   index_shards=kb_index.DEFAULT_SHARDS):
   """Writes a one-shard KB folder from Entities without Beam (tests, benchmarks, small demos)."""
   entities = sorted(entities, key=lambda e: e.id)
   rows = [r for e in entities for r in alias_rows(e)]
@@ -74,96 +76,113 @@ def write_small_kb(kb_dir, entities, language='en', source='in memory'):
     files[prefix] = f'{prefix}-00000-of-00001.parquet'
     with FileSystems.create(FileSystems.join(kb_dir, files[prefix])) as f:
       pq.write_table(pa.Table.from_pylist(table, schema=schema), f)
+  index = kb_index.Index.from_items(_index_items(entities, index_shards), index_shards)
+  index_files = {}
+  for kind in kb_index.KINDS:
+    index_files[kind] = [kb_index.file_name(kind, s, index_shards) for s in range(index_shards)]
+    for trie, name in zip(index._tries[kind], index_files[kind]):  # pylint: disable=protected-access
+      kb_index.save_trie(trie, FileSystems.join(kb_dir, name))
   meta = dict(language=language, fallback_languages=[], source=source,
               format_version=FORMAT_VERSION, num_entities=len(entities), num_aliases=len(rows),
               skipped={}, dead_letter={}, entity_files=[files[ENTITY_PREFIX]],
-              alias_files=[files[ALIAS_PREFIX]])
+              alias_files=[files[ALIAS_PREFIX]], **index_meta(index_files, index_shards))
   with FileSystems.create(FileSystems.join(kb_dir, KB_FILE)) as f:
     f.write(json.dumps(meta, indent=2, sort_keys=True).encode('utf-8'))
   return meta
 
 
-# ----------------------------------------------------------------------------- loading
+def index_meta(index_files, index_shards):
+  """kb.json's record of the tries, with the tokenizer their surface keys depend on."""
+  import spacy  # pylint: disable=import-outside-toplevel
+  return dict(index_files=index_files, index_shards=index_shards,
+              surface_tokenizer=f'spacy.blank(en) {spacy.__version__}')
+
+
+def surface_tokenizer():
+  """The tokenizer of surface keys (and of mention finding): spaCy's blank English one."""
+  with _CACHE_LOCK:
+    if 'tokenizer' not in _CACHE:
+      import spacy  # pylint: disable=import-outside-toplevel
+      _CACHE['tokenizer'] = spacy.blank('en').tokenizer
+    return _CACHE['tokenizer']
+
+
+def _index_items(entities, index_shards):
+  tokenizer = surface_tokenizer()
+  for e in entities:
+    yield from kb_index.index_items(e, alias_rows(e), tokenizer, normalize_alias, index_shards)
+
+
+# ----------------------------------------------------------------------------- opening
 
 
 class KnowledgeBase:
-  """Entities by Q-id and the alias index, in memory (a side input sized by the entity count)."""
+  """Entities by Q-id, the alias index and the surface keys of mention finding, over the
+  memory-mapped tries of kb_index.py (`load`), or tries built in memory (`from_entities`).
+  Nothing is read into Python objects up front: an entity is decoded when asked for."""
 
-  def __init__(self, entities, meta=None, alias_index_rows=None):
-    """entities: Entity iterable; alias_index_rows: alias-table rows (default: from entities)."""
+  def __init__(self, index, meta=None):
     self.meta = dict(meta or {})
-    self._entities = {e.id: e for e in entities}
-    if alias_index_rows is None:
-      alias_index_rows = (r for e in self._entities.values() for r in alias_rows(e))
-    index = {}
-    for row in alias_index_rows:
-      index.setdefault(row['alias'], []).append(
-          types.AliasHit(row['entity_id'], float(row['quality']), row['alias']))
-    self._index = {a: tuple(sorted(h, key=lambda x: (-x.quality, x.entity_id)))
-                   for a, h in index.items()}
+    self._index = index
+    self._entity_cache = {}
+
+  @classmethod
+  def from_entities(cls, entities, meta=None, index_shards=1):
+    entities = list(entities)
+    return cls(kb_index.Index.from_items(_index_items(entities, index_shards), index_shards),
+               meta)
 
   @classmethod
   def load(cls, kb_dir):
     meta = _read_meta(kb_dir)
-    entities, rows = [], []
-    for name in meta['entity_files']:
-      table = _read_parquet(FileSystems.join(kb_dir, name), ENTITY_SCHEMA.names)
-      for row in table.to_pylist():
-        entities.append(types.Entity(id=row['id'], label=row['label'],
-                                     description=row['description'] or '',
-                                     aliases=tuple(row['aliases'] or ()),
-                                     sitelinks=int(row['sitelinks'] or 0)))
-    for name in meta['alias_files']:
-      rows.extend(_read_parquet(FileSystems.join(kb_dir, name), ALIAS_SCHEMA.names).to_pylist())
-    kb = cls(entities, meta, rows)
-    for what, n, expected in (('entities', len(kb), meta.get('num_entities')),
-                              ('aliases', len(rows), meta.get('num_aliases'))):
+    if 'index_files' not in meta:
+      raise KBError(f'{FileSystems.join(kb_dir, KB_FILE)}: no index_files (a KB of format '
+                    f'{meta.get("format_version")}, before the mapped index); rebuild it with '
+                    'python -m data_prep.build_kb.')
+    for kind in kb_index.KINDS:
+      for name in meta['index_files'][kind]:
+        if not FileSystems.exists(FileSystems.join(kb_dir, name)):
+          raise KBError(f'{FileSystems.join(kb_dir, name)}: listed in kb.json but missing; the '
+                        'KB folder is incomplete.')
+    kb = cls(kb_index.Index.open(kb_dir, meta['index_files'], meta['index_shards']), meta)
+    for what, kind, expected in (('entities', 'entities', meta.get('num_entities')),
+                                 ('aliases', 'aliases', meta.get('num_aliases'))):
+      n = kb._index.count(kind)  # pylint: disable=protected-access
       if expected is not None and n != expected:
-        raise KBError(f'{kb_dir}: {n} {what} in the Parquet files but kb.json says {expected}; '
-                      'the KB folder is inconsistent, rebuild it.')
-    unknown = sorted({r['entity_id'] for r in rows} - set(kb._entities))[:5]
-    if unknown:
-      raise KBError(f'{kb_dir}: the alias index names entities absent from the entity table, '
-                    f'e.g. {unknown}; rebuild the KB.')
+        raise KBError(f'{kb_dir}: {n} {what} in the index but kb.json says {expected}; the KB '
+                      'folder is inconsistent, rebuild it.')
     return kb
 
   def entity(self, qid):
-    try:
-      return self._entities[qid]
-    except KeyError:
-      raise KeyError(f'entity {qid!r} is not in the knowledge base '
-                     f'({self.meta.get("source", "in memory")})') from None
+    entity = self._entity_cache.get(qid)
+    if entity is None:
+      value = self._index.entity_value(qid)
+      if value is None:
+        raise KeyError(f'entity {qid!r} is not in the knowledge base '
+                       f'({self.meta.get("source", "in memory")})') from None
+      if len(self._entity_cache) >= _ENTITY_CACHE_SIZE:
+        self._entity_cache.clear()   # bounded: a worker sees millions of entities over a job
+      entity = self._entity_cache[qid] = kb_index.decode_entity(qid, value)
+    return entity
 
   def lookup(self, text):
     """AliasHits of every entity with an alias equal to `text` once normalised; best first."""
-    return list(self._index.get(normalize_alias(text), ()))
+    alias = normalize_alias(text)
+    hits = [types.AliasHit(q, quality, alias)
+            for q, quality in map(kb_index.decode_alias, self._index.alias_values(alias))]
+    return sorted(hits, key=lambda h: (-h.quality, h.entity_id))
 
-  def alias_items(self):
-    for alias, hits in self._index.items():
-      for hit in hits:
-        yield alias, hit.entity_id
-
-  def aliases(self):
-    """The distinct normalised aliases (the keys of the alias index)."""
-    return self._index.keys()
-
-  def surface_forms(self):
-    """Distinct lower-cased labels and aliases as written, plus the normalised aliases: the
-    PhraseMatcher's patterns. (Its LOWER attribute lower-cases text but does not NFKC/casefold
-    it, so 'Straße' in a text needs the pattern 'straße' as well as the index key 'strasse'.)"""
-    forms = set(self._index)
-    for e in self._entities.values():
-      forms.update(f.lower() for f in (e.label,) + e.aliases)
-    return forms
+  def surface_prefixes(self, first_token, joined):
+    return self._index.surface_prefixes(first_token, joined)
 
   def ids(self):
-    return sorted(self._entities)
+    return self._index.entity_ids()
 
   def __len__(self):
-    return len(self._entities)
+    return self._index.count('entities')
 
   def __contains__(self, qid):
-    return qid in self._entities
+    return self._index.entity_value(qid) is not None
 
 
 def _read_meta(kb_dir):
@@ -182,17 +201,6 @@ def _read_meta(kb_dir):
 def check_kb_dir(kb_dir):
   """Raises KBError naming the path unless kb_dir holds a finished KB (cheap: reads kb.json)."""
   _read_meta(kb_dir)
-
-
-def _read_parquet(path, columns):
-  if not FileSystems.exists(path):
-    raise KBError(f'{path}: listed in kb.json but missing; the KB folder is incomplete.')
-  with FileSystems.open(path) as f:
-    table = pq.read_table(pa.BufferReader(f.read()))
-  missing = [c for c in columns if c not in table.column_names]
-  if missing:
-    raise KBError(f'{path}: missing column(s) {missing}; expected {list(columns)}.')
-  return table.select(list(columns))
 
 
 _CACHE = {}

@@ -40,6 +40,7 @@ from data_prep.i2e import types
 
 STAGE = 'link'
 CASE_MISMATCH = 0.9
+_WORDS_CACHE_SIZE = 100_000
 _WORD = re.compile(r'[^\W\d_]{3,}')
 STOPWORDS = frozenset("""
   the and for with from into onto that this these those which who whom whose what when where
@@ -80,6 +81,8 @@ class EntityLinker:
   def _entity_words(self, qid):
     words = self._words.get(qid)
     if words is None:
+      if len(self._words) >= _WORDS_CACHE_SIZE:
+        self._words.clear()   # bounded: a worker meets millions of entities over a job
       e = self._kb.entity(qid)
       words = self._words[qid] = content_words(f'{e.label} {e.description}')
     return words

@@ -1,9 +1,13 @@
 """Stage c: find entity mentions in alt-texts with spaCy.
 
 Two sources of spans, merged:
-  * the KB alias matcher (default; needs no model download): a spaCy `PhraseMatcher` with
-    attr='LOWER' over every normalised KB alias, on a blank English tokenizer. It matches whole
-    tokens, case-insensitively ('paris' in 'PARIS, at night', not in 'Parisian').
+  * the KB alias matcher (default; needs no model download): the alt-text is split by spaCy's
+    blank English tokenizer and, from each token, the run of lower-cased tokens is looked up in
+    the KB's memory-mapped trie of surface keys (kb_index.py); one prefix query returns every
+    label or alias that starts there. It matches whole tokens, case-insensitively ('paris' in
+    'PARIS, at night', not in 'Parisian'), exactly as a spaCy PhraseMatcher with attr='LOWER'
+    over every surface form would (tests/test_i2e_mentions.py holds one as the reference),
+    without one Python pattern per alias: a worker's memory does not grow with the KB.
   * a statistical NER pipeline when `ner_model` names one (an installed package such as
     en_core_web_sm / en_core_web_trf, or a pipeline folder saved with `nlp.to_disk`); only entities
     with a label in `ner_labels` are kept. Naming a pipeline that is not installed is an error at
@@ -18,8 +22,8 @@ before (so 'New York City' beats 'New York' and 'York'). A span found by both so
 with the NER origin ('ner:<LABEL>'), which carries the type. At most `max_mentions` survive, the
 first ones in text order. Pairs with no mention leave as filtered 'no_mention'.
 
-The matcher and the NER pipeline are built once per worker process (DoFn.setup + a process cache)
-and texts go through `Language.pipe` in batches.
+The KB is opened and the NER pipeline loaded once per worker process (DoFn.setup + a process
+cache), and texts go through `Language.pipe` in batches.
 """
 import importlib.util
 import os
@@ -28,7 +32,7 @@ import threading
 import apache_beam as beam
 
 from data_prep.i2e import kb as kb_lib
-from data_prep.i2e import types
+from data_prep.i2e import kb_index, types
 
 STAGE = 'mentions'
 KB_ORIGIN = 'kb'
@@ -85,30 +89,35 @@ class MentionFinder:
   """Texts -> merged mentions; the logic of the stage without Beam (also used by benchmarks)."""
 
   def __init__(self, kb=None, ner_nlp=None, ner_labels=DEFAULT_NER_LABELS, max_mentions=16):
-    import spacy  # pylint: disable=import-outside-toplevel
-    from spacy.matcher import PhraseMatcher  # pylint: disable=import-outside-toplevel
     if kb is None and ner_nlp is None:
       raise ValueError('MentionFinder needs a knowledge base (alias matcher) or an NER pipeline.')
     self._ner, self._labels, self._max = ner_nlp, frozenset(ner_labels), max_mentions
-    self._blank = self._matcher = None
-    if kb is not None:
-      self._blank = spacy.blank('en')
-      self._matcher = PhraseMatcher(self._blank.vocab, attr='LOWER')
-      aliases = sorted(kb.surface_forms())
-      for start in range(0, len(aliases), 10_000):
-        chunk = aliases[start:start + 10_000]
-        self._matcher.add(KB_ORIGIN, list(self._blank.tokenizer.pipe(chunk)))
+    self._kb = kb
+    self._tokenizer = kb_lib.surface_tokenizer() if kb is not None else None
     self._disable = [] if ner_nlp is None else [
         p for p in ner_nlp.pipe_names if p in _NOT_FOR_NER]
 
   def _kb_spans(self, texts):
-    if self._matcher is None:
+    if self._kb is None:
       return [[] for _ in texts]
-    out = []
-    for doc in self._blank.tokenizer.pipe(texts):
-      out.append([types.Mention(s.start_char, s.end_char, s.text, KB_ORIGIN)
-                  for s in self._matcher(doc, as_spans=True) if not _is_function_words(s)])
-    return out
+    return [[types.Mention(s.start_char, s.end_char, s.text, KB_ORIGIN)
+             for s in self._alias_spans(doc) if not _is_function_words(s)]
+            for doc in self._tokenizer.pipe(texts)]
+
+  def alias_spans(self, text):
+    """[(start_char, end_char)] of every KB surface key in `text`, overlaps included, before
+    the function-word filter and the merge."""
+    return sorted((s.start_char, s.end_char) for s in self._alias_spans(self._tokenizer(text)))
+
+  def _alias_spans(self, doc):
+    """Every token span of `doc` whose lower-cased tokens are a KB surface key."""
+    lowers = [t.lower_ for t in doc]
+    joined = kb_index.SEP.join(lowers)
+    offset = 0
+    for i, first in enumerate(lowers):
+      for key in self._kb.surface_prefixes(first, joined[offset:]):
+        yield doc[i:i + key.count(kb_index.SEP) + 1]
+      offset += len(first) + 1
 
   def _ner_spans(self, texts):
     if self._ner is None:
@@ -129,7 +138,7 @@ _FINDERS_LOCK = threading.Lock()
 
 
 def _cached_finder(kb_dir, ner_model, ner_labels, use_alias_matcher, max_mentions):
-  """One MentionFinder per worker process and setting (the matcher holds every KB alias)."""
+  """One MentionFinder per worker process and setting (over the process's one mapped KB)."""
   key = (kb_dir, ner_model, tuple(ner_labels), use_alias_matcher, max_mentions)
   with _FINDERS_LOCK:
     if key not in _FINDERS:

@@ -1,19 +1,23 @@
 """The I2E pipeline: how the stages compose (data_prep/build_i2e.py is its command line).
 
-  read -> clean -> mentions -> link -> select -> global -> write      (an I2E corpus)
-  read -> clean -> write                                             (--pairs_only: a
-                                                                      pairs corpus)
+  read -> dedup -> clean -> mentions -> link -> select -> global -> write   (I2E corpus)
+  read -> dedup -> clean -> write                                  (--pairs_only: pairs)
+
+read indexes the files (small records, no image bytes), dedup decides on those records and
+reads the survivors again (dedup.py), so image bytes cross one shuffle, at the write.
 
 Every stage returns {'main', 'filtered', 'dead_letter'}; 'main' feeds the next stage,
 the other two are tallied per stage (stats.StageTallies) and the dead letters written
 beside the corpus, so that inputs = written + filtered + dead-lettered can be checked.
 """
+import functools
 import json
 
 import apache_beam as beam
 from apache_beam.options import pipeline_options as beam_options
 
 from data_prep.i2e import clean as clean_lib
+from data_prep.i2e import dedup as dedup_lib
 from data_prep.i2e import global_passes
 from data_prep.i2e import read as read_lib
 from data_prep.i2e import stats as stats_lib
@@ -70,9 +74,12 @@ def build_i2e(p, *, pairs, out_dir, config, kb_dir='', clip='', pairs_only=False
   write_lib.check_out_dir(out_dir, overwrite)  # Before any work: never replace silently.
   if not pairs_only and not (kb_dir and (clip or clip_loader)):
     raise ValueError('build_i2e: an I2E corpus needs --kb and --clip (or --pairs_only).')
-  read = p | 'Read' >> read_lib.ReadPairs(pairs, **config['read'])
-  stages = [('read', read), ('clean', read['main'] | 'Clean' >> clean_lib.CleanPairs(
-      **config['clean']))]
+  reader = read_lib.ReadPairs(pairs, **config['read'], text_check=functools.partial(
+      clean_lib.text_passes, **config['clean']))
+  read = p | 'Read' >> reader
+  deduped = read['main'] | 'Dedup' >> dedup_lib.DedupPairs(reader.read_fn)
+  stages = [('read', read), ('dedup', deduped),
+            ('clean', deduped['main'] | 'Clean' >> clean_lib.CleanPairs(**config['clean']))]
   extra = {}
   if pairs_only:
     final = stages[-1][1]['main'] | 'AsPairs' >> beam.Map(_as_pair_only)

@@ -24,18 +24,21 @@ records it held is unknown), 'no_match' (a pattern matched no file), 'unknown_fo
 'missing_field' (no image or no text; for a Parquet file without the column: one dead
 letter whose count is the file's row count), 'not_utf8', 'bad_record' (a TFRecord record
 that is not a tf.train.Example), 'text_too_long' / 'image_too_large' (payload over
-MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it), 'duplicate_key' (the same
-key more than once in or across files: the copy at the smallest (file, position) is kept).
+MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it).
+
+The output is an index: one dedup.Copy per good record (key, file, position, SHA-256 of the
+image, whether the text passes `text_check`), no image bytes. dedup.DedupPairs decides on
+the Copies and reads the surviving records again through `ReadPairs.read_fn.pairs_at`.
 """
+import hashlib
 import json
 import posixpath
-import typing
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import types
+from data_prep.i2e import dedup, types
 
 STAGE = 'read'
 MAX_TEXT_BYTES = 1 << 20
@@ -236,19 +239,38 @@ class _MatchFn(beam.DoFn):
       yield m.path
 
 
-@beam.typehints.with_output_types(typing.Tuple[str, typing.Any])  # Tagged outputs aside.
+def _always(_):
+  return True
+
+
+@beam.typehints.with_output_types(dedup.Copy)  # Tagged outputs aside.
 class _ReadShardFn(beam.DoFn):
-  """Path -> (key, (path, position, Pair)) and dead letters; never raises on bad input."""
+  """Path -> dedup.Copy per good record, and dead letters; never raises on bad input.
+
+  `pairs_at(path, positions)` reads a file again for the records at those positions.
+  """
 
   def __init__(self, caption_keys, parquet_image_column, parquet_caption_column,
-               tfrecord_image_feature, tfrecord_caption_feature):
+               tfrecord_image_feature, tfrecord_caption_feature, text_check=None):
     self._args = dict(tar=(tuple(caption_keys),),
                       parquet=(parquet_image_column, parquet_caption_column),
                       tfrecord=(tfrecord_image_feature, tfrecord_caption_feature))
+    self._text_check = text_check or _always
 
-  def _records(self, fmt, path):
+  def _records(self, path):
+    """(position, Pair or DeadLetter) of a file, in order; raises if the file breaks."""
+    fmt = shard_format(path)
     reader = dict(tar=read_tar, parquet=read_parquet, tfrecord=read_tfrecord)[fmt]
-    return reader(path, *self._args[fmt])
+    return enumerate(reader(path, *self._args[fmt]))
+
+  def pairs_at(self, path, positions):
+    """(position, Pair) of the records at `positions` (a set), stopping after the last."""
+    last = max(positions, default=-1)
+    for position, item in self._records(path):
+      if position > last:
+        return
+      if position in positions and isinstance(item, types.Pair):
+        yield position, item
 
   def process(self, path):
     fmt = shard_format(path)
@@ -256,49 +278,35 @@ class _ReadShardFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
           'unknown_format', '', path, 'expected *.tar[.gz], *.parquet or *.tfrecord*'))
       return
-    position = 0
+    count = 0
     try:
-      for item in self._records(fmt, path):
+      for position, item in self._records(path):
         if isinstance(item, types.DeadLetter):
           yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, item)
         else:
-          yield item.key, (path, position, item)
-        position += 1
+          yield dedup.Copy(item.key, path, position, hashlib.sha256(item.image).hexdigest(),
+                           bool(self._text_check(item.text)))
+        count = position + 1
     except Exception as e:  # pylint: disable=broad-except  # Any failure of a file is data.
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
           'unreadable_shard', '', path,
-          f'{fmt} file broke off after {position} records: {type(e).__name__}: {e}'))
-
-
-def keep_first_copy(item):
-  """(key, [(path, position, Pair), ...]) -> the copy at the smallest (path, position).
-
-  Streams over the group (constant memory on runners that page large groups).
-  """
-  key, copies = item
-  best = None
-  for copy in copies:
-    if best is None or copy[:2] < best[:2]:
-      copy, best = best, copy
-    if copy is not None:
-      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
-          'duplicate_key', key, copy[0], f'position {copy[1]}; another copy of key {key!r} '
-          'comes first (by file, then position) and is kept'))
-  yield best[2]
+          f'{fmt} file broke off after {count} records: {type(e).__name__}: {e}'))
 
 
 class ReadPairs(beam.PTransform):
-  """File patterns -> {'main': Pair, 'dead_letter': DeadLetter, 'filtered': (empty)}."""
+  """File patterns -> {'main': dedup.Copy, 'dead_letter': DeadLetter, 'filtered': (empty)};
+  `read_fn` re-reads records for dedup.DedupPairs."""
 
   def __init__(self, patterns, caption_keys=('caption', 'txt', 'alt', 'text'),
                parquet_image_column='image', parquet_caption_column='caption',
-               tfrecord_image_feature='image/encoded', tfrecord_caption_feature='caption'):
+               tfrecord_image_feature='image/encoded', tfrecord_caption_feature='caption',
+               text_check=None):
     super().__init__()
     self._patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not self._patterns:
       raise ValueError('ReadPairs: no file pattern given.')
-    self._read_fn = _ReadShardFn(caption_keys, parquet_image_column, parquet_caption_column,
-                                 tfrecord_image_feature, tfrecord_caption_feature)
+    self.read_fn = _ReadShardFn(caption_keys, parquet_image_column, parquet_caption_column,
+                                tfrecord_image_feature, tfrecord_caption_feature, text_check)
 
   def expand(self, pbegin):
     matched = (pbegin | 'Patterns' >> beam.Create(sorted(set(self._patterns)))
@@ -307,13 +315,9 @@ class ReadPairs(beam.PTransform):
     read = (matched.main
             | 'UniqueFiles' >> beam.Distinct()
             | 'SpreadFiles' >> beam.Reshuffle()
-            | 'ReadFiles' >> beam.ParDo(self._read_fn).with_outputs(types.DEAD_LETTER,
+            | 'IndexFiles' >> beam.ParDo(self.read_fn).with_outputs(types.DEAD_LETTER,
                                                                     main='main'))
-    unique = (read.main
-              | 'GroupByKey' >> beam.GroupByKey()
-              | 'KeepFirstCopy' >> beam.FlatMap(keep_first_copy).with_outputs(
-                  types.DEAD_LETTER, main='main'))
-    dead = ((matched[types.DEAD_LETTER], read[types.DEAD_LETTER], unique[types.DEAD_LETTER])
+    dead = ((matched[types.DEAD_LETTER], read[types.DEAD_LETTER])
             | 'AllDead' >> beam.Flatten())
-    return {'main': unique.main, 'dead_letter': dead,
+    return {'main': read.main, 'dead_letter': dead,
             'filtered': pbegin | 'NoFiltered' >> beam.Create([])}

@@ -20,10 +20,40 @@ in = out + filtered + dead_letter, and inputs = written + filtered + dead_letter
 import apache_beam as beam
 
 TOP_ENTITIES = 20
+SHUFFLE_COUNTER = 'i2e_shuffle_bytes'
 
 
 class ReconcileError(RuntimeError):
   """The stage counts do not add up: a record was lost or duplicated (a bug)."""
+
+
+def count_shuffled(name, nbytes):
+  """Adds to the live counter i2e_shuffle_bytes/<name>: the bytes a shuffle carries."""
+  beam.metrics.Metrics.counter(SHUFFLE_COUNTER, name).inc(nbytes)
+
+
+def shuffled_bytes(result):
+  """{shuffle: bytes} from a finished pipeline's counters ({} where the runner has none)."""
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=import-outside-toplevel
+  try:
+    counters = result.metrics().query(MetricsFilter().with_namespace(SHUFFLE_COUNTER))
+  except Exception:  # pylint: disable=broad-except  # some runners do not report metrics
+    return {}
+  out = {}
+  for c in counters['counters']:
+    value = c.committed if c.committed is not None else c.attempted
+    out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (value or 0)
+  return out
+
+
+def shuffle_line(result, inputs):
+  got = shuffled_bytes(result)
+  if not got:
+    return 'shuffled: (no counters from this runner)'
+  per_pair = lambda n: f'{n / max(inputs, 1):,.0f} B/pair'
+  return 'shuffled: ' + ', '.join(f'{k} {v / 2**20:.2f} MiB ({per_pair(v)})'
+                                  for k, v in sorted(got.items())) + (
+      f'; total {sum(got.values()) / 2**20:.2f} MiB ({per_pair(sum(got.values()))})')
 
 
 def _dead_tally(stage, dead):
@@ -42,7 +72,7 @@ class StageTallies(beam.PTransform):
     out = (result['main'] | 'CountOut' >> beam.combiners.Count.Globally()
            | 'OutTally' >> beam.Map(lambda n: ((stage, 'out', ''), n)))
     filtered = result['filtered'] | 'FilteredTally' >> beam.Map(
-        lambda f: ((stage, 'filtered', f.reason), 1))
+        lambda f: ((stage, 'filtered', f.reason), f.count))
     dead = result['dead_letter'] | 'DeadTally' >> beam.Map(lambda d: _dead_tally(stage, d))
     return ((out, filtered, dead) | 'Tallies' >> beam.Flatten()
             | 'SumTallies' >> beam.CombinePerKey(sum))

@@ -79,6 +79,7 @@ class Filtered:
   reason: str         # e.g. 'duplicate_image', 'no_mention', 'no_candidate', 'below_threshold',
                       # 'rare_entity_only', 'near_duplicate_of_eval'
   key: str
+  count: int = 1      # records it stands for (dedup.py counts the copies of one image at once)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,21 +14,20 @@ counted: every entity line of the dump ends in exactly one of entities / skipped
 The 'mul' (multilingual) labels and aliases that Wikidata introduced in 2024 are a fallback, since
 many items now carry their name only there.
 """
-import dataclasses
 import json
-import posixpath
 import re
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import types
-from data_prep.i2e.kb import (ALIAS_PREFIX, ALIAS_SCHEMA, DEAD_LETTER_FILE, ENTITY_PREFIX,
-                              ENTITY_SCHEMA, FORMAT_VERSION, KB_FILE, alias_rows, entity_row)
+from data_prep.i2e import kb as kb_lib
+from data_prep.i2e import kb_index, kb_write, types
+from data_prep.i2e.kb import entity_row
 
 STAGE = 'kb'
 FALLBACK_LANGUAGES = ('mul',)
 SKIP_REASONS = ('not_item', 'no_label', 'few_sitelinks')
+UNTYPED = 'untyped'
 _WS = re.compile(r'\s+')
 _QID = re.compile(r'Q[1-9][0-9]*\Z')
 
@@ -62,13 +61,94 @@ def _texts(field, languages, name, key):
   return out
 
 
-def parse_line(line, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0):
-  """One dump line (bytes) -> Entity, or None for the array brackets and blank lines.
+# Kinds of item that are never the subject of a photograph: Wikimedia's own pages, scholarly
+# works, and the gene, protein, chemical and name items bots created by the million. Items
+# with any of these P31 (instance of) values are skipped as 'type:<reason>'.
+DEFAULT_EXCLUDED_TYPES = {
+    'Q4167410': 'disambiguation_page', 'Q4167836': 'category', 'Q11266439': 'template',
+    'Q13406463': 'list_article', 'Q15184295': 'module', 'Q14204246': 'project_page',
+    'Q17362920': 'duplicated_page', 'Q21528878': 'redirect_page',
+    'Q17633526': 'wikinews_article', 'Q13442814': 'scholarly_article', 'Q1266946': 'thesis',
+    'Q7187': 'gene', 'Q277338': 'pseudogene', 'Q8054': 'protein',
+    'Q11173': 'chemical_compound', 'Q101352': 'family_name', 'Q202444': 'given_name'}
 
-  Raises _Bad(reason, detail, key) for lines that are not an item with a label: reasons
-  'not_utf8', 'malformed_json', 'not_an_object', 'missing_field', 'bad_id', 'bad_field'
-  (dead letters) and 'not_item', 'no_label', 'few_sitelinks' (skipped, SKIP_REASONS).
+
+def instance_of(claims, qid):
+  """The P31 (instance of) item ids of an item's claims, deprecated statements left out."""
+  if claims is None or claims == []:    # the dump writes an empty object as [] for some items
+    return ()
+  if not isinstance(claims, dict):
+    raise _Bad('bad_claim', f'claims is a {type(claims).__name__}, expected an object', qid)
+  statements = claims.get('P31') or []
+  if not isinstance(statements, list):
+    raise _Bad('bad_claim', 'claims.P31 is not a list', qid)
+  out = []
+  for st in statements:
+    snak = st.get('mainsnak') if isinstance(st, dict) else None
+    if not isinstance(snak, dict):
+      raise _Bad('bad_claim', 'a P31 statement has no mainsnak object', qid)
+    if st.get('rank') == 'deprecated' or snak.get('snaktype') != 'value':
+      continue   # 'novalue' / 'somevalue' snaks name no class
+    value = (snak.get('datavalue') or {}).get('value')
+    if not isinstance(value, dict) or not isinstance(value.get('id'), str):
+      raise _Bad('bad_claim', 'a P31 value has no item "id"', qid)
+    out.append(value['id'])
+  return tuple(out)
+
+
+def parse_item(line, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
+               excluded_types=None):
+  """One dump line (bytes) -> (Entity, P31 ids), or None for the array brackets and blanks.
+
+  Raises _Bad(reason, detail, key) for lines that are not a wanted item with a label:
+  reasons 'not_utf8', 'malformed_json', 'not_an_object', 'missing_field', 'bad_id',
+  'bad_field', 'bad_claim' (dead letters) and 'not_item', 'no_label', 'few_sitelinks',
+  'type:<reason>' of `excluded_types` {class Q-id: reason} (skipped, `is_skip`).
   """
+  obj = _decode(line)
+  if obj is None:
+    return None
+  qid = obj['id']
+  if obj['type'] != 'item':
+    raise _Bad('not_item', f'type {obj["type"]!r}', qid)
+  if not _QID.match(qid):
+    raise _Bad('bad_id', f'item id {qid!r} is not a Q-number', qid)
+  classes = instance_of(obj.get('claims'), qid)
+  excluded = sorted({excluded_types[c] for c in classes if c in (excluded_types or {})})
+  if excluded:
+    raise _Bad(f'type:{excluded[0]}', f'instance of {list(classes)}', qid)
+  languages = (language,) + tuple(l for l in fallback_languages if l != language)
+  labels = _texts(obj.get('labels'), languages, 'labels', qid)
+  if not labels:
+    raise _Bad('no_label', f'no label in {"/".join(languages)}', qid)
+  descriptions = _texts(obj.get('descriptions'), languages, 'descriptions', qid)
+  aliases = []
+  for alias in labels[1:] + _texts(obj.get('aliases'), languages, 'aliases', qid):
+    if alias != labels[0] and alias not in aliases:
+      aliases.append(alias)
+  sitelinks = obj.get('sitelinks') or {}
+  if not isinstance(sitelinks, dict):
+    raise _Bad('bad_field', 'sitelinks is not an object', qid)
+  if len(sitelinks) < min_sitelinks:
+    raise _Bad('few_sitelinks', f'{len(sitelinks)} sitelinks < {min_sitelinks}', qid)
+  entity = types.Entity(id=qid, label=labels[0],
+                        description=descriptions[0] if descriptions else '',
+                        aliases=tuple(aliases), sitelinks=len(sitelinks))
+  return entity, classes
+
+
+def parse_line(line, *args, **kwargs):
+  """parse_item without the classes: Entity or None."""
+  parsed = parse_item(line, *args, **kwargs)
+  return parsed and parsed[0]
+
+
+def is_skip(reason):
+  return reason in SKIP_REASONS or reason.startswith('type:')
+
+
+def _decode(line):
+  """A dump line -> its entity object (None for brackets and blanks), or _Bad."""
   line = line.strip()
   if line in (b'', b'[', b']'):
     return None
@@ -87,49 +167,41 @@ def parse_line(line, language='en', fallback_languages=FALLBACK_LANGUAGES, min_s
   for field in ('id', 'type'):
     if not isinstance(obj.get(field), str):
       raise _Bad('missing_field', f'no string "{field}"', str(obj.get('id', '')))
-  qid = obj['id']
-  if obj['type'] != 'item':
-    raise _Bad('not_item', f'type {obj["type"]!r}', qid)
-  if not _QID.match(qid):
-    raise _Bad('bad_id', f'item id {qid!r} is not a Q-number', qid)
-  languages = (language,) + tuple(l for l in fallback_languages if l != language)
-  labels = _texts(obj.get('labels'), languages, 'labels', qid)
-  if not labels:
-    raise _Bad('no_label', f'no label in {"/".join(languages)}', qid)
-  descriptions = _texts(obj.get('descriptions'), languages, 'descriptions', qid)
-  aliases = []
-  for alias in labels[1:] + _texts(obj.get('aliases'), languages, 'aliases', qid):
-    if alias != labels[0] and alias not in aliases:
-      aliases.append(alias)
-  sitelinks = obj.get('sitelinks') or {}
-  if not isinstance(sitelinks, dict):
-    raise _Bad('bad_field', 'sitelinks is not an object', qid)
-  if len(sitelinks) < min_sitelinks:
-    raise _Bad('few_sitelinks', f'{len(sitelinks)} sitelinks < {min_sitelinks}', qid)
-  return types.Entity(id=qid, label=labels[0], description=descriptions[0] if descriptions else '',
-                      aliases=tuple(aliases), sitelinks=len(sitelinks))
+  return obj
 
 
 # ----------------------------------------------------------------------------- Beam stages
 
 
 class _ParseFn(beam.DoFn):
-  def __init__(self, language, fallback_languages, min_sitelinks):
-    self._args = (language, tuple(fallback_languages), min_sitelinks)
+  """Live counters per outcome (Dataflow shows them while the job runs); kb.json is the
+  exact end-of-run record."""
+
+  def __init__(self, language, fallback_languages, min_sitelinks, excluded_types):
+    self._args = (language, tuple(fallback_languages), min_sitelinks, dict(excluded_types))
 
   def process(self, element):
     source, line = element
     try:
-      entity = parse_line(line, *self._args)
+      parsed = parse_item(line, *self._args)
     except _Bad as bad:
-      if bad.reason in SKIP_REASONS:
+      _count(bad.reason)
+      if is_skip(bad.reason):
         yield beam.pvalue.TaggedOutput(types.FILTERED, types.Filtered(STAGE, bad.reason, bad.key))
       else:
         yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
             STAGE, bad.reason, bad.key, source, bad.detail[:300]))
       return
-    if entity is not None:
+    if parsed is not None:
+      entity, classes = parsed
+      _count('entity')
+      if not classes:
+        yield beam.pvalue.TaggedOutput(UNTYPED, entity.id)
       yield entity
+
+
+def _count(name):
+  beam.metrics.Metrics.counter(STAGE, name).inc()
 
 
 def _resolve_duplicates(item):
@@ -139,24 +211,28 @@ def _resolve_duplicates(item):
                   reverse=True)
   yield copies[0]
   for _ in copies[1:]:
+    _count('duplicate_id')
     yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
         STAGE, 'duplicate_id', qid, '', f'{len(copies)} lines for {qid}; kept the one with '
         'most sitelinks'))
 
 
 class ParseWikidata(beam.PTransform):
-  """(source, line bytes) -> {'main': Entity, 'dead_letter': DeadLetter, 'filtered': Filtered}.
+  """(source, line bytes) -> {'main': Entity, 'dead_letter': DeadLetter, 'filtered': Filtered,
+  'untyped': Q-ids of kept items with no P31}.
 
   Each Q-id leaves once: duplicate lines of one id are dead-lettered ('duplicate_id').
   """
 
-  def __init__(self, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0):
+  def __init__(self, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
+               excluded_types=None):
     super().__init__()
-    self._args = (language, fallback_languages, min_sitelinks)
+    excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else excluded_types
+    self._args = (language, fallback_languages, min_sitelinks, excluded)
 
   def expand(self, lines):
     parsed = (lines | 'Parse' >> beam.ParDo(_ParseFn(*self._args))
-              .with_outputs(types.DEAD_LETTER, types.FILTERED, main='main'))
+              .with_outputs(types.DEAD_LETTER, types.FILTERED, UNTYPED, main='main'))
     unique = (parsed.main
               | 'ById' >> beam.Map(lambda e: (e.id, e))
               | 'GroupById' >> beam.GroupByKey()
@@ -164,72 +240,36 @@ class ParseWikidata(beam.PTransform):
               .with_outputs(types.DEAD_LETTER, main='main'))
     dead = ((parsed[types.DEAD_LETTER], unique[types.DEAD_LETTER])
             | 'AllDead' >> beam.Flatten())
-    return {'main': unique.main, 'dead_letter': dead, 'filtered': parsed[types.FILTERED]}
+    untyped = parsed[UNTYPED] | 'UntypedOnce' >> beam.Distinct()
+    return {'main': unique.main, 'dead_letter': dead, 'filtered': parsed[types.FILTERED],
+            'untyped': untyped}
 
 
-def _write_kb_json(_, out_dir, meta, counts, entity_files, alias_files):
-  counts = dict(counts)
-  meta = dict(meta, format_version=FORMAT_VERSION,
-              num_entities=counts.pop('entities', 0), num_aliases=counts.pop('aliases', 0),
-              skipped={k.split('/', 1)[1]: v for k, v in sorted(counts.items())
-                       if k.startswith('skipped/')},
-              dead_letter={k.split('/', 1)[1]: v for k, v in sorted(counts.items())
-                           if k.startswith('dead_letter/')},
-              entity_files=sorted(posixpath.basename(f) for f in entity_files),
-              alias_files=sorted(posixpath.basename(f) for f in alias_files))
-  with FileSystems.create(FileSystems.join(out_dir, KB_FILE)) as f:
-    f.write(json.dumps(meta, indent=2, sort_keys=True).encode('utf-8'))
-  yield meta
+def build_pipeline(p, dump_patterns, out_dir, language='en', num_shards=0,
+                   fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0, excluded_types=None,
+                   index_shards=kb_index.DEFAULT_SHARDS):
+  """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents.
 
-
-class WriteKnowledgeBase(beam.PTransform):
-  """{'main': Entity, 'dead_letter', 'filtered'} -> KB_DIR files; kb.json written after the rest.
-
-  Returns a one-element PCollection holding kb.json's contents.
+  dump_patterns: a file pattern or a list of them (line-aligned chunks of a dump, as
+  data_prep.split_dump writes them, are read in parallel, one file per worker). One
+  compressed file cannot be split, so its lines are spread over workers before parsing.
   """
-
-  def __init__(self, out_dir, meta, num_shards=0):
-    super().__init__()
-    self._out, self._meta, self._shards = out_dir, dict(meta), num_shards
-
-  def expand(self, stages):
-    p = stages['main'].pipeline
-    join = FileSystems.join
-    entity_files = (stages['main'] | 'EntityRows' >> beam.Map(entity_row)
-                    | 'WriteEntities' >> beam.io.WriteToParquet(
-                        join(self._out, ENTITY_PREFIX), ENTITY_SCHEMA,
-                        file_name_suffix='.parquet', num_shards=self._shards))
-    aliases = stages['main'] | 'AliasRows' >> beam.FlatMap(alias_rows)
-    alias_files = aliases | 'WriteAliases' >> beam.io.WriteToParquet(
-        join(self._out, ALIAS_PREFIX), ALIAS_SCHEMA, file_name_suffix='.parquet',
-        num_shards=self._shards)
-    _ = (stages['dead_letter']
-         | 'DeadJson' >> beam.Map(lambda d: json.dumps(dataclasses.asdict(d), sort_keys=True))
-         | 'WriteDead' >> beam.io.WriteToText(join(self._out, DEAD_LETTER_FILE),
-                                              shard_name_template='', num_shards=1))
-    tallies = (
-        (stages['main'] | 'TallyEntities' >> beam.Map(lambda _: 'entities'),
-         aliases | 'TallyAliases' >> beam.Map(lambda _: 'aliases'),
-         stages['filtered'] | 'TallySkipped' >> beam.Map(lambda f: f'skipped/{f.reason}'),
-         stages['dead_letter'] | 'TallyDead' >> beam.Map(
-             lambda d: f'dead_letter/{d.reason}'))
-        | 'AllTallies' >> beam.Flatten()
-        | 'Count' >> beam.combiners.Count.PerElement()
-        | 'ToDict' >> beam.combiners.ToDict())
-    return (p | 'Once' >> beam.Create([None])
-            | 'WriteKbJson' >> beam.FlatMap(
-                _write_kb_json, self._out, self._meta, beam.pvalue.AsSingleton(tallies),
-                beam.pvalue.AsList(entity_files), beam.pvalue.AsList(alias_files)))
-
-
-def build_pipeline(p, dump_pattern, out_dir, language='en', num_shards=0,
-                   fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0):
-  """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents."""
   from apache_beam import coders  # pylint: disable=import-outside-toplevel
-  lines = (p | 'ReadDump' >> beam.io.ReadFromTextWithFilename(dump_pattern,
-                                                               coder=coders.BytesCoder())
-           | 'Spread' >> beam.Reshuffle())
-  stages = lines | 'ParseWikidata' >> ParseWikidata(language, fallback_languages, min_sitelinks)
+  patterns = [dump_patterns] if isinstance(dump_patterns, str) else list(dump_patterns)
+  files = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
+  if not files:
+    raise kb_lib.KBError(f'--wikidata {patterns}: matches no file.')
+  reads = [p | f'ReadDump{i}' >> beam.io.ReadFromTextWithFilename(pattern,
+                                                                  coder=coders.BytesCoder())
+           for i, pattern in enumerate(patterns)]
+  lines = reads | 'AllDumpLines' >> beam.Flatten()
+  if len(files) == 1:
+    lines = lines | 'Spread' >> beam.Reshuffle()
+  excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else dict(excluded_types)
+  stages = lines | 'ParseWikidata' >> ParseWikidata(language, fallback_languages, min_sitelinks,
+                                                    excluded)
   meta = dict(language=language, fallback_languages=list(fallback_languages),
-              min_sitelinks=min_sitelinks, source=dump_pattern)
-  return stages | 'WriteKB' >> WriteKnowledgeBase(out_dir, meta, num_shards)
+              min_sitelinks=min_sitelinks, source=patterns if len(patterns) > 1 else patterns[0],
+              num_dump_files=len(files), excluded_types=excluded)
+  return stages | 'WriteKB' >> kb_write.WriteKnowledgeBase(out_dir, meta, num_shards,
+                                                           index_shards)

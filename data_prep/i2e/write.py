@@ -105,6 +105,12 @@ class _WriteShardFn(beam.DoFn):
     yield shard, len(records), sum(len(r) + _TFRECORD_OVERHEAD for _, r in records)
 
 
+def _to_shard(bucketed, plan):
+  bucket, (key, record) = bucketed
+  stats_lib.count_shuffled('by_shard', len(key) + len(record) + 8)
+  return plan[0][bucket], (key, record)
+
+
 class WriteShards(beam.PTransform):
   """(key, serialized record) -> (shard, records, bytes) once each shard file is written."""
 
@@ -123,7 +129,7 @@ class WriteShards(beam.PTransform):
             | 'AllBuckets' >> beam.combiners.ToList()
             | 'Plan' >> beam.Map(plan_shards, self._num_shards))
     return (bucketed
-            | 'ToShard' >> beam.Map(lambda b, p: (p[0][b[0]], b[1]), beam.pvalue.AsSingleton(plan))
+            | 'ToShard' >> beam.Map(_to_shard, beam.pvalue.AsSingleton(plan))
             | 'GroupByShard' >> beam.GroupByKey()
             | 'WriteShard' >> beam.ParDo(_WriteShardFn(self._folder),
                                          beam.pvalue.AsSingleton(plan)))

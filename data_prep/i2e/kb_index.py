@@ -1,0 +1,184 @@
+"""The knowledge base as memory-mapped tries: opened by every worker process, never loaded.
+
+Three kinds of marisa-trie file, each cut into `index_shards` shards:
+
+  entities-SSSSS-of-NNNNN.marisa  BytesTrie  Q-id -> JSON [label, description, aliases, sitelinks]
+  aliases-SSSSS-of-NNNNN.marisa   BytesTrie  normalised alias -> b'Q-id<TAB>quality', one value
+                                             per entity (the alias index)
+  surface-SSSSS-of-NNNNN.marisa   Trie       token keys: the lower-cased spaCy tokens of every
+                                             label and alias as written and normalised, joined
+                                             by SEP (what the mention finder looks n-grams up in)
+
+Why marisa-trie (benchmarks/kb_index.py measures it against LMDB): the files are a few times
+smaller than the alias table itself (keys share prefixes), `mmap` opens them in microseconds,
+and every SDK process of a worker VM reads one copy through the page cache, as Scio's Sparkey
+side inputs do. A prefix query (`Trie.prefixes`) returns every surface key that starts an
+n-gram in one call, which is what replaces spaCy's PhraseMatcher.
+
+Shards: entities and aliases by the CRC32 of their key, surface keys by the CRC32 of their
+first token, so that every key a prefix walk can reach from one start token is in one shard.
+Each shard is built by one worker from its own keys, so no machine ever holds the whole KB.
+"""
+import json
+import os
+import tempfile
+import threading
+import zlib
+
+import marisa_trie
+from apache_beam.io.filesystems import FileSystems
+
+from data_prep.i2e import types
+
+KINDS = ('entities', 'aliases', 'surface')
+SEP = '\x1f'   # joins the tokens of a surface key; spaCy tokens never contain it
+SUFFIX = '.marisa'
+DEFAULT_SHARDS = 8
+_TRIE_TYPE = dict(entities=marisa_trie.BytesTrie, aliases=marisa_trie.BytesTrie,
+                  surface=marisa_trie.Trie)
+
+
+def shard_of(key, num_shards):
+  return zlib.crc32(key.encode('utf-8')) % num_shards
+
+
+def file_name(kind, shard, num_shards):
+  return f'{kind}-{shard:05d}-of-{num_shards:05d}{SUFFIX}'
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def entity_value(entity):
+  return json.dumps([entity.label, entity.description, list(entity.aliases), entity.sitelinks],
+                    ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+
+
+def decode_entity(qid, value):
+  label, description, aliases, sitelinks = json.loads(value)
+  return types.Entity(id=qid, label=label, description=description, aliases=tuple(aliases),
+                      sitelinks=int(sitelinks))
+
+
+def alias_value(entity_id, quality):
+  return f'{entity_id}\t{quality!r}'.encode('utf-8')
+
+
+def decode_alias(value):
+  entity_id, quality = value.decode('utf-8').split('\t')
+  return entity_id, float(quality)
+
+
+def token_key(tokens):
+  return SEP.join(t.lower_ for t in tokens)
+
+
+def surface_keys(entity, tokenizer, normalize):
+  """The token keys of an entity: each label and alias, lower-cased as written and normalised.
+
+  (spaCy's LOWER lower-cases but does not NFKC/casefold, so 'Straße' in a text needs the
+  form 'straße' as well as the alias-index key 'strasse'.)
+  """
+  forms = set()
+  for form in (entity.label,) + tuple(entity.aliases):
+    forms.update((form.lower(), normalize(form)))
+  keys = {token_key(doc) for doc in tokenizer.pipe(sorted(f for f in forms if f))}
+  return sorted(k for k in keys if k)
+
+
+def index_items(entity, alias_rows, tokenizer, normalize, num_shards):
+  """(kind, shard, key, value-or-None) of one entity across the three kinds of trie."""
+  yield 'entities', shard_of(entity.id, num_shards), entity.id, entity_value(entity)
+  for row in alias_rows:
+    yield ('aliases', shard_of(row['alias'], num_shards), row['alias'],
+           alias_value(row['entity_id'], row['quality']))
+  for key in surface_keys(entity, tokenizer, normalize):
+    yield 'surface', shard_of(key.split(SEP, 1)[0], num_shards), key, None
+
+
+def build_trie(kind, items):
+  """items: (key, value) for BytesTries, keys for the surface Trie."""
+  return _TRIE_TYPE[kind](items)
+
+
+def save_trie(trie, path):
+  """Saves to any Beam filesystem (marisa writes local files only)."""
+  if '://' not in path:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    trie.save(tmp)
+    os.replace(tmp, path)
+    return
+  with tempfile.TemporaryDirectory() as d:
+    local = os.path.join(d, 'trie')
+    trie.save(local)
+    with open(local, 'rb') as src, FileSystems.create(path) as dst:
+      while chunk := src.read(1 << 24):
+        dst.write(chunk)
+
+
+# ----------------------------------------------------------------------------- opening
+
+_LOCAL_LOCK = threading.Lock()
+
+
+def local_copy(path, cache_dir=None):
+  """`path` itself when local; else a copy in a per-machine cache, made once (atomic rename),
+  so that every process of a worker VM maps the same file."""
+  if '://' not in path:
+    return path
+  cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), 'mofi_kb_cache')
+  local = os.path.join(cache_dir, f'{zlib.crc32(path.encode()):08x}-{os.path.basename(path)}')
+  with _LOCAL_LOCK:
+    if not os.path.exists(local):
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = f'{local}.tmp-{os.getpid()}'
+      with FileSystems.open(path) as src, open(tmp, 'wb') as dst:
+        while chunk := src.read(1 << 24):
+          dst.write(chunk)
+      os.replace(tmp, local)
+  return local
+
+
+class Index:
+  """The three sharded tries of a KB: mapped from files (`open`) or built in memory."""
+
+  def __init__(self, tries, num_shards):
+    self._tries, self.num_shards = tries, num_shards   # {kind: [trie per shard]}
+
+  @classmethod
+  def open(cls, kb_dir, files, num_shards):
+    """files: {kind: [file name per shard]} as kb.json lists them."""
+    tries = {}
+    for kind in KINDS:
+      tries[kind] = [_TRIE_TYPE[kind]().mmap(local_copy(FileSystems.join(kb_dir, name)))
+                     for name in files[kind]]
+    return cls(tries, num_shards)
+
+  @classmethod
+  def from_items(cls, items, num_shards):
+    """Built in memory from index_items' output (tests, small KBs)."""
+    grouped = {(kind, s): [] for kind in KINDS for s in range(num_shards)}
+    for kind, shard, key, value in items:
+      grouped[kind, shard].append(key if value is None else (key, value))
+    return cls({kind: [build_trie(kind, grouped[kind, s]) for s in range(num_shards)]
+                for kind in KINDS}, num_shards)
+
+  def entity_value(self, qid):
+    values = self._tries['entities'][shard_of(qid, self.num_shards)].get(qid)
+    return values[0] if values else None
+
+  def alias_values(self, alias):
+    return self._tries['aliases'][shard_of(alias, self.num_shards)].get(alias) or []
+
+  def surface_prefixes(self, first_token, joined):
+    """The surface keys that are prefixes of `joined` (a SEP-joined token run that starts
+    with `first_token`), token-aligned, shortest first."""
+    trie = self._tries['surface'][shard_of(first_token, self.num_shards)]
+    return sorted((p for p in trie.prefixes(joined)
+                   if len(p) == len(joined) or joined[len(p)] == SEP), key=len)
+
+  def count(self, kind):
+    return sum(len(t) for t in self._tries[kind])
+
+  def entity_ids(self):
+    return sorted(k for t in self._tries['entities'] for k in t.keys())

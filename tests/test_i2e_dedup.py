@@ -1,0 +1,154 @@
+"""DedupPairs (data_prep/i2e/dedup.py): key and image deduplication on small records, checked
+against a plain-Python reference of the rule, with hot images, text-failing copies, files
+that change between the two reads, and the shuffled-bytes counters."""
+import hashlib
+import os
+import pickle
+import tempfile
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from test_i2e_read import image_bytes, write_tar
+from data_prep.i2e import clean, dedup, read, stats
+
+IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
+
+
+def random_corpus(tmp_path, seed=0, files=3, per_file=40):
+  """Tars whose keys and images repeat (one image 30 times: a placeholder) and whose texts
+  are sometimes empty or too short; returns [(path, position, key, image, text)]."""
+  rng = np.random.default_rng(seed)
+  images = [image_bytes(i) for i in range(12)]
+  texts = ['a caption', 'another caption', '', '  ', 'ab', 'the same words']
+  records = []
+  for f in range(files):
+    path = str(tmp_path / f'{f:05d}.tar')
+    members, seen = [], set()
+    for position in range(per_file):
+      key = f'k{rng.integers(60):03d}'
+      while key in seen:   # keys of one tar must not repeat adjacently as one sample
+        key = f'k{rng.integers(60):03d}'
+      seen.add(key)
+      image = images[0] if rng.random() < 0.25 else images[int(rng.integers(len(images)))]
+      text = texts[int(rng.integers(len(texts)))]
+      members += [(f'{key}.jpg', image), (f'{key}.txt', text.encode())]
+      records.append((path, position, key, image, text))
+    write_tar(path, members)
+  return records
+
+
+def reference(records, min_chars=3, max_chars=1000):
+  """The rule in plain Python: per key the copy at the smallest (file, position); among those
+  whose text passes, per image the one with the smallest key. -> (kept keys, #dup keys,
+  #dup images)."""
+  first = {}
+  for path, position, key, image, text in records:
+    if key not in first or (path, position) < first[key][:2]:
+      first[key] = (path, position, image, text)
+  kept, by_image = set(), {}
+  for key, (_, _, image, text) in first.items():
+    if not clean.text_passes(text, min_chars, max_chars):
+      kept.add(key)
+      continue
+    by_image.setdefault(hashlib.sha256(image).digest(), []).append(key)
+  kept |= {min(keys) for keys in by_image.values()}
+  dup_images = sum(len(keys) - 1 for keys in by_image.values())
+  return kept, len(records) - len(first), dup_images
+
+
+def run(patterns, read_fn_cls=None, min_chars=3):
+  text_check = lambda t: clean.text_passes(t, min_chars, 1000)
+  reader = read.ReadPairs(patterns, text_check=text_check)
+  if read_fn_cls is not None:
+    reader.read_fn.__class__ = read_fn_cls
+  folder = tempfile.mkdtemp(prefix='dedup_out_')
+  p = beam.Pipeline(options=PipelineOptions(IN_MEMORY))
+  index = p | reader
+  result = index['main'] | dedup.DedupPairs(reader.read_fn)
+  for name in ('main', 'dead_letter', 'filtered'):
+    _ = (result[name] | f'Collect{name}' >> beam.combiners.ToList()
+         | f'Keep{name}' >> beam.Map(_save, os.path.join(folder, name)))
+  metrics = p.run()
+  metrics.wait_until_finish()
+  out = {}
+  for name in ('main', 'dead_letter', 'filtered'):
+    with open(os.path.join(folder, name), 'rb') as f:
+      out[name] = pickle.load(f)
+  return out, metrics
+
+
+def _save(items, path):
+  with open(path, 'wb') as f:
+    pickle.dump(list(items), f)
+
+
+def test_pipeline_equals_the_reference_rule(tmp_path):
+  records = random_corpus(tmp_path)
+  kept, dup_keys, dup_images = reference(records)
+  out, _ = run([str(tmp_path / '*.tar')])
+  assert sorted(p.key for p in out['main']) == sorted(kept)
+  by_key = {r[2]: r for r in sorted(records, key=lambda r: (r[0], r[1]), reverse=True)}
+  for pair in out['main']:   # the bytes and text of the surviving copy, read again
+    _, _, _, image, text = by_key[pair.key]
+    assert (pair.image, pair.text) == (image, text)
+  assert sorted(d.reason for d in out['dead_letter']) == ['duplicate_key'] * dup_keys
+  assert sum(f.count for f in out['filtered'] if f.reason == 'duplicate_image') == dup_images
+  # The placeholder image is one Filtered record that counts all its copies.
+  assert max(f.count for f in out['filtered']) >= 10
+  assert dup_keys > 10 and dup_images > 10
+
+
+def test_result_does_not_depend_on_file_order_or_bundling(tmp_path):
+  random_corpus(tmp_path, seed=3)
+  files = sorted(os.listdir(tmp_path))
+  a, _ = run([str(tmp_path / '*.tar')])
+  b, _ = run([str(tmp_path / f) for f in reversed(files)])
+  view = lambda o: (sorted((p.key, p.image, p.text) for p in o['main']),
+                    sorted((d.reason, d.key, d.source) for d in o['dead_letter']),
+                    sorted((f.reason, f.key, f.count) for f in o['filtered']))
+  assert view(a) == view(b)
+
+
+class _ForgetfulReadFn(read._ReadShardFn):  # pylint: disable=protected-access
+  """A file that lost its records between the index pass and the second read."""
+
+  def pairs_at(self, path, positions):
+    if path.endswith('00001.tar'):
+      return iter(())
+    return super().pairs_at(path, positions)
+
+
+def test_a_record_missing_on_the_second_read_is_a_dead_letter(tmp_path):
+  records = random_corpus(tmp_path, seed=1)
+  kept, dup_keys, _ = reference(records)
+  out, _ = run([str(tmp_path / '*.tar')], read_fn_cls=_ForgetfulReadFn)
+  lost = [d for d in out['dead_letter'] if d.reason == 'reread_failed']
+  assert lost and all(d.source.endswith('00001.tar') for d in lost)
+  assert len(out['main']) + len(lost) == len(kept)   # every survivor accounted for
+  assert len(out['dead_letter']) - len(lost) == dup_keys
+
+
+def test_shuffle_counters_count_small_records_not_images(tmp_path):
+  records = random_corpus(tmp_path, seed=2)
+  _, result = run([str(tmp_path / '*.tar')])
+  got = {m.key.metric.name: m.committed for m in result.metrics().query(
+      MetricsFilter().with_namespace(stats.SHUFFLE_COUNTER))['counters']}
+  per_copy = {r[:2]: len(r[2]) + len(r[0]) + 64 + 9 for r in records}
+  assert got['by_key'] == sum(per_copy.values())
+  image_bytes_total = sum(len(r[3]) for r in records)
+  assert sum(got.values()) < image_bytes_total / 2
+
+
+def test_keep_first_copy_and_the_combiner_are_order_free():
+  copies = [dedup.Copy('k', p, i, 's', True) for p, i in (('b', 0), ('a', 5), ('a', 2))]
+  out = list(dedup.keep_first_copy(('k', copies)))
+  assert out[-1] == copies[2] and len(out) == 3
+  fn = dedup._FirstAndCount()  # pylint: disable=protected-access
+  values = [('m', 'x', 1), ('c', 'y', 0), ('z', 'a', 3)]
+  accs = [fn.add_input(fn.create_accumulator(), v) for v in values]
+  assert fn.extract_output(fn.merge_accumulators(accs)) == (('c', 'y', 0), 3)
+  assert fn.extract_output(fn.merge_accumulators(accs[::-1] + [fn.create_accumulator()])) == (
+      ('c', 'y', 0), 3)
