@@ -40,11 +40,11 @@ class WorkerSampler(threading.Thread):
 
   def __init__(self, period=0.2):
     super().__init__(daemon=True)
-    self.period, self.peak, self.cpu, self._stop = period, {}, {}, threading.Event()
+    self.period, self.peak, self.cpu, self._done = period, {}, {}, threading.Event()
 
   def run(self):
     me = psutil.Process()
-    while not self._stop.is_set():
+    while not self._done.is_set():
       for p in me.children(recursive=True):
         try:
           if 'sdk_worker' not in ' '.join(p.cmdline()):
@@ -59,21 +59,42 @@ class WorkerSampler(threading.Thread):
           self.cpu[p.pid] = t.user + t.system
         except (psutil.Error, OSError):
           continue
-      self._stop.wait(self.period)
+      self._done.wait(self.period)
 
   def stop(self):
-    self._stop.set()
+    self._done.set()
     self.join()
 
 
+def parse_rate(dump_glob, limit=50_000):
+  """(items, MB of JSON) per CPU-second of wikidata.parse_item alone, on one core."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+  from data_prep.i2e import wikidata  # pylint: disable=import-outside-toplevel
+  with gzip.open(sorted(glob.glob(dump_glob))[0]) as f:
+    lines = [line for _, line in zip(range(limit), f)]
+  start = time.process_time()
+  for line in lines:
+    try:
+      wikidata.parse_item(line, excluded_types=wikidata.DEFAULT_EXCLUDED_TYPES)
+    except Exception:  # pylint: disable=broad-except  # skipped kinds raise, as in the stage
+      pass
+  cpu = time.process_time() - start
+  return len(lines) / cpu, sum(map(len, lines)) / 1e6 / cpu
+
+
 def build_kb(dump_glob, kb_dir, workers):
+  """-> (seconds, the largest SDK worker's peak RSS in MiB) of python -m data_prep.build_kb."""
   cmd = [sys.executable, '-m', 'data_prep.build_kb', '--wikidata', dump_glob, '--out', kb_dir,
          f'--direct_num_workers={workers}', '--direct_running_mode=multi_processing']
+  sampler = WorkerSampler(period=1.0)
+  sampler.start()
   start = time.time()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  sampler.stop()
   if proc.returncode:
     sys.exit(f'i2e_scale: build_kb failed:\n{proc.stderr[-3000:]}')
-  return time.time() - start
+  return time.time() - start, max((p[0] for p in sampler.peak.values()), default=0) / 1024
 
 
 def find_and_link(kb_dir, texts, workers):
@@ -123,8 +144,9 @@ def main(argv=None):
                                                     workers=args.workers)
   dump_s = time.time() - start
   print(f'dump: {args.entities} items, {dump_bytes / 2**20:.0f} MiB gzip in {dump_s:.0f}s')
-  kb_build_s = build_kb(dump_glob, kb_dir, args.workers) if not os.path.exists(
-      os.path.join(kb_dir, 'kb.json')) else float('nan')
+  parse_items, parse_mb = parse_rate(dump_glob)
+  kb_build_s, kb_rss = (build_kb(dump_glob, kb_dir, args.workers) if not os.path.exists(
+      os.path.join(kb_dir, 'kb.json')) else (float('nan'), float('nan')))
   with open(os.path.join(kb_dir, 'kb.json')) as f:
     meta = json.load(f)
   index_bytes = sum(os.path.getsize(os.path.join(kb_dir, n))
@@ -139,6 +161,8 @@ def main(argv=None):
   result = dict(entities=meta['num_entities'], items=args.entities,
                 aliases=meta['num_aliases'], kb_build_s=round(kb_build_s, 1),
                 kb_items_per_cpu_s=round(args.entities / (kb_build_s * args.workers), 1),
+                kb_build_worker_rss_mib=round(kb_rss, 1),
+                parse_items_per_cpu_s=round(parse_items), parse_mb_per_cpu_s=round(parse_mb, 1),
                 dump_mib=round(dump_bytes / 2**20, 1), index_mib=round(index_bytes / 2**20, 1),
                 peak_rss_mib=round(peak[0] / 1024, 1), peak_rss_anon_mib=round(peak[1] / 1024, 1),
                 sdk_workers=len(sampler.peak), pairs=args.pairs, mentions=counts.get('mentions'),

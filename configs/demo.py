@@ -11,8 +11,7 @@ unseen categories comes with it. Training then takes a few minutes on 2 CPU core
 """
 import ml_collections as mlc
 
-from configs import common
-from data_prep import demo_world
+from configs import common, demo_world
 
 
 def get_config(mode='multitask'):
@@ -22,7 +21,7 @@ def get_config(mode='multitask'):
   c.input.update(batch_size=128, image_size=32, text_len=16,
                  shuffle_buffer=2000, rrc_scale=(0.5, 1.0))
   c.input.recipe = 'demo_world'   # see mofi_jax/train.py's CORPUS_RECIPES
-  c.input.recipe_args = demo_world.default_config()
+  c.input.recipe_args = demo_world.get_config()
   c.input.recipe_args.builder = 'i2e'   # 'direct' writes the corpus without the pipeline
   c.model.update(embed_dim=128, dtype='float32', scan=False)
   c.model.image = dict(variant=None, width=128, depth=4, num_heads=4,

@@ -90,6 +90,15 @@ def test_training_library_never_imports_data_prep():
   assert library_imports_of_data_prep(graph(ROOT)) == []
 
 
+def config_imports_outside_configs(edges):
+  return sorted((a, b) for a, targets in edges.items() for b in targets
+                if a.startswith('configs') and not b.startswith('configs'))
+
+
+def test_configs_are_the_ground_floor():
+  assert config_imports_outside_configs(graph(ROOT)) == []
+
+
 def test_the_checks_see_a_circle_and_a_back_arrow(tmp_path):
   """The checks themselves, on a small tree that has both defects."""
   files = {
@@ -105,3 +114,4 @@ def test_the_checks_see_a_circle_and_a_back_arrow(tmp_path):
   assert edges['configs.demo'] == {'mofi_jax.demo'}
   assert circles(edges) == [['data_prep.world', 'mofi_jax.data.gen']]
   assert library_imports_of_data_prep(edges) == [('mofi_jax.data.gen', 'data_prep.world')]
+  assert config_imports_outside_configs(edges) == [('configs.demo', 'mofi_jax.demo')]

@@ -33,6 +33,26 @@ def test_plan_shards_largest_bucket_to_lightest_shard():
   assert write.plan_shards([(4, 1), (2, 1)], 8) == ({2: 0, 4: 1}, 2)  # Never an empty shard.
 
 
+def test_stage_tallies_feed_live_counters_equal_to_the_exact_tallies(tmp_path):
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=import-outside-toplevel
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=import-outside-toplevel
+  p = beam.Pipeline(options=PipelineOptions(['--direct_running_mode=in_memory']))
+  result = {'main': p | 'Main' >> beam.Create(['a', 'b', 'c']),
+            'filtered': p | 'F' >> beam.Create([types.Filtered('s', 'dup', 'k', count=4),
+                                                types.Filtered('s', 'short', 'j')]),
+            'dead_letter': p | 'D' >> beam.Create([types.DeadLetter('s', 'bad', 'x', 'f')])}
+  tallies = result | stats.StageTallies('s')
+  _ = (tallies | beam.combiners.ToList()
+       | beam.Map(lambda t: (tmp_path / 't.json').write_text(json.dumps(sorted(t)))))
+  run = p.run()
+  run.wait_until_finish()
+  live = {m.key.metric.name: m.committed for m in run.metrics().query(
+      MetricsFilter().with_namespace('i2e'))['counters']}
+  exact = {'.'.join(filter(None, k)): n for k, n in json.loads((tmp_path / 't.json').read_text())}
+  assert live == exact == {'s.out': 3, 's.filtered.dup': 4, 's.filtered.short': 1,
+                           's.dead_letter.bad': 1}
+
+
 def test_seeded_hash_is_sha256_of_seed_and_key():
   want = int(hashlib.sha256(b'7\x00abc').hexdigest()[:16], 16)
   assert write.seeded_hash(7, 'abc') == want

@@ -25,9 +25,10 @@ def _index_items(entity, num_shards):
 
 def _write_shard(item, out_dir, num_shards):
   (kind, shard), entries = item
-  entries = [key if value is None else (key, value) for key, value in entries]
-  name = kb_index.file_name(kind, shard, num_shards)
-  kb_index.save_trie(kb_index.build_trie(kind, entries), FileSystems.join(out_dir, name))
+  # Streamed into marisa's builder, which keeps the keys in C++ (no Python list of them).
+  trie = kb_index.build_trie(kind, (key if value is None else (key, value)
+                                    for key, value in entries))
+  kb_index.save_trie(trie, FileSystems.join(out_dir, kb_index.file_name(kind, shard, num_shards)))
   yield kind, shard
 
 

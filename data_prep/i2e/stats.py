@@ -12,8 +12,9 @@ Every stage result is a dict {'main', 'filtered', 'dead_letter'} of PCollections
                 "max"}, "histogram": {"5-7": c, "8-15": c, ...}, "top": [[id, n], ...]}}
 
 Counts are exact (tallied from the PCollections, not from runner metrics, which some
-runners report only as attempted). A stage's "in" is the previous stage's "out"; the
-read stage's "in" is its output plus its dead letters, where an unreadable file counts
+runners report only as attempted); the same counts also go to live Beam counters
+'i2e/<stage>.<kind>.<reason>' while the job runs. A stage's "in" is the previous stage's
+"out"; the read stage's "in" is its output plus its dead letters, where an unreadable file counts
 once whatever it held (see read.py). `check_reconciled` raises unless, for every stage,
 in = out + filtered + dead_letter, and inputs = written + filtered + dead_letter overall.
 """
@@ -56,6 +57,14 @@ def shuffle_line(result, inputs):
       f'; total {sum(got.values()) / 2**20:.2f} MiB ({per_pair(sum(got.values()))})')
 
 
+def _live(element, stage, kind, reason, n):
+  """Counts into the live counter i2e/<stage>.<kind>[.<reason>] (the Dataflow UI shows them
+  while the job runs; stats.json is the exact end-of-run record); returns `element`."""
+  name = f'{stage}.{kind}' + (f'.{reason}' if reason else '')
+  beam.metrics.Metrics.counter('i2e', name).inc(n)
+  return element
+
+
 def _dead_tally(stage, dead):
   return (stage, 'dead_letter', dead.reason), dead.count
 
@@ -69,11 +78,14 @@ class StageTallies(beam.PTransform):
 
   def expand(self, result):
     stage = self._stage
+    _ = result['main'] | 'LiveOut' >> beam.Map(_live, stage, 'out', '', 1)
     out = (result['main'] | 'CountOut' >> beam.combiners.Count.Globally()
            | 'OutTally' >> beam.Map(lambda n: ((stage, 'out', ''), n)))
     filtered = result['filtered'] | 'FilteredTally' >> beam.Map(
-        lambda f: ((stage, 'filtered', f.reason), f.count))
-    dead = result['dead_letter'] | 'DeadTally' >> beam.Map(lambda d: _dead_tally(stage, d))
+        lambda f: _live(((stage, 'filtered', f.reason), f.count), stage, 'filtered', f.reason,
+                        f.count))
+    dead = result['dead_letter'] | 'DeadTally' >> beam.Map(
+        lambda d: _live(_dead_tally(stage, d), stage, 'dead_letter', d.reason, d.count))
     return ((out, filtered, dead) | 'Tallies' >> beam.Flatten()
             | 'SumTallies' >> beam.CombinePerKey(sum))
 

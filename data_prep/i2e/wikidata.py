@@ -3,16 +3,20 @@
   python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out KB_DIR [--language en]
 
 Input: the official dump layout (`latest-all.json`, `.json.bz2` or `.json.gz`): a JSON array with
-one entity per line (`[`, then `{...},` lines, the last without the comma, then `]`). Beam's text
-reader decompresses by extension. A compressed dump cannot be split between workers, so lines are
-reshuffled before the JSON parsing, which is the expensive part.
+one entity per line (`[`, then `{...},` lines, the last without the comma, then `]`), as one file
+or as line-aligned chunks of it (data_prep/split_dump.py), given as a list of files or globs.
+Beam's text reader decompresses by extension; each file is read by one worker. A single file's
+lines are reshuffled before the JSON parsing (the expensive part); chunks are parsed where read.
 
 Skipped and counted: non-item entities (properties, lexemes), items with no label in the
-language and, with --min_sitelinks, obscure items (the full dump holds ~100M items, and the alias
-matcher and linker keep the KB in memory on every worker). Malformed lines are dead-lettered and
-counted: every entity line of the dump ends in exactly one of entities / skipped / dead_letter.
-The 'mul' (multilingual) labels and aliases that Wikidata introduced in 2024 are a fallback, since
-many items now carry their name only there.
+language, items whose P31 (instance of) is a non-visual kind (`DEFAULT_EXCLUDED_TYPES`:
+disambiguation pages, categories, scholarly articles, genes, ...; counted per kind as
+'type:<kind>') and, with --min_sitelinks, obscure items. Items without P31 are kept and
+counted ('untyped'). Malformed lines are dead-lettered and counted: every entity line of the
+dump ends in exactly one of entities / skipped / dead_letter, and each outcome also goes to a
+live Beam counter kb/<reason>. The 'mul' (multilingual) labels and aliases that Wikidata
+introduced in 2024 are a fallback, since many items now carry their name only there.
+The KB folder itself is written by kb_write.py (tables, mapped index, kb.json last).
 """
 import json
 import re
