@@ -24,6 +24,7 @@ def get_config():
   c.clean = mlc.ConfigDict(dict(
       min_chars=1,                # Shorter alt-texts (after normalising) are dropped.
       max_chars=1000,             # Longer ones are cut at a word boundary.
+      min_image_size=32,          # Pixels on the short side; smaller images are dropped.
   ))
   c.mentions = mlc.ConfigDict(dict(
       ner_model='',               # '' = KB alias matcher only; e.g. 'en_core_web_sm'.

@@ -113,7 +113,7 @@ def test_clean_pairs_routes_every_record():
       types.Pair('d', img[3], 'ab', 's'),                        # shorter than min_chars=3
       types.Pair('e', b'GIF89a garbage', 'fine text', 's'),      # not an image
   ]
-  run_stage(clean.CleanPairs(min_chars=3, max_chars=32), pairs,
+  run_stage(clean.CleanPairs(min_chars=3, max_chars=32, min_image_size=8), pairs,
             [('a', digest(img[0]), 'A & B'), ('b', digest(img[1]), 'x' * 30)],
             [('empty_text', 'c'), ('corrupt_image', 'e')], [('text_too_short', 'd')])
   # text_passes, the check dedup.py applies, agrees with the stage on every text.
@@ -124,3 +124,17 @@ def test_clean_pairs_routes_every_record():
 def test_bad_bounds_are_rejected():
   with pytest.raises(ValueError, match='min_chars'):
     clean.CleanPairs(min_chars=5, max_chars=4)
+
+
+def test_images_below_the_minimum_size_are_filtered_before_decoding():
+  tiny, icon, ok = (image_bytes(i, size=n) for i, n in ((1, 1), (2, 31), (3, 32)))
+  wide = io.BytesIO()
+  Image.new('RGB', (400, 20)).save(wide, 'PNG')   # the short side counts
+  pairs = [types.Pair('t', tiny, 'a tracking pixel', 's'), types.Pair('i', icon, 'an icon', 's'),
+           types.Pair('o', ok, 'just large enough', 's'),
+           types.Pair('w', wide.getvalue(), 'a banner', 's')]
+  run_stage(clean.CleanPairs(min_image_size=32), pairs, [('o', digest(ok), 'just large enough')],
+            [], [('image_too_small', 't'), ('image_too_small', 'i'), ('image_too_small', 'w')])
+  assert clean.image_size(tiny) == (1, 1) and clean.image_size(b'not an image') is None
+  with pytest.raises(ValueError, match='min_image_size must be >= 1'):
+    clean.CleanPairs(min_image_size=0)

@@ -67,7 +67,8 @@ def raw_pairs(tmp_path_factory):
       ('b_empty.jpg', img['b_empty']), ('b_empty.txt', b' \t\n '),
       ('b_notutf8.jpg', img['b_notutf8']), ('b_notutf8.txt', b'Lequyl \xff\xfe\xfd'),
       ('b_noimage.txt', b'Lequyl without image'), ('b_notext.jpg', img['b_notext']),
-      ('b_toolong.jpg', img['b_toolong']), ('b_toolong.txt', b'x' * (1 << 20) + b'y')])
+      ('b_toolong.jpg', img['b_toolong']), ('b_toolong.txt', b'x' * (1 << 20) + b'y'),
+      ('b_tiny.jpg', image_bytes(7, size=1)), ('b_tiny.txt', b'Lequyl, a tracking pixel')])
   # b.tar repeats key g00 (a duplicate key: a.tar's copy wins) and g00's image under
   # another key (an exact duplicate image: the smaller key wins).
   write_tar(folder / 'b.tar', members(['g04', 'g05', 'g06', 'huge', 'z00']) + [
@@ -92,6 +93,7 @@ EXPECTED_DEAD = sorted([(s, r, k) for k, (s, r) in BAD.items()] + [
 def pipeline_config():
   c = i2e_config.get_config()
   c.global_passes.min_images = 2
+  c.clean.min_image_size = 16   # the test images are 20-26 px; b_tiny is 1x1
   c.select.threshold = -1.0  # A random-init CLIP: keep every linked entity.
   c.write.update(num_shards=2, vocab_size=300, text_len=16)
   return c
@@ -178,9 +180,10 @@ def test_every_bad_input_is_dead_lettered_and_counts_reconcile(i2e_corpus):
     st = json.load(f)
   assert st['reconciled']
   filtered = st['filtered']
-  assert filtered == {'duplicate_image': 1, 'no_mention': 1, 'rare_entity_only': 1}
+  assert filtered == {'duplicate_image': 1, 'image_too_small': 1, 'no_mention': 1,
+                      'rare_entity_only': 1}
   assert st['inputs'] == st['written'] + sum(filtered.values()) + sum(
-      st['dead_letter'].values()) == len(GOOD) + len(NO_ENTITY) + 1 + len(EXPECTED_DEAD)
+      st['dead_letter'].values()) == len(GOOD) + len(NO_ENTITY) + 2 + len(EXPECTED_DEAD)
   assert [s['name'] for s in st['stages']] == ['read', 'dedup', 'clean', 'mentions', 'link',
                                                'select', 'global', 'write']
   assert st['entities']['below_min_images'] == 1  # Zorbin
@@ -222,14 +225,15 @@ def test_cli_pairs_only_default_runner_and_byte_identical_rerun(raw_pairs, tmp_p
   result = run_cli('--pairs', os.path.join(raw_pairs, '*.tar') + ',' +
                    os.path.join(raw_pairs, '*.parquet'), '--out', out, '--pairs_only',
                    '--config.write.num_shards=2', '--config.write.vocab_size=300',
-                   '--config.write.text_len=16')
+                   '--config.write.text_len=16', '--config.clean.min_image_size=16')
   assert result.returncode == 0, result.stderr[-3000:]
   kept = len(GOOD) + len(NO_ENTITY)
-  assert f'{kept} of {kept + 1 + len(EXPECTED_DEAD)} inputs written' in result.stdout
+  # Inputs: the kept pairs, zz_dup (a duplicate image), b_tiny (1x1) and the dead letters.
+  assert f'{kept} of {kept + 2 + len(EXPECTED_DEAD)} inputs written' in result.stdout
   # The per-stage counters: the first stage sees every input, the last one writes `kept`.
   rows = [l.split() for l in result.stdout.splitlines()[1:] if l.split()[1:3] and
           all(t.isdigit() for t in l.split()[1:3])]
-  assert int(rows[0][1]) == kept + 1 + len(EXPECTED_DEAD) and int(rows[-1][2]) == kept, rows
+  assert int(rows[0][1]) == kept + 2 + len(EXPECTED_DEAD) and int(rows[-1][2]) == kept, rows
   assert all(int(a[2]) == int(b[1]) for a, b in zip(rows, rows[1:])), rows
   meta, table = schema.validate_corpus(out)
   assert (meta['kind'], len(table)) == ('pairs', 0)

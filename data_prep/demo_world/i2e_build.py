@@ -84,8 +84,10 @@ def commands(paths, cfg, beam_flags=BEAM_FLAGS):
   """[(step name, argv)] of steps 2-5; `beam_flags` pick the Beam runner of steps 2, 3, 5."""
   py, web_dir = [sys.executable, '-m'], paths['web']
   pairs_glob = os.path.join(web_dir, web.PAIRS_GLOB)
+  # The world draws every image at image_size px: none is too small for the demo.
   common = [f'--config.seed={cfg.seed}', f'--config.write.vocab_size={cfg.vocab_size}',
-            f'--config.write.num_shards={cfg.num_shards}']
+            f'--config.write.num_shards={cfg.num_shards}',
+            f'--config.clean.min_image_size={min(cfg.image_size, 32)}']
   return [
       ('build_kb', py + ['data_prep.build_kb', '--wikidata',
                          os.path.join(web_dir, web.DUMP_PATH), '--out', paths['kb'],

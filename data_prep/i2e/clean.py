@@ -10,7 +10,9 @@ be alt-texts never get here (read.MAX_TEXT_BYTES). Empty after normalising ->
 dead letter 'empty_text'; non-empty but shorter than `min_chars` -> filtered
 'text_too_short'.
 
-Image: opened with PIL and decoded (JPEGs in draft mode, at 1/8 scale: enough to reach
+Image: smaller than `min_image_size` pixels on its short side (read from the header,
+before decoding) -> filtered 'image_too_small' (a 1x1 tracking pixel, an icon). Then opened
+with PIL and decoded (JPEGs in draft mode, at 1/8 scale: enough to reach
 the end of the entropy-coded data, so truncation is caught, at a fraction of the cost).
 Not an image, corrupt or truncated -> dead letter 'corrupt_image'; over PIL's
 decompression-bomb limit -> 'image_too_large'. Formats that TensorFlow's decode_image
@@ -66,6 +68,16 @@ def _complete(data, fmt):
   return True
 
 
+def image_size(data):
+  """(width, height) from the image's header, or None when PIL cannot identify it."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return image.size
+  except Exception:  # pylint: disable=broad-except  # verify_image names the problem
+    return None
+
+
 def verify_image(data):
   """Encoded image -> (bytes to store, None) or (None, (reason, detail))."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
@@ -91,8 +103,8 @@ def verify_image(data):
 class _CleanFn(beam.DoFn):
   """Pair -> cleaned Pair, or a dead letter / filtered record with its reason."""
 
-  def __init__(self, min_chars, max_chars):
-    self._min, self._max = min_chars, max_chars
+  def __init__(self, min_chars, max_chars, min_image_size):
+    self._min, self._max, self._min_side = min_chars, max_chars, min_image_size
 
   def process(self, pair):
     text = truncate_words(normalize_text(pair.text), self._max)
@@ -103,6 +115,11 @@ class _CleanFn(beam.DoFn):
     if len(text) < self._min:
       yield beam.pvalue.TaggedOutput(types.FILTERED,
                                      types.Filtered(STAGE, 'text_too_short', pair.key))
+      return
+    size = image_size(pair.image)
+    if size is not None and min(size) < self._min_side:
+      yield beam.pvalue.TaggedOutput(types.FILTERED,
+                                     types.Filtered(STAGE, 'image_too_small', pair.key))
       return
     image, error = verify_image(pair.image)
     if error:
@@ -120,12 +137,14 @@ def text_passes(text, min_chars, max_chars):
 class CleanPairs(beam.PTransform):
   """Pair -> {'main': Pair, 'dead_letter': DeadLetter, 'filtered': Filtered}."""
 
-  def __init__(self, min_chars=1, max_chars=1000):
+  def __init__(self, min_chars=1, max_chars=1000, min_image_size=32):
     super().__init__()
     if not 1 <= min_chars <= max_chars:
       raise ValueError(f'CleanPairs: need 1 <= min_chars <= max_chars, got min_chars='
                        f'{min_chars}, max_chars={max_chars}.')
-    self._fn = _CleanFn(min_chars, max_chars)
+    if min_image_size < 1:
+      raise ValueError(f'CleanPairs: min_image_size must be >= 1, got {min_image_size}.')
+    self._fn = _CleanFn(min_chars, max_chars, min_image_size)
 
   def expand(self, pairs):
     cleaned = pairs | 'CleanAndVerify' >> beam.ParDo(self._fn).with_outputs(

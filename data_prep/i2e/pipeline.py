@@ -75,7 +75,8 @@ def build_i2e(p, *, pairs, out_dir, config, kb_dir='', clip='', pairs_only=False
   if not pairs_only and not (kb_dir and (clip or clip_loader)):
     raise ValueError('build_i2e: an I2E corpus needs --kb and --clip (or --pairs_only).')
   reader = read_lib.ReadPairs(pairs, **config['read'], text_check=functools.partial(
-      clean_lib.text_passes, **config['clean']))
+      clean_lib.text_passes, min_chars=config['clean']['min_chars'],
+      max_chars=config['clean']['max_chars']))
   read = p | 'Read' >> reader
   deduped = read['main'] | 'Dedup' >> dedup_lib.DedupPairs(reader.read_fn)
   stages = [('read', read), ('dedup', deduped),
