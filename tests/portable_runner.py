@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from data_prep.demo_world import i2e_build
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,15 +39,10 @@ def _wait_for(port, proc, log, timeout=120):
 def portable_services(folder, parallelism=2):
   """Starts the job service and the worker pool; yields the Beam flags that use them."""
   job_port, pool_port = free_port(), free_port()
-  # The pool starts each SDK worker as `python -c ...`: this interpreter must come first on
-  # PATH, as the SDK container's Python does on a cluster.
-  # The tests' 8 simulated devices are left out too: a worker has one CPU device, as on a
-  # cluster (CLIP scores, computed on 8 shards, would differ in the last bits).
-  xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                       if not f.startswith('--xla_force_host_platform_device_count'))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags,
+  # A worker has one CPU device, as on a cluster; and the pool starts each SDK worker as
+  # `python -c ...`, so this interpreter must come first on PATH, as the SDK container's
+  # Python does on a cluster.
+  env = dict(i2e_build.cpu_env(),
              PATH=os.pathsep.join((os.path.dirname(sys.executable), os.environ.get('PATH', ''))))
   procs = []
   try:

@@ -125,6 +125,11 @@ def test_demo_corpus_trains_and_is_idempotent(built):
   assert 'built by: i2e' in summary and 'CLIP selection vs ground truth: precision' in summary
 
 
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _corpus_files(folder):
   """{name: bytes} of what a reader of the corpus sees: shards, entities, tokenizer."""
   names = [os.path.basename(p) for p in glob.glob(os.path.join(folder, '*.tfrecord*'))]
@@ -154,10 +159,9 @@ def test_kb_and_corpus_on_the_portable_runner_equal_the_direct_runners(built, tm
   with open(tmp_path / 'worker_pool.log') as f:
     assert f.read().count('Starting worker with command') >= 2
   direct_kb = os.path.join(build, 'kb')
-  for name in ('kb.json',):
-    a, b = (json.load(open(os.path.join(d, name))) for d in (direct_kb, paths['kb']))
-    for key in ('num_entities', 'num_aliases', 'skipped', 'dead_letter', 'index_files'):
-      assert a[key] == b[key], key
+  a, b = (_read_json(os.path.join(d, 'kb.json')) for d in (direct_kb, paths['kb']))
+  for key in ('num_entities', 'num_aliases', 'skipped', 'dead_letter', 'index_files'):
+    assert a[key] == b[key], key
   assert _corpus_files(paths['corpus']) == _corpus_files(out)
   with open(os.path.join(paths['corpus'], i2e_build.STATS_FILE)) as f:
     portable = json.load(f)

@@ -110,14 +110,22 @@ def commands(paths, cfg, beam_flags=BEAM_FLAGS):
   ]
 
 
-def run_step(name, argv, log_dir):
-  """Runs one step on CPU; its output goes to logs/{name}.log. Returns the seconds taken."""
-  # One CPU device: simulated multi-device setups (tests) only slow these small steps down.
+def cpu_env():
+  """The environment of a step (or of a Beam worker): CPU, one device, the repo importable.
+
+  One device because simulated multi-device setups (tests) only slow these small steps
+  down, and because CLIP scores computed over 8 shards differ in the last float bits.
+  """
   xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                        if not f.startswith('--xla_force_host_platform_device_count'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags,
-             PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get('PYTHONPATH'))
-                                        if p))
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags,
+              PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get('PYTHONPATH'))
+                                         if p))
+
+
+def run_step(name, argv, log_dir):
+  """Runs one step on CPU; its output goes to logs/{name}.log. Returns the seconds taken."""
+  env = cpu_env()
   log = os.path.join(log_dir, f'{name}.log')
   logging.info('demo corpus: %s: %s', name, ' '.join(argv[2:]))
   start = time.time()

@@ -50,6 +50,11 @@ def _copy_bytes(c):
   return len(c.key) + len(c.path) + len(c.sha256) + 9
 
 
+def _key_record(c):
+  count_shuffled('by_key', _copy_bytes(c))
+  return c.key, c
+
+
 def keep_first_copy(item):
   """(key, [Copy, ...]) -> the Copy at the smallest (path, position); others dead letters."""
   key, copies = item
@@ -86,7 +91,7 @@ class _FirstAndCount(beam.CombineFn):
 
 
 def _hash_record(c):
-  count_shuffled('by_image', len(c.sha256) + len(c.key) + len(c.path) + 8)
+  count_shuffled('by_image', _copy_bytes(c) - 1)   # the Copy less its text flag
   return c.sha256, (c.key, c.path, c.position)
 
 
@@ -138,9 +143,7 @@ class DedupPairs(beam.PTransform):
 
   def expand(self, copies):
     by_key = (copies
-              | 'KeyRecords' >> beam.Map(lambda c: (count_shuffled('by_key', _copy_bytes(c)),
-                                                    (c.key, c))[1])
-              .with_output_types(typing.Tuple[str, Copy])
+              | 'KeyRecords' >> beam.Map(_key_record).with_output_types(typing.Tuple[str, Copy])
               | 'GroupByKey' >> beam.GroupByKey()
               | 'KeepFirstCopy' >> beam.FlatMap(keep_first_copy).with_outputs(
                   types.DEAD_LETTER, main='main'))
