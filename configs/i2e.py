@@ -34,9 +34,15 @@ def get_config():
       max_mentions=16,
   ))
   c.link = mlc.ConfigDict(dict(
-      prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2))
+      prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2,
+      top_k=3,                    # Candidates per mention that CLIP chooses among; 1 = text only.
+  ))
   c.select = mlc.ConfigDict(dict(
-      template='{name}, {description}', threshold=0.2, top_k=0, batch_size=64))
+      template='{name}, {description}', top_k=0, batch_size=64,
+      threshold=0.1,              # On the CLIP score (cosine minus the text's mean cosine).
+      link_weight=0.1,            # Per mention: argmax CLIP score + link_weight * link score.
+      reference_images=1024,      # CLIP score = cosine - the text's mean cosine with these.
+  ))
   c.global_passes = mlc.ConfigDict(dict(
       min_images=5,
       eval_dedup_dirs=(),         # Folders of eval images; near-duplicates are dropped.

@@ -14,6 +14,7 @@ import tensorflow as tf
 from data_prep import make_demo_corpus
 from data_prep import demo_world
 from data_prep.demo_world import i2e_build, selection, web
+from data_prep.i2e import metadata, types
 from portable_runner import portable_services
 from mofi_jax.data import pipeline
 from mofi_jax.data import schema
@@ -58,9 +59,46 @@ def test_selection_metrics_hand_computed(tmp_path):
   # Table A, C, F: F is never drawn; A and C of the drawn A, C, D, E, G.
   assert got['entities'] == 3 and got['entities_never_drawn'] == 1
   assert got['drawn_entities_kept'] == 0.4
+  assert 'baseline_top1' not in got   # no metadata table: a corpus of builder='direct'
   write_corpus(tmp_path / 'other', {'k9': ['A']})
   with pytest.raises(selection.GroundTruthMismatch, match=r"image keys \['k9'\] are not in .*gt.jsonl"):
     selection.selection_metrics(str(tmp_path / 'other'), str(tmp_path / 'gt.jsonl'))
+
+
+def test_baseline_top1_from_the_metadata_table(tmp_path):
+  """The text-only linker's choice is each mention's first candidate, under the same
+  threshold (0.3 here), recomputed from the table's scores."""
+  gt = [truth('k1', ['A'], ['A'], [], ambiguous={'A'}),    # CLIP chose A over B
+        truth('k2', ['C'], ['C'], ['D']),                   # top-1 D, its CLIP 0.2 < 0.3
+        truth('k3', ['E'], ['E'], [])]
+  with open(tmp_path / 'gt.jsonl', 'w') as f:
+    f.writelines(json.dumps(t) + '\n' for t in gt)
+  corpus = tmp_path / 'c'
+  write_corpus(corpus, {'k1': ['A'], 'k2': ['C'], 'k3': ['E']})
+  schema.write_corpus_meta(str(corpus), dict(
+      schema_version=schema.SCHEMA_VERSION, num_entities=3, num_train_examples=3, num_shards=1,
+      text_len=2, i2e_config=dict(select=dict(threshold=0.3))))
+  choice = lambda text, ids, clip, chosen: types.MentionChoice(
+      text, ids, tuple(0.9 - 0.1 * i for i in range(len(ids))), clip, chosen)
+  rows = [types.SelectedPair(types.Pair('k1', b'', 't1', url='http://x/1'), ('A',), (0.8,), (
+              choice('Bo', ('B', 'A'), (0.35, 0.8), 1),)),
+          types.SelectedPair(types.Pair('k2', b'', 't2'), ('C',), (0.5,), (
+              choice('Dee', ('D',), (0.2,), -1), choice('Cy', ('C',), (0.5,), 0))),
+          types.SelectedPair(types.Pair('k3', b'', 't3'), ('E',), (0.4,), (
+              choice('Eve', ('F', 'E'), (0.1, 0.4), 1),))]
+  metadata.write_shard(metadata.shard_path(str(corpus), 0, 1),
+                       [metadata.row_json(r) for r in rows])
+  table = metadata.read_table(str(corpus)).to_pylist()
+  assert [r['url'] for r in table] == ['http://x/1', '', '']
+  assert table[1]['mentions'][1] == dict(mention='Cy', entity_ids=['C'], link_scores=[
+      pytest.approx(0.9)], clip_scores=[0.5], chosen=0, text_bias=[])
+  assert selection.baseline_selected(str(corpus)) == {'k1': ['B'], 'k2': ['C']}
+  got = selection.selection_metrics(str(corpus), str(tmp_path / 'gt.jsonl'))
+  assert got['precision'] == 1.0 and got['ambiguous_recall'] == 1.0
+  base = got['baseline_top1']
+  assert base['counts']['kept'] == 2 and base['counts']['kept_true'] == 1
+  assert base['precision'] == 0.5 and base['recall'] == round(1 / 3, 4)
+  assert base['ambiguous_recall'] == 0.0 and base['distractors_removed'] == 1.0
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -128,27 +128,40 @@ def test_dump_is_official_layout(web, kb):
   assert shared == {a.casefold() for a in meta['ambiguous_aliases']} and shared
 
 
-def test_ambiguous_aliases_resolvable_by_prior_or_coherence(web, kb):
+def test_ambiguous_aliases_resolvable_by_prior_coherence_or_image(web, kb):
   by_alias = collections.defaultdict(list)
   for qid, (_, _, aliases, sitelinks, klass) in kb.items():
     for a in aliases:
       by_alias[a].append((klass == 'Q100', sitelinks, qid))
-  drawable_of = {}
+  drawn = {q for t in web['truth'] for q in t['true']}
+  intended = {}
   for alias, regime in web['meta']['ambiguous_aliases'].items():
+    if regime == 'senses':   # 2 or 3 drawable entities, every one drawn somewhere
+      assert 2 <= len(by_alias[alias]) <= 3 and all(d for d, _, _ in by_alias[alias])
+      assert {q for _, _, q in by_alias[alias]} <= drawn
+      intended[alias] = {q for _, _, q in by_alias[alias]}
+      continue
     (_, kb_only, _), (_, drawable, qid) = sorted(by_alias[alias])  # False (KB-only) first.
-    drawable_of[alias] = qid
+    intended[alias] = {qid}
     assert drawable >= 4 * kb_only if regime == 'prior' else kb_only > drawable
-  used = collections.Counter()
+  used, pairs = collections.Counter(), 0
   for t in web['truth']:
+    pairs += any(m['ambiguous'] for m in t['mentions'])
     for m in t['mentions']:
-      if m['text'] in drawable_of:
-        assert m['ambiguous'] and m['role'] == 'true' and m['entity'] == drawable_of[m['text']]
-        regime = web['meta']['ambiguous_aliases'][m['text']]
-        used[regime] += 1
-        if regime == 'coherence':  # Another drawable entity is named next to it.
-          others = [o for o in t['mentions'] if o is not m and kb[o['entity']][4] == 'Q100']
-          assert others, t
-  assert used['prior'] > 0
+      assert m['ambiguous'] == (m['text'] in intended), m
+      if not m['ambiguous']:
+        assert m['senses'] == [m['entity']]
+        continue
+      assert m['role'] == 'true' and m['entity'] in intended[m['text']], m
+      assert m['entity'] in t['true'] and set(m['senses']) == {
+          q for q, v in kb.items() if m['text'] in v[2]}
+      regime = web['meta']['ambiguous_aliases'][m['text']]
+      used[regime] += 1
+      if regime == 'coherence':  # Another drawable entity is named next to it.
+        others = [o for o in t['mentions'] if o is not m and kb[o['entity']][4] == 'Q100']
+        assert others, t
+  assert used['prior'] > 0 and used['senses'] > 0
+  assert pairs >= 0.1 * len(web['truth']), (pairs, len(web['truth']))
 
 
 def whole_word(name, text):
@@ -260,7 +273,7 @@ def test_cli_errors_leave_folder_alone(tmp_path, capsys):
                       '--images_per_entity', '2', '--image_size', '16',
                       '--retrieval_categories', '1'])
   assert re.search(r'ok: \d+ pairs in 8 shards, 10 KB entities \(6 drawable, 2 places, '
-                   r'2 photographers\), 1 ambiguous aliases', capsys.readouterr().out)
+                   r'2 photographers\), 2 ambiguous aliases', capsys.readouterr().out)
   web_lib.main(['--out', str(tmp_path / 'ok'), '--num_entities', '7', '--overwrite',
                       '--images_per_entity', '2', '--image_size', '16',
                       '--retrieval_categories', '1'])

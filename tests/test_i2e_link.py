@@ -59,7 +59,11 @@ def test_ambiguous_alias_resolved_by_popularity_prior(knowledge_base):
   paris = M(0, 5, 'Paris', 'kb')
   assert _all_scores(linker, (paris,)) == [(paris, [('Q90', PARIS_Q90),
                                                     ('Q47899', PARIS_HILTON)])]
-  assert _scores(linker.link((paris,))) == [('Q90', paris, PARIS_Q90)]
+  # Top-k (default 3): both senses go on to CLIP, best first; top_k=1 is the text-only linker.
+  assert _scores(linker.link((paris,))) == [('Q90', paris, PARIS_Q90),
+                                            ('Q47899', paris, PARIS_HILTON)]
+  assert _scores(link.EntityLinker(knowledge_base, min_score=0.0, top_k=1).link((paris,))) == [
+      ('Q90', paris, PARIS_Q90)]
   # Upper case matches only after case folding: match quality x 0.9.
   upper = M(0, 5, 'PARIS', 'kb')
   assert _all_scores(linker, (upper,)) == [(upper, [
@@ -72,21 +76,26 @@ def test_tied_priors_resolved_by_coherence(knowledge_base):
   assert _all_scores(linker, JAGUAR_TEXT) == [
       (JAGUAR_TEXT[0], [('Q30055', JAGUAR_CAR), ('Q35694', JAGUAR_ANIMAL)]),
       (JAGUAR_TEXT[1], [('Q3783', FOREST)])]
+  # Grouped by mention, the mentions by their best score; within a mention best first.
   assert _scores(linker.link(JAGUAR_TEXT)) == [('Q3783', JAGUAR_TEXT[1], FOREST),
-                                               ('Q35694', JAGUAR_TEXT[0], JAGUAR_ANIMAL)]
+                                               ('Q35694', JAGUAR_TEXT[0], JAGUAR_ANIMAL),
+                                               ('Q30055', JAGUAR_TEXT[0], JAGUAR_CAR)]
   # Without coherence the priors and matches tie; the tie goes to the smaller Q-number, the car.
-  no_coherence = link.EntityLinker(knowledge_base, coherence_weight=0.0, min_score=0.0)
+  no_coherence = link.EntityLinker(knowledge_base, coherence_weight=0.0, min_score=0.0,
+                                   top_k=1)
   assert [c.entity_id for c in no_coherence.link(JAGUAR_TEXT)] == ['Q3783', 'Q30055']
 
 
-def test_min_score_and_one_candidate_per_entity(knowledge_base):
+def test_min_score_top_k_and_repeated_mentions(knowledge_base):
+  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.56).link(
+      JAGUAR_TEXT)] == ['Q3783', 'Q35694']           # the car's 0.55 < 0.56 <= 0.5875
   assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.6).link(
       JAGUAR_TEXT)] == ['Q3783']                     # 0.5875 < 0.6 <= 0.7375
   assert link.EntityLinker(knowledge_base, min_score=0.8).link(JAGUAR_TEXT) == ()
-  # The same entity from two mentions: kept once (the first, equal scores); no coherence between
-  # mentions of the same text.
+  # The same text twice: linked once (the first mention); no coherence between mentions of
+  # the same text.
   twice = (M(0, 5, 'Paris', 'kb'), M(7, 12, 'Paris', 'kb'))
-  assert _scores(link.EntityLinker(knowledge_base).link(twice)) == [
+  assert _scores(link.EntityLinker(knowledge_base, top_k=1).link(twice)) == [
       ('Q90', twice[0], PARIS_Q90)]
 
 
@@ -96,11 +105,12 @@ def test_link_stage_routes_pairs(kb_dir):
   pairs = [mp('k1', *JAGUAR_TEXT), mp('k2', M(0, 4, 'Lyon', 'ner:GPE')),   # not in the KB
            mp('k3', M(0, 5, 'Paris', 'kb'))]
   with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    out = p | beam.Create(pairs) | link.LinkEntities(kb_dir, min_score=0.6)
+    out = p | beam.Create(pairs) | link.LinkEntities(kb_dir, min_score=0.6, top_k=2)
     assert_that(out['main'] | 'Main' >> beam.Map(
         lambda lp: (lp.pair.key, [(c.entity_id, round(c.link_score, 6)) for c in lp.candidates])),
                 equal_to([('k1', [('Q3783', round(FOREST, 6))]),
-                          ('k3', [('Q90', round(PARIS_Q90, 6))])]), label='main')
+                          ('k3', [('Q90', round(PARIS_Q90, 6)),        # 0.6 >= 0.6
+                                  ('Q47899', round(PARIS_HILTON, 6))])]), label='main')
     assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.stage, f.reason, f.key)),
                 equal_to([('link', 'no_candidate', 'k2')]), label='filtered')
     assert_that(out['dead_letter'], equal_to([]), label='dead')
@@ -111,3 +121,5 @@ def test_bad_settings_are_clear_errors(kb_dir):
     link.LinkEntities(kb_dir, min_score=1.5)
   with pytest.raises(ValueError, match='weights must be >= 0'):
     link.LinkEntities(kb_dir, prior_weight=-1.0)
+  with pytest.raises(ValueError, match='top_k must be >= 1'):
+    link.LinkEntities(kb_dir, top_k=0)

@@ -1,4 +1,5 @@
 """Stage e, SelectWithClip (data_prep/i2e/select.py): CLIP scores through RunInference."""
+import hashlib
 import io
 import json
 import os
@@ -73,9 +74,19 @@ def kb_dir(tmp_path_factory):
 
 
 def linked(key, image, *qids):
-  m = types.Mention(0, 1, 'x', 'kb')
-  return types.LinkedPair(types.Pair(key, image, f'text {key}', 'shard0'),
-                          tuple(types.Candidate(q, m, 0.5) for q in qids))
+  """Each candidate its own mention: CLIP keeps or drops each, there is nothing to choose."""
+  return types.LinkedPair(types.Pair(key, image, f'text {key}', 'shard0'), tuple(
+      types.Candidate(q, types.Mention(i, i + 1, f'x{i}', 'kb'), 0.5)
+      for i, q in enumerate(qids)))
+
+
+def ambiguous(key, image, *mentions):
+  """mentions: (text, [(qid, link score), ...] best first): one mention, several senses."""
+  out = []
+  for i, (text, cands) in enumerate(mentions):
+    m = types.Mention(10 * i, 10 * i + len(text), text, 'kb')
+    out += [types.Candidate(q, m, score) for q, score in cands]
+  return types.LinkedPair(types.Pair(key, image, f'text {key}', 'shard0'), tuple(out))
 
 
 PAIRS = [linked('p1', png(RED), 'Q1', 'Q3', 'Q4'),
@@ -122,7 +133,7 @@ def _run_select(kb_dir, threshold, top_k, want, want_filtered, batch_size=2):
   with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
     out = p | beam.Create(PAIRS) | select.SelectWithClip(
         None, kb_dir, threshold=threshold, top_k=top_k, batch_size=batch_size,
-        loader=FakeLoader())
+        reference_images=0, loader=FakeLoader())
     assert_that(out['main'], _close_to(want), label='main')
     assert_that(out['main'], _close_to(numpy_reference(threshold, top_k)), label='reference')
     assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.stage, f.reason, f.key)),
@@ -152,9 +163,85 @@ def test_threshold_and_top_k(kb_dir):
 
 
 def test_keep_entities_order_and_ties():
-  assert select.keep_entities(['Q2', 'Q1', 'Q3'], [0.5, 0.5, 0.1], 0.2, 0) == (
-      ('Q1', 'Q2'), (0.5, 0.5))
-  assert select.keep_entities(['Q2', 'Q1'], [0.1, 0.3], 0.5, 0) == ((), ())
+  choices = [types.MentionChoice('a', ('Q2', 'Q1'), (0.9, 0.8), (0.5, 0.5), 0),
+             types.MentionChoice('b', ('Q1',), (0.7,), (0.5,), 0),
+             types.MentionChoice('c', ('Q3',), (0.9,), (0.1,), -1)]
+  assert select.keep_entities(choices, 0) == (('Q1', 'Q2'), (0.5, 0.5))
+  assert select.keep_entities(choices, 1) == (('Q1',), (0.5,))
+  assert select.keep_entities(choices[2:], 0) == ((), ())
+
+
+FRUIT = [('Q1', 0.9), ('Q3', 0.6), ('Q2', 0.5)]   # 'Fruit': Apple, Banana or Lime
+SENSES = [ambiguous('s1', png(GREEN), ('Fruit', FRUIT)),
+          ambiguous('s2', png(RED), ('Fruit', FRUIT)),
+          ambiguous('s3', png(YELLOW), ('Fruit', FRUIT[:1] + FRUIT[2:]), ('Sky', [('Q4', 0.8)])),
+          ambiguous('s4', png((0, 0, 255)), ('Fruit', FRUIT))]
+
+
+def choice_reference(lp, threshold, link_weight):
+  """[(mention, ids, link, clip, chosen)] in float64 from the docstring's formula."""
+  colours = {'s1': GREEN, 's2': RED, 's3': YELLOW, 's4': (0, 0, 255)}
+  img = np.array(colours[lp.pair.key], np.float64)
+  texts = {e.id: TEXT_VECTORS[f'{e.label}, {e.description}'] for e in ENTITIES}
+  out = []
+  for mention in dict.fromkeys(c.mention for c in lp.candidates):
+    cands = [c for c in lp.candidates if c.mention == mention]
+    clip = [img @ texts[c.entity_id] / np.linalg.norm(img) / np.linalg.norm(texts[c.entity_id])
+            for c in cands]
+    total = [x + link_weight * c.link_score for x, c in zip(clip, cands)]
+    best = int(np.argmax(total))   # first of the maxima: the better-linked one
+    out.append((mention.text, [c.entity_id for c in cands], [c.link_score for c in cands],
+                clip, best if clip[best] >= threshold else -1))
+  return out
+
+
+@pytest.mark.parametrize('link_weight, want_chosen', [
+    (0.0, {'s1': 'Q2', 's2': 'Q3', 's3': 'Q1'}),    # CLIP alone: Lime, Banana, Apple
+    (0.1, {'s1': 'Q2', 's2': 'Q3', 's3': 'Q1'}),
+    (1.0, {'s1': 'Q1', 's2': 'Q1', 's3': 'Q1'})])   # the link score dominates: Apple
+def test_clip_chooses_the_sense_the_image_shows(kb_dir, link_weight, want_chosen):
+  def check(actual):
+    got = {s.pair.key: s for s in actual}
+    assert sorted(got) == ['s1', 's2', 's3'], sorted(got)   # s4 (blue): no fruit passes 0.5
+    for key, sp in got.items():
+      ref = choice_reference(next(lp for lp in SENSES if lp.pair.key == key), 0.5, link_weight)
+      assert [(c.mention, list(c.entity_ids), list(c.link_scores), c.chosen)
+              for c in sp.choices] == [r[:3] + (r[4],) for r in ref]
+      for c, r in zip(sp.choices, ref):
+        np.testing.assert_allclose(c.clip_scores, r[3], atol=2e-5, err_msg=key)
+      assert sp.entity_ids[-1 if key == 's3' else 0] == want_chosen[key]
+  with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    out = p | beam.Create(SENSES) | select.SelectWithClip(
+        None, kb_dir, threshold=0.5, link_weight=link_weight, reference_images=0,
+        loader=FakeLoader())
+    assert_that(out['main'], check, label='main')
+    assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: f.key), equal_to(['s4']),
+                label='filtered')
+
+
+def test_text_bias_from_the_reference_images(kb_dir):
+  """c = cosine - mean cosine of the text with the 2 pairs of smallest sha256(key)."""
+  colours = {'s1': GREEN, 's2': RED, 's3': YELLOW, 's4': (0, 0, 255)}
+  ref_keys = sorted(colours, key=lambda k: hashlib.sha256(k.encode()).digest())[:2]
+  unit = lambda v: np.asarray(v, np.float64) / np.linalg.norm(v)
+  reference = np.stack([unit(colours[k]) for k in ref_keys])
+  texts = {e.id: unit(TEXT_VECTORS[f'{e.label}, {e.description}']) for e in ENTITIES}
+
+  def check(actual):
+    got = {s.pair.key: s for s in actual}
+    assert got, 'nothing kept'
+    for key, sp in got.items():
+      for choice in sp.choices:
+        bias = [float((reference @ texts[e]).mean()) for e in choice.entity_ids]
+        cos = [float(unit(colours[key]) @ texts[e]) for e in choice.entity_ids]
+        np.testing.assert_allclose(choice.text_bias, bias, atol=2e-5, err_msg=key)
+        np.testing.assert_allclose(choice.clip_scores, np.subtract(cos, bias), atol=2e-5)
+        best = int(np.argmax(np.subtract(cos, bias)))
+        assert choice.chosen == (best if cos[best] - bias[best] >= 0.1 else -1), (key, choice)
+  with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    out = p | beam.Create(SENSES) | select.SelectWithClip(
+        None, kb_dir, threshold=0.1, link_weight=0.0, reference_images=2, loader=FakeLoader())
+    assert_that(out['main'], check, label='main')
 
 
 def test_resolve_clip_and_clear_errors(tmp_path, kb_dir):
@@ -172,6 +259,8 @@ def test_resolve_clip_and_clear_errors(tmp_path, kb_dir):
     select.SelectWithClip(str(tmp_path / 'nowhere'), kb_dir)
   with pytest.raises(ValueError, match='may only use'):
     select.SelectWithClip(str(work), kb_dir, template='{label}')
+  with pytest.raises(ValueError, match='link_weight >= 0'):
+    select.SelectWithClip(str(work), kb_dir, link_weight=-0.1)
 
 
 # ----------------------------------------------------------------------------- a real checkpoint
@@ -228,5 +317,6 @@ def test_workdir_checkpoint_scores_equal_encoder_reference(kb_dir, clip_workdir)
   assert len({s for _, scores in want.values() for s in scores}) == 6   # not degenerate
   with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
     out = p | beam.Create(pairs) | select.SelectWithClip(
-        {'workdir': clip_workdir}, kb_dir, threshold=-1.0, top_k=0, batch_size=2)
+        {'workdir': clip_workdir}, kb_dir, threshold=-1.0, top_k=0, batch_size=2,
+        reference_images=0)
     assert_that(out['main'], _close_to(want), label='main')

@@ -16,10 +16,13 @@ KB: the world's drawable entities (label = name, description such as 'a cyan sta
 diagonally striped background', some with a nickname alias) and KB-only entities that are
 never drawn: places ('Tobrun Harbour': 'a harbour in Keshu') and photographers ('Kraxa
 Zuli'). Sitelinks (the popularity prior) grow with an entity's image count. Ambiguous
-aliases: a drawable entity's nickname is also an alias of a KB-only entity; in regime
-'prior' the drawable one is 4x as popular, in regime 'coherence' the KB-only one is
+aliases (web_kb.py): a drawable entity's nickname is also an alias of a KB-only entity; in
+regime 'prior' the drawable one is 4x as popular, in regime 'coherence' the KB-only one is
 slightly more popular and the nickname is only written next to another drawn entity
 (whose description shares words with the drawable one's, never with the KB-only one's).
+In regime 'senses' 2 or 3 drawable entities share a name, and 35% of their mentions
+use it: only the image tells which sense is meant. The ground truth records, per mention,
+the intended entity and its `senses` (every entity the name could mean).
 
 Alt-text of an image (its drawn entities are the truth): with probability `noise_frac`
 it names nothing; otherwise it names each drawn entity by label or nickname, sometimes
@@ -45,12 +48,13 @@ from data_prep.demo_world import config as config_lib
 from data_prep.demo_world import render, web_kb
 from data_prep.demo_world import world as world_lib
 
-WEB_VERSION = 1
+WEB_VERSION = 2
 PAIRS_DIR, PAIRS_GLOB = 'pairs', 'pairs/*.tar'
 DUMP_PATH = 'wikidata/latest-all.json.gz'
 GROUND_TRUTH_FILE = 'ground_truth.jsonl'
 META_FILE = 'web.json'
 ALIAS_FRAC = 0.35     # mentions of such an entity that use the nickname
+SENSE_ALIAS_FRAC = 0.35  # mentions of a sense group's member that use the shared name
 DESCRIBE_FRAC = 0.4   # true mentions followed by the entity's attributes
 _DRAWN_PHRASES = (', not {d}', ' next to a poster of {d}', ' (see also {d})', ' like {d}')
 _PLACE_PHRASES = (' at {d}', ', {d}', ' near {d}')
@@ -159,7 +163,8 @@ def alt_text(rng, lab, kb, regimes, cfg):
 
 
 def _surface(rng, kb, e, regimes, co_mentioned):
-  if not kb[e].aliases or rng.random() >= ALIAS_FRAC:
+  frac = SENSE_ALIAS_FRAC if regimes.get(e) == 'senses' else ALIAS_FRAC
+  if not kb[e].aliases or rng.random() >= frac:
     return kb[e].label
   if regimes.get(e) == 'coherence' and not co_mentioned:
     return kb[e].label  # Nothing in the text could tell the two entities apart.
@@ -198,9 +203,12 @@ def _truth(text, mentions, kb, regimes):
     found = re.search(rf'(?<!\w){re.escape(surface)}(?!\w)', text)
     if not found:
       raise RuntimeError(f'demo_world.web: mention {surface!r} not in alt-text {text!r}.')
-    alias = surface != kb[e].label
+    ambiguous = surface != kb[e].label and e in regimes
+    senses = ([x.qid for x in kb if surface in x.aliases or surface == x.label] if ambiguous
+              else [kb[e].qid])
     out.append(dict(start=found.start(), end=found.end(), text=surface, entity=kb[e].qid,
-                    role=role, alias=alias, ambiguous=alias and e in regimes))
+                    role=role, alias=surface != kb[e].label, ambiguous=ambiguous,
+                    senses=senses))
   return dict(kind='named', mentions=out,
               mentioned_true=[m['entity'] for m in out if m['role'] == 'true'],
               distractors=[m['entity'] for m in out if m['role'] == 'distractor'])

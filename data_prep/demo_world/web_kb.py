@@ -1,8 +1,12 @@
 """The demo world's knowledge base and the Wikidata dump it is written as.
 
 Drawable entities first (same index as in the world), then KB-only ones: places and
-photographers. Some drawable entities get a nickname alias; a few nicknames are shared
-with a KB-only entity, the ambiguous aliases the linker must resolve.
+photographers. Ambiguous aliases, which the linker and CLIP must resolve, come two ways:
+  - some drawable entities get a nickname, and a few nicknames are shared with a KB-only
+    entity (regimes 'prior' and 'coherence': the text can tell them apart);
+  - sense groups: 2 or 3 drawable entities of different shapes and colours share one name
+    as an alias (regime 'senses'), like Paris the city and Paris of Troy. All senses are
+    drawn; only the image can tell which one an alt-text means.
 """
 import dataclasses
 import gzip
@@ -15,6 +19,7 @@ from data_prep.demo_world import world as world_lib
 
 PLACE_KINDS = ('Harbour', 'Market', 'Museum', 'Park', 'Station', 'Zoo', 'Festival')
 NICKNAME_FRAC = 0.5   # drawable entities with a nickname alias
+SENSE_FRAC = 0.4      # drawable entities (without a nickname) in a sense group
 _LANGS = ('en de fr es it nl pl pt ru ja zh sv uk ca no fi cs hu ko fa id tr ar he ro da sr '
           'bg eu vi ms eo lt sk sl et hr gl el hi').split()
 SITES = tuple(f'{lang}{project}' for project in ('wiki', 'wikiquote', 'wikivoyage', 'wikinews')
@@ -32,17 +37,20 @@ class KBEntity:
 
 
 def make_kb(rng, world, labels):
-  """(list of KBEntity, {drawable index: 'prior' | 'coherence'} of ambiguous nicknames)."""
+  """(list of KBEntity, {drawable index: 'prior' | 'coherence' | 'senses'}): the regime of
+  each drawable entity whose alias (aliases[0]) is ambiguous."""
   c = len(world.names)
   n_places = n_people = max(2, c // 10)
   n_nick, n_ambiguous = int(round(NICKNAME_FRAC * c)), max(1, c // 20)
+  groups = _sense_group_sizes(min(int(round(SENSE_FRAC * c)), c - n_nick))
   taken = {n.lower() for n in world.names} | _vocabulary()
   words = [w for w in world_lib.make_names(rng, 2 * c + 6 * n_places + 10)
            if w.lower() not in taken]
-  need = n_nick + 2 * n_places + 2 * n_people
+  need = n_nick + 2 * n_places + 2 * n_people + len(groups)
   if len(words) < need:
     raise RuntimeError(f'demo_world.web_kb: {len(words)} fresh names for {need} KB words.')
-  nicks, words = words[:n_nick], words[n_nick:]
+  nicks, senses, words = words[:n_nick], words[n_nick:n_nick + len(groups)], words[
+      n_nick + len(groups):]
   counts = np.bincount(np.concatenate(labels), minlength=c)
   links = np.clip(np.round(counts * rng.uniform(0.5, 2.0, c)), 1, len(SITES)).astype(int)
   qids = _fresh_qids(rng, set(world.qids), 2 * n_places + n_people)
@@ -59,7 +67,36 @@ def make_kb(rng, world, labels):
   for k in range(n_people):
     kb.append(KBEntity(qids[n_places + k], f'{words[2 * k]} {words[2 * k + 1]}',
                        'a photographer', [], int(rng.integers(1, 40)), 'person'))
-  return kb, _share_nicknames(rng, kb, with_nick[:n_ambiguous], c)
+  regimes = _share_nicknames(rng, kb, with_nick[:n_ambiguous], c)
+  pool = [int(i) for i in rng.permutation(np.setdiff1d(np.arange(c), with_nick))]
+  for size, name in zip(groups, senses):
+    for i in _sense_group(pool, size, world.combos):
+      kb[i].aliases.append(name)
+      regimes[i] = 'senses'
+  return kb, regimes
+
+
+def _sense_group(pool, size, combos):
+  """Takes up to `size` entities from `pool` that differ in shape and in colour: the senses of
+  a real shared name look different too (Paris the city, Paris of Troy)."""
+  group = []
+  for i in list(pool):
+    if len(group) == size:
+      break
+    if all(combos[i][0] != combos[j][0] and combos[i][1] != combos[j][1] for j in group):
+      group.append(i)
+      pool.remove(i)
+  return group
+
+
+def _sense_group_sizes(members):
+  """Sizes of groups 2, 2, 3, 2, 2, 3, ... covering at most `members` entities."""
+  sizes = []
+  while True:
+    size = 3 if len(sizes) % 3 == 2 else 2
+    if sum(sizes) + size > members:
+      return sizes if sum(sizes) + 2 > members else sizes + [2]
+    sizes.append(size)
 
 
 def _share_nicknames(rng, kb, drawables, c):

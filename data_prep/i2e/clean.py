@@ -24,6 +24,7 @@ Exact duplicate images (and keys) are removed before this stage, by dedup.py, on
 records; `text_passes` is the text check it applies to choose among the copies of an
 image, so that a copy this stage would drop for its text never hides a good one.
 """
+import dataclasses
 import html
 import io
 import re
@@ -126,7 +127,7 @@ class _CleanFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
           STAGE, error[0], pair.key, pair.source, error[1][:500]))
       return
-    yield types.Pair(key=pair.key, image=image, text=text, source=pair.source)
+    yield dataclasses.replace(pair, image=image, text=text)
 
 
 def text_passes(text, min_chars, max_chars):

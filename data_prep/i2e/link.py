@@ -1,4 +1,4 @@
-"""Stage d: link each mention to one knowledge-base entity.
+"""Stage d: link each mention to its best knowledge-base candidates.
 
 Candidates C(m) of a mention m: `kb.lookup(m.text)`, every entity with an alias equal to the mention
 once both are normalised (NFKC, casefold, collapsed whitespace); the `max_candidates` most popular
@@ -25,10 +25,11 @@ Score of a candidate e of m, each term in [0, 1]:
                when no other mention has candidates coherence is undefined and drops out:
                score = (w_p prior + w_m match) / (w_p + w_m).
 
-Each mention keeps its best candidate (ties: more sitelinks, then the smaller Q-number) if its score
-is >= min_score. An entity linked from several mentions is kept once, with its best score. The
-pair's candidates are ordered by score, best first (ties by Q-id). A pair left with none leaves as
-filtered 'no_candidate'.
+Each mention keeps its `top_k` best candidates (ties: more sitelinks, then the smaller Q-number)
+whose score is >= min_score, for the CLIP selection to choose among (select.py); top_k=1 is the
+text-only linker. Mentions with the same normalised text are linked once (the first). The pair's
+candidates are grouped by mention, the mentions ordered by their best score (ties by Q-id). A
+pair left with none leaves as filtered 'no_candidate'.
 """
 import re
 import threading
@@ -62,7 +63,7 @@ class EntityLinker:
   """Mentions -> Candidates (the stage's logic without Beam; also used by benchmarks)."""
 
   def __init__(self, kb, prior_weight=0.3, match_weight=0.4, coherence_weight=0.3,
-               min_score=0.2, max_candidates=32):
+               min_score=0.2, max_candidates=32, top_k=3):
     weights = dict(prior_weight=prior_weight, match_weight=match_weight,
                    coherence_weight=coherence_weight)
     bad = {k: v for k, v in weights.items() if v < 0}
@@ -71,9 +72,10 @@ class EntityLinker:
                        f'{weights}')
     if not 0 <= min_score <= 1:
       raise ValueError(f'link.min_score must be in [0, 1], got {min_score}')
-    if max_candidates < 1:
-      raise ValueError(f'link.max_candidates must be >= 1, got {max_candidates}')
-    self._kb = kb
+    if max_candidates < 1 or top_k < 1:
+      raise ValueError(f'link.max_candidates and link.top_k must be >= 1, got '
+                       f'{max_candidates}, {top_k}')
+    self._kb, self._top_k = kb, top_k
     self._wp, self._wm, self._wc = prior_weight, match_weight, coherence_weight
     self._min, self._max_candidates = min_score, max_candidates
     self._words = {}
@@ -126,13 +128,20 @@ class EntityLinker:
     return out
 
   def link(self, mentions):
-    """tuple[Mention] -> tuple[Candidate], at most one per mention and entity, best first."""
-    best = {}
+    """tuple[Mention] -> tuple[Candidate]: per mention its top_k, grouped (module docstring)."""
+    groups, seen = [], set()
     for mention, scored in self.score(mentions):
-      entity, score = max(scored, key=lambda s: (s[1], s[0].sitelinks, -_qnum(s[0].id)))
-      if score >= self._min and (entity.id not in best or score > best[entity.id].link_score):
-        best[entity.id] = types.Candidate(entity.id, mention, float(score))
-    return tuple(sorted(best.values(), key=lambda c: (-c.link_score, _qnum(c.entity_id))))
+      norm = kb_lib.normalize_alias(mention.text)
+      if norm in seen:
+        continue
+      seen.add(norm)
+      ranked = sorted(scored, key=lambda s: (-s[1], -s[0].sitelinks, _qnum(s[0].id)))
+      kept = [types.Candidate(e.id, mention, float(score))
+              for e, score in ranked[:self._top_k] if score >= self._min]
+      if kept:
+        groups.append(kept)
+    groups.sort(key=lambda g: (-g[0].link_score, _qnum(g[0].entity_id)))
+    return tuple(c for g in groups for c in g)
 
 
 def _qnum(qid):
@@ -179,11 +188,11 @@ class LinkEntities(beam.PTransform):
   """MentionedPair -> {'main': LinkedPair, 'dead_letter': DeadLetter, 'filtered': Filtered}."""
 
   def __init__(self, kb_dir, prior_weight=0.3, match_weight=0.4, coherence_weight=0.3,
-               min_score=0.2, max_candidates=32):
+               min_score=0.2, max_candidates=32, top_k=3):
     super().__init__()
     self._settings = dict(prior_weight=prior_weight, match_weight=match_weight,
                           coherence_weight=coherence_weight, min_score=min_score,
-                          max_candidates=max_candidates)
+                          max_candidates=max_candidates, top_k=top_k)
     EntityLinker(None, **self._settings)   # validates the settings here, not on a worker
     kb_lib.check_kb_dir(kb_dir)
     self._kb_dir = kb_dir

@@ -16,7 +16,9 @@ Formats, told apart by file name:
                            (and a `key` or `image/key` feature if present). Read with
                            TensorFlow's CRC-checked reader: paths must be ones tf.io.gfile
                            reads (local, gs://; s3:// with tensorflow-io).
-Rows without a key column/feature get `{file name}:{position}`.
+Rows without a key column/feature get `{file name}:{position}`. The image's `url` (a field of
+`{key}.json`, a Parquet column or a TFRecord feature, as img2dataset writes it) travels with
+the pair into the corpus's metadata table (metadata.py).
 
 Dead-letter reasons: 'unreadable_shard' (the file cannot be opened or breaks off: the pairs
 read before the break are kept, the rest is one dead letter with count=1, since how many
@@ -85,7 +87,8 @@ def split_member_name(name):
 
 
 def _caption(key, members, source, caption_keys):
-  """Text of one sample: the first of `caption_keys` that is a member or a JSON field."""
+  """(text, dead letter, parsed {key}.json or None) of one sample: its text is the first of
+  `caption_keys` that is a member or a JSON field."""
   meta, meta_error = None, None
   if 'json' in members:
     text, meta_error = _decode_text(members['json'], key, source, f'{key}.json')
@@ -94,15 +97,16 @@ def _caption(key, members, source, caption_keys):
         meta = json.loads(text)
       except json.JSONDecodeError as e:
         meta_error = _dead('missing_field', key, source, f'{key}.json is not JSON ({e})')
+  meta = meta if isinstance(meta, dict) else None
   for name in caption_keys:
     if name in members and name != 'json':
-      return _decode_text(members[name], key, source, f'{key}.{name}')
-    if isinstance(meta, dict) and isinstance(meta.get(name), str):
-      return meta[name], None
+      return _decode_text(members[name], key, source, f'{key}.{name}') + (meta,)
+    if meta and isinstance(meta.get(name), str):
+      return meta[name], None, meta
   if meta_error is not None:
-    return None, meta_error
-  return None, _dead('missing_field', key, source,
-                     f'no text: none of {list(caption_keys)} among members {sorted(members)}')
+    return None, meta_error, None
+  return None, _dead('missing_field', key, source, f'no text: none of {list(caption_keys)} '
+                     f'among members {sorted(members)}'), meta
 
 
 def sample_to_pair(key, members, source, caption_keys):
@@ -114,8 +118,10 @@ def sample_to_pair(key, members, source, caption_keys):
   if members[image_ext] is _TOO_BIG:
     return _dead('image_too_large', key, source, f'{key}.{image_ext} is over '
                  f'{MAX_IMAGE_BYTES} bytes')
-  text, dead = _caption(key, members, source, caption_keys)
-  return dead or types.Pair(key=key, image=members[image_ext], text=text, source=source)
+  text, dead, meta = _caption(key, members, source, caption_keys)
+  url = meta.get('url') if meta else None
+  return dead or types.Pair(key=key, image=members[image_ext], text=text, source=source,
+                            url=url if isinstance(url, str) else '')
 
 
 def read_tar(path, caption_keys):
@@ -164,21 +170,24 @@ def read_parquet(path, image_column, caption_column):
       yield _dead('missing_field', '', path, f'no column(s) {missing}; columns: {names}',
                   count=parquet.metadata.num_rows)
       return
-    columns = [image_column, caption_column] + (['key'] if 'key' in names else [])
+    optional = [c for c in ('key', 'url') if c in names]
+    columns = [image_column, caption_column] + optional
     position = 0
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
       captions = batch.column(caption_column)
       if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
         captions = captions.cast(pa.large_binary())  # Decode (and check) in Python.
-      rows = zip(batch.column(image_column).to_pylist(), captions.to_pylist(),
-                 batch.column('key').to_pylist() if 'key' in names else [None] * len(batch))
-      for image, caption, key in rows:
+      extra = {c: batch.column(c).to_pylist() if c in optional else [None] * len(batch)
+               for c in ('key', 'url')}
+      rows = zip(batch.column(image_column).to_pylist(), captions.to_pylist(), extra['key'],
+                 extra['url'])
+      for image, caption, key, url in rows:
         key = _row_key(path, position) if key is None else str(key)
         position += 1
-        yield _row_to_pair(key, _parquet_image(image), caption, path, caption_column)
+        yield _row_to_pair(key, _parquet_image(image), caption, path, caption_column, url)
 
 
-def _row_to_pair(key, image, caption, path, caption_field):
+def _row_to_pair(key, image, caption, path, caption_field, url=None):
   if not image:
     return _dead('missing_field', key, path, 'no image bytes')
   if caption is None:
@@ -190,7 +199,8 @@ def _row_to_pair(key, image, caption, path, caption_field):
                                  key, path, caption_field)
     if dead:
       return dead
-  return types.Pair(key=key, image=bytes(image), text=caption, source=path)
+  return types.Pair(key=key, image=bytes(image), text=caption, source=path,
+                    url=url if isinstance(url, str) else '')
 
 
 # ------------------------------------------------------------------------- TFRecord
@@ -215,8 +225,10 @@ def read_tfrecord(path, image_feature, caption_feature):
       continue
     key = _feature_bytes(feats, 'key') or _feature_bytes(feats, 'image/key')
     key = key.decode('utf-8', 'replace') if key else _row_key(path, position)
+    url = _feature_bytes(feats, 'url')
     yield _row_to_pair(key, _feature_bytes(feats, image_feature),
-                       _feature_bytes(feats, caption_feature), path, caption_feature)
+                       _feature_bytes(feats, caption_feature), path, caption_feature,
+                       url.decode('utf-8', 'replace') if url else None)
 
 
 # ------------------------------------------------------------------------- Beam stages

@@ -1,10 +1,30 @@
-"""Stage e: keep the linked entities that a CLIP model sees in the image.
+"""Stage e: CLIP chooses, per mention, which linked candidate the image shows, and keeps it.
 
-Score of an entity for an image: cosine(image embedding, embedding of the entity's text), the text
-being `template.format(name=label, description=description)` (the training pipeline's entity
-template, so the bootstrap CLIP scores the texts the spine will train on). Entities with
-score >= threshold are kept, best first, at most top_k (0 = all); their scores are recorded in the
-SelectedPair. A pair left with none leaves as filtered 'below_threshold'.
+Each mention m of a pair comes with its top-k candidates C(m) from the linker (link.py), each
+with a link score l(e|m) in [0, 1]. CLIP scores every candidate's text against the image:
+
+  c(e, x) = cos(x, t_e) - b(e),    b(e) = mean_{r in R} cos(r, t_e)
+
+cos being the cosine of the image and text embeddings, t_e the text
+`template.format(name=label, description=description)` (the training pipeline's entity
+template, so the bootstrap CLIP scores the texts the spine will train on), and R the
+reference images: the `reference_images` input pairs with the smallest sha256(key), embedded
+once (a deterministic sample, whatever the runner). b(e) is the text's similarity to an
+average image: a text the CLIP never learnt to place (a place name seen only in unrelated
+alt-texts, 'a photographer') can sit close to every image, and would pass any threshold on
+the raw cosine (the hubness that CSLS corrects in cross-modal retrieval). reference_images=0
+gives b = 0, the raw cosine. Per mention, the choice combines c and the link score:
+
+  e*(m) = argmax_{e in C(m)}  c(e, x) + link_weight * l(e|m)      (ties: the better-linked)
+
+and m keeps e*(m) if c(e*(m), x) >= threshold: CLIP picks the sense the image shows (Paris the
+city or Paris of Troy), the link score breaks near-ties in CLIP, and the threshold keeps its
+meaning of "the image matches this entity's text". With link_weight = 0 CLIP alone chooses;
+with the linker's top_k = 1 this is the text-only linker followed by the CLIP threshold. An
+entity chosen by several mentions is kept once with its best c; the kept entities are ordered
+best first (ties by id), at most top_k (0 = all), their c recorded in the SelectedPair with,
+per mention, a MentionChoice (candidates, link and CLIP scores, the choice). A pair left with
+none leaves as filtered 'below_threshold'.
 
 The model runs through Beam's RunInference with `ClipModelHandler`, so it loads once per worker
 process and sees batches of `batch_size` pairs. It is any `mofi_jax.inference.Encoder`:
@@ -17,6 +37,7 @@ rest of its batch goes on; a candidate absent from the KB is dead-lettered ('unk
 """
 import collections
 import dataclasses
+import hashlib
 import json
 import threading
 from typing import Optional, Tuple
@@ -109,6 +130,8 @@ class ClipExample:
 class ClipScores:
   scores: Optional[np.ndarray]   # cosine per text, float32 [K]; None when the image failed
   error: str = ''
+  image: Optional[np.ndarray] = None   # the L2-normalised image embedding [D]
+  texts: Optional[np.ndarray] = None   # the L2-normalised text embeddings [K, D]
 
 
 # Every tower call sees exactly this many rows (zero/empty padded): one compiled shape, and
@@ -180,7 +203,7 @@ class ClipModel:
         out.append(ClipScores(None, err))
         continue
       t = np.stack([texts[x] for x in ex.texts]) if ex.texts else np.zeros((0, images.shape[1]))
-      out.append(ClipScores((t @ images[row]).astype(np.float32)))
+      out.append(ClipScores((t @ images[row]).astype(np.float32), image=images[row], texts=t))
       row += 1
     return out
 
@@ -236,28 +259,65 @@ class _ToExampleFn(beam.DoFn):
     yield ClipExample(lp, tuple(texts))
 
 
-def keep_entities(entity_ids, scores, threshold, top_k):
-  """(ids, scores) kept: score >= threshold, best first (ties by id), at most top_k (0 = all)."""
-  kept = sorted(((float(s), e) for e, s in zip(entity_ids, scores) if s >= threshold),
-                key=lambda x: (-x[0], x[1]))
+def mention_groups(candidates):
+  """Indices of `candidates` grouped by mention, in order of first appearance."""
+  groups = {}
+  for i, c in enumerate(candidates):
+    groups.setdefault(c.mention, []).append(i)
+  return list(groups.values())
+
+
+def text_bias(reference, text_embeddings):
+  """b(e) of each text: its mean cosine with the reference images [N, D] (0 without any)."""
+  if reference is None or not len(reference) or not len(text_embeddings):
+    return np.zeros(len(text_embeddings))
+  return (np.asarray(reference, np.float64) @ np.asarray(text_embeddings, np.float64).T).mean(0)
+
+
+def choose(candidates, clip_scores, threshold, link_weight, bias=None):
+  """Candidates, their CLIP cosines and text biases -> one MentionChoice per mention, the
+  scores c = cosine - bias (module docstring)."""
+  bias = np.zeros(len(candidates)) if bias is None else bias
+  out = []
+  for group in mention_groups(candidates):
+    clip = [float(clip_scores[i]) - float(bias[i]) for i in group]
+    link = [candidates[i].link_score for i in group]
+    best = max(range(len(group)), key=lambda j: (clip[j] + link_weight * link[j], link[j], -j))
+    out.append(types.MentionChoice(
+        candidates[group[0]].mention.text, tuple(candidates[i].entity_id for i in group),
+        tuple(link), tuple(clip), best if clip[best] >= threshold else -1,
+        tuple(float(bias[i]) for i in group)))
+  return tuple(out)
+
+
+def keep_entities(choices, top_k):
+  """(ids, CLIP scores) of the chosen entities: once each with its best score, best first
+  (ties by id), at most top_k (0 = all)."""
+  best = {}
+  for ch in choices:
+    if ch.chosen >= 0:
+      e, score = ch.entity_ids[ch.chosen], ch.clip_scores[ch.chosen]
+      best[e] = max(score, best.get(e, score))
+  kept = sorted(best.items(), key=lambda es: (-es[1], es[0]))
   kept = kept[:top_k] if top_k else kept
-  return tuple(e for _, e in kept), tuple(s for s, _ in kept)
+  return tuple(e for e, _ in kept), tuple(s for _, s in kept)
 
 
 class _KeepFn(beam.DoFn):
-  def __init__(self, threshold, top_k):
-    self._threshold, self._top_k = threshold, top_k
+  def __init__(self, threshold, top_k, link_weight):
+    self._threshold, self._top_k, self._link_weight = threshold, top_k, link_weight
 
-  def process(self, result):
+  def process(self, result, reference):
     lp, scores = result.example.linked, result.inference
     if scores.scores is None:
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
           STAGE, 'undecodable_image', lp.pair.key, lp.pair.source, scores.error))
       return
-    ids, kept = keep_entities([c.entity_id for c in lp.candidates], scores.scores,
-                              self._threshold, self._top_k)
+    choices = choose(lp.candidates, scores.scores, self._threshold, self._link_weight,
+                     text_bias(reference, scores.texts))
+    ids, kept = keep_entities(choices, self._top_k)
     if ids:
-      yield types.SelectedPair(lp.pair, ids, kept)
+      yield types.SelectedPair(lp.pair, ids, kept, choices)
     else:
       yield beam.pvalue.TaggedOutput(types.FILTERED, types.Filtered(STAGE, 'below_threshold',
                                                                     lp.pair.key))
@@ -271,11 +331,14 @@ class SelectWithClip(beam.PTransform):
   """
 
   def __init__(self, clip, kb_dir, template=DEFAULT_TEMPLATE, threshold=0.2, top_k=0,
-               batch_size=64, loader=None, text_cache_size=100_000):
+               batch_size=64, link_weight=0.1, reference_images=1024, loader=None,
+               text_cache_size=100_000):
     super().__init__()
-    if top_k < 0 or batch_size < 1:
-      raise ValueError(f'select: top_k must be >= 0 and batch_size >= 1, got top_k={top_k}, '
-                       f'batch_size={batch_size}')
+    if top_k < 0 or batch_size < 1 or link_weight < 0 or reference_images < 0:
+      raise ValueError(f'select: need top_k >= 0, batch_size >= 1, link_weight >= 0 and '
+                       f'reference_images >= 0, got top_k={top_k}, batch_size={batch_size}, '
+                       f'link_weight={link_weight}, reference_images={reference_images}')
+    self._reference_images = reference_images
     try:
       template.format(name='n', description='d')
     except (KeyError, IndexError, ValueError) as e:
@@ -284,15 +347,44 @@ class SelectWithClip(beam.PTransform):
     kb_lib.check_kb_dir(kb_dir)
     self._handler = ClipModelHandler(clip, batch_size, loader, text_cache_size)
     self._kb_dir, self._template = kb_dir, template
-    self._threshold, self._top_k = threshold, top_k
+    self._threshold, self._top_k, self._link_weight = threshold, top_k, link_weight
 
   def expand(self, linked):
     examples = (linked | 'EntityTexts' >> beam.ParDo(_ToExampleFn(self._kb_dir, self._template))
                 .with_outputs(types.DEAD_LETTER, main='main'))
     kept = (examples.main
             | 'Clip' >> inference_base.RunInference(self._handler)
-            | 'Keep' >> beam.ParDo(_KeepFn(self._threshold, self._top_k))
+            | 'Keep' >> beam.ParDo(_KeepFn(self._threshold, self._top_k, self._link_weight),
+                                   beam.pvalue.AsSingleton(self._reference(linked)))
             .with_outputs(types.DEAD_LETTER, types.FILTERED, main='main'))
     dead = ((examples[types.DEAD_LETTER], kept[types.DEAD_LETTER])
             | 'AllDead' >> beam.Flatten())
     return {'main': kept.main, 'dead_letter': dead, 'filtered': kept[types.FILTERED]}
+
+  def _reference(self, linked):
+    """One element: the reference images' embeddings [N, D] in key-hash order, or None."""
+    if not self._reference_images:
+      return linked.pipeline | 'NoReference' >> beam.Create([None])
+    return (linked
+            | 'ReferenceSample' >> beam.combiners.Top.Smallest(self._reference_images,
+                                                               key=_key_hash)
+            | 'ReferenceExamples' >> beam.FlatMap(
+                lambda lps: [ClipExample(types.LinkedPair(lp.pair, ()), ()) for lp in lps])
+            | 'ReferenceClip' >> inference_base.RunInference(self._handler)
+            | 'ReferenceEmbeddings' >> beam.FlatMap(_keyed_image_embedding)
+            | 'AllReferences' >> beam.combiners.ToList()
+            | 'Stack' >> beam.Map(_stack_by_key))
+
+
+def _key_hash(lp):
+  return hashlib.sha256(lp.pair.key.encode('utf-8')).digest()
+
+
+def _keyed_image_embedding(result):
+  if result.inference.image is not None:   # An undecodable image is no reference.
+    yield _key_hash(result.example.linked), result.inference.image
+
+
+def _stack_by_key(items):
+  items = sorted(items, key=lambda kv: kv[0])
+  return np.stack([v for _, v in items]) if items else None

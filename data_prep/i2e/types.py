@@ -5,8 +5,9 @@ Stages pass plain frozen dataclasses (picklable, cheap to compare in tests):
   ReadPairs  -> Pair                (bad shards/records -> DeadLetter)
   CleanPairs -> Pair                (text normalised; duplicate images -> DeadLetter/filtered)
   FindMentions -> MentionedPair     (Pair + mention spans)
-  LinkEntities -> LinkedPair        (Pair + candidate entities with link scores)
-  SelectWithClip -> SelectedPair    (Pair + kept entities with CLIP scores)
+  LinkEntities -> LinkedPair        (Pair + each mention's top-k candidates, link scores)
+  SelectWithClip -> SelectedPair    (Pair + kept entities with CLIP scores, and per mention
+                                     the candidates CLIP chose among: MentionChoice)
   global passes / write             (class indices, shards, stats.json)
 
 Every stage that can reject a record emits a `DeadLetter` (malformed input) or a
@@ -27,6 +28,7 @@ class Pair:
   image: bytes        # encoded image bytes, as read
   text: str           # alt-text (UTF-8 decoded)
   source: str = ''    # shard path it came from, for error messages
+  url: str = ''       # where the image was downloaded from (img2dataset's `url`), if known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,19 @@ class Candidate:
 @dataclasses.dataclass(frozen=True)
 class LinkedPair:
   pair: Pair
-  candidates: Tuple[Candidate, ...]   # at most one per mention, best first
+  # Per mention, its top-k candidates best first; mentions ordered by their best score.
+  candidates: Tuple[Candidate, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MentionChoice:
+  """How selection decided one mention: its candidates and the scores it chose by."""
+  mention: str                        # the mention's text
+  entity_ids: Tuple[str, ...]         # its candidates, in link order (best link score first)
+  link_scores: Tuple[float, ...]
+  clip_scores: Tuple[float, ...]      # CLIP score c of each: cosine - text bias (select.py)
+  chosen: int                         # index of the candidate kept, -1 if below threshold
+  text_bias: Tuple[float, ...] = ()   # each text's mean cosine with the reference images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +75,7 @@ class SelectedPair:
   pair: Pair
   entity_ids: Tuple[str, ...]         # kept entities, best CLIP score first
   scores: Tuple[float, ...]           # image-entity CLIP similarity, same order
+  choices: Tuple[MentionChoice, ...] = ()   # per mention (empty for a pairs corpus)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ Everything goes to a temporary sibling folder, renamed into place once written, 
   entities.jsonl, tokenizer.json, corpus.json   through schema
   dataset_info.json, features.json              TFDS metadata (tfds.builder_from_directory)
   stats.json                                    see stats.py
+  metadata/train-XXXXX-of-YYYYY.parquet         per record: key, url, entities, scores and
+                                                the per-mention choices (metadata.py)
   dead_letter/dead_letter-SSSSS-of-NNNNN.jsonl  one JSON per dead letter: stage, reason,
                                                 key, source, detail, count
 
@@ -42,6 +44,7 @@ import uuid
 import apache_beam as beam
 import tensorflow as tf
 
+from data_prep.i2e import metadata
 from data_prep.i2e import stats as stats_lib
 from data_prep.i2e import types
 from mofi_jax.data import pipeline as spine_pipeline
@@ -100,19 +103,22 @@ class _WriteShardFn(beam.DoFn):
     records = sorted(records)  # Keys are unique (read.py), so bytes are never compared.
     tf.io.gfile.makedirs(self._folder)
     with tf.io.TFRecordWriter(os.path.join(self._folder, schema.shard_name(shard, plan[1]))) as w:
-      for _, record in records:
+      for _, record, _ in records:
         w.write(record)
-    yield shard, len(records), sum(len(r) + _TFRECORD_OVERHEAD for _, r in records)
+    metadata.write_shard(metadata.shard_path(self._folder, shard, plan[1]),
+                         [row for _, _, row in records])
+    yield shard, len(records), sum(len(r) + _TFRECORD_OVERHEAD for _, r, _ in records)
 
 
 def _to_shard(bucketed, plan):
-  bucket, (key, record) = bucketed
-  stats_lib.count_shuffled('by_shard', len(key) + len(record) + 8)
-  return plan[0][bucket], (key, record)
+  bucket, (key, record, row) = bucketed
+  stats_lib.count_shuffled('by_shard', len(key) + len(record) + len(row) + 12)
+  return plan[0][bucket], (key, record, row)
 
 
 class WriteShards(beam.PTransform):
-  """(key, serialized record) -> (shard, records, bytes) once each shard file is written."""
+  """(key, serialized record, metadata row) -> (shard, records, bytes) once each shard's
+  TFRecord file and metadata table are written."""
 
   def __init__(self, folder, num_shards, seed):
     super().__init__()
@@ -174,9 +180,9 @@ def train_tokenizer_json(table, sample, vocab_size):
   return tokenizer_lib.train_bpe(texts or [''], vocab_size).to_str()
 
 
-@beam.typehints.with_output_types(typing.Tuple[str, bytes])  # Tagged outputs aside.
+@beam.typehints.with_output_types(typing.Tuple[str, bytes, bytes])  # Tagged outputs aside.
 class _EncodeFn(beam.DoFn):
-  """SelectedPair -> (key, serialized record); a failure is a dead letter, not a crash."""
+  """SelectedPair -> (key, serialized record, metadata row); a failure is a dead letter."""
 
   def __init__(self, text_len, kind):
     self._text_len, self._kind = text_len, kind
@@ -201,11 +207,12 @@ class _EncodeFn(beam.DoFn):
           image=pair.image, key=pair.key, classes=[class_index[e] for e in selected.entity_ids],
           entity_ids=selected.entity_ids, scores=selected.scores, alt_text=pair.text,
           alt_text_tokens=tokens, kind=self._kind)
+      row = metadata.row_json(selected)
     except Exception as e:  # pylint: disable=broad-except
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
           STAGE, 'encode_failed', pair.key, pair.source, f'{type(e).__name__}: {e}'[:500]))
       return
-    yield pair.key, record
+    yield pair.key, record, row
 
 
 # ------------------------------------------------------------------------- finalize
