@@ -6,9 +6,11 @@ Input: a dict of PCollections: 'main' (SelectedPair), 'classes' (one element: th
 every earlier stage). A pairs corpus (`kind='pairs'`: no entities) needs no 'classes'
 nor 'entity_counts'. Output: one element, the stats.json dict.
 
-Everything goes to a temporary sibling folder, renamed into place once written, counted
-(stats.check_reconciled) and validated (schema.validate_corpus); an existing non-empty
-`out_dir` is refused unless `overwrite`, and even then replaced only at that point:
+Everything goes to a temporary sibling folder, counted (stats.check_reconciled), given its
+manifest (corpus.json's `commit`), validated (schema.validate_corpus) and committed into
+`out_dir` (commit.py: a rename, or on object stores a copy with the manifest written last;
+safe to retry); an existing non-empty `out_dir` is refused unless `overwrite`, and even
+then replaced only at that point:
   train-XXXXX-of-YYYYY.tfrecord  schema.make_example records
   entities.jsonl, tokenizer.json, corpus.json   through schema
   dataset_info.json, features.json              TFDS metadata (tfds.builder_from_directory)
@@ -36,7 +38,6 @@ import hashlib
 import heapq
 import json
 import os
-import shutil
 import tempfile
 import typing
 import uuid
@@ -44,6 +45,7 @@ import uuid
 import apache_beam as beam
 import tensorflow as tf
 
+from data_prep.i2e import commit as commit_lib
 from data_prep.i2e import metadata
 from data_prep.i2e import stats as stats_lib
 from data_prep.i2e import types
@@ -60,18 +62,12 @@ TFDS_TEMPLATE = '{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}'  # = schema.shard_name's l
 _TFRECORD_OVERHEAD = 16  # Length, length CRC and data CRC around each record.
 
 
-class OutputExistsError(FileExistsError):
-  """The output folder holds something and overwrite was not asked for."""
+OutputExistsError = commit_lib.OutputExistsError
+check_out_dir = commit_lib.check_out_dir
 
 
 class NoOutputError(RuntimeError):
   """No record survived; the temporary folder with stats.json is kept for inspection."""
-
-
-def check_out_dir(out_dir, overwrite):
-  if tf.io.gfile.isdir(out_dir) and tf.io.gfile.listdir(out_dir) and not overwrite:
-    raise OutputExistsError(f'{out_dir}: output folder is not empty; choose another folder or '
-                            'pass --overwrite to replace it once the new corpus is complete.')
 
 
 # ------------------------------------------------------------------------- shards
@@ -220,6 +216,7 @@ class _EncodeFn(beam.DoFn):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+  run_id: str
   tmp_dir: str
   out_dir: str
   overwrite: bool
@@ -260,31 +257,15 @@ def _write_text(path, text):
     f.write(text)
 
 
-def move_into_place(tmp, out_dir, overwrite):
-  """Renames folder `tmp` to `out_dir`; an existing non-empty one only if `overwrite`."""
-  check_out_dir(out_dir, overwrite)
-  if '://' in out_dir:  # Object stores have no folder rename: copy, then delete.
-    for folder, _, files in tf.io.gfile.walk(tmp):
-      dest = out_dir + folder[len(tmp):]
-      tf.io.gfile.makedirs(dest)
-      for name in files:
-        tf.io.gfile.copy(f'{folder}/{name}', f'{dest}/{name}', overwrite=True)
-    tf.io.gfile.rmtree(tmp)
-    return
-  old = None
-  if os.path.isdir(out_dir):
-    old = f'{out_dir}.old-{uuid.uuid4().hex[:8]}'
-    os.rename(out_dir, old)
-  os.rename(tmp, out_dir)
-  if old:
-    shutil.rmtree(old)
-
-
 def finalize(_, settings, shard_rows, table, tok_json, tallies, classes, entity_counts,
              dead_files):
   """Writes the metadata files and stats.json, checks counts and schema, moves into place."""
   del dead_files  # A side input only so that the dead letters are written before this.
   s = settings
+  if commit_lib.committed_run(s.out_dir) == s.run_id:   # The runner retried a done commit.
+    with tf.io.gfile.GFile(os.path.join(s.out_dir, STATS_FILE)) as f:
+      yield json.loads(f.read())
+    return
   entities = stats_lib.entity_stats(classes, entity_counts) if s.kind == 'i2e' else None
   stats = stats_lib.build_stats(tallies, s.stage_names, entities)
   tf.io.gfile.makedirs(s.tmp_dir)
@@ -303,13 +284,14 @@ def finalize(_, settings, shard_rows, table, tok_json, tallies, classes, entity_
   _write_text(os.path.join(s.tmp_dir, schema.TOKENIZER_FILE), tok_json)
   import tokenizers  # pylint: disable=import-outside-toplevel
   vocab_size = tokenizers.Tokenizer.from_str(tok_json).get_vocab_size()
-  schema.write_corpus_meta(s.tmp_dir, dict(
+  write_tfds_metadata(s.tmp_dir, [n for _, n, _ in shard_rows], sum(b for _, _, b in shard_rows))
+  schema.write_corpus_meta(s.tmp_dir, dict(  # Last: the manifest of everything above.
       s.meta, schema_version=schema.SCHEMA_VERSION, kind=s.kind, num_entities=len(table),
       num_train_examples=stats['written'], num_shards=len(shard_rows), text_len=s.text_len,
-      vocab_size=vocab_size, source='data_prep.build_i2e'))
-  write_tfds_metadata(s.tmp_dir, [n for _, n, _ in shard_rows], sum(b for _, _, b in shard_rows))
+      vocab_size=vocab_size, source='data_prep.build_i2e',
+      commit=commit_lib.manifest(s.tmp_dir, s.run_id)))
   schema.validate_corpus(s.tmp_dir)
-  move_into_place(s.tmp_dir, s.out_dir, s.overwrite)
+  commit_lib.commit(s.tmp_dir, s.out_dir, s.overwrite, s.run_id)
   yield stats
 
 
@@ -330,9 +312,10 @@ class WriteCorpus(beam.PTransform):
                        f'{num_shards}, {text_len}.')
     out_dir = out_dir.rstrip('/')
     check_out_dir(out_dir, overwrite)
-    parent, name = os.path.split(out_dir)
+    commit_lib.remove_stale_temporaries(out_dir)
+    run_id = uuid.uuid4().hex[:12]
     self.settings = Settings(
-        tmp_dir=os.path.join(parent, f'.{name}.tmp-{uuid.uuid4().hex[:12]}'), out_dir=out_dir,
+        run_id=run_id, tmp_dir=commit_lib.temporary_dir(out_dir, run_id), out_dir=out_dir,
         overwrite=overwrite, kind=kind, text_len=text_len,
         stage_names=tuple(stage_names) + (STAGE,), meta=dict(meta or {}))
     self._kb_dir, self._vocab_size = kb_dir, vocab_size

@@ -353,6 +353,25 @@ def _check_meta_consistency(corpus_dir, meta, table, shards):
     if not match or int(match.group(2)) != len(shards):
       raise CorpusError(f'{path}: shard name must be {shard_name(0, len(shards))} style '
                         f'with YYYYY = {len(shards)} shards.')
+  if 'commit' in meta:
+    _check_manifest(corpus_dir, meta['commit'].get('files', {}), shards)
+
+
+def _check_manifest(corpus_dir, files, shards):
+  """corpus.json's `commit.files` (written by data_prep.build_i2e) against the folder."""
+  meta_path = os.path.join(corpus_dir, META_FILE)
+  for path in shards:
+    if os.path.basename(path) not in files:
+      raise CorpusError(f'{path}: not in {meta_path} commit.files: a stale shard of another '
+                        'run; rebuild with --overwrite.')
+  for rel, size in files.items():
+    path = os.path.join(corpus_dir, rel)
+    if not tf.io.gfile.exists(path):
+      raise CorpusError(f'{path}: listed in {meta_path} commit.files but missing: the folder '
+                        'does not hold the corpus that manifest describes.')
+    got = tf.io.gfile.stat(path).length
+    if got != size:
+      raise CorpusError(f'{path}: {got} bytes, but {meta_path} commit.files says {size}.')
 
 
 def _first_record(path):

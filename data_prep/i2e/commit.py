@@ -1,0 +1,139 @@
+"""Committing a finished corpus into `--out`: safe to retry, never half visible.
+
+A run writes everything into a temporary sibling, `.{name}.tmp-{run_id}`, whose
+`corpus.json` is the manifest: it names the run (`commit.run_id`) and every other file with
+its size (`commit.files`; all but corpus.json and the stats.json report), and
+schema.validate_corpus checks the folder against it. Then:
+
+  local folder   the old `--out` (if any, with --overwrite) is renamed aside to
+                 `{out}.old-{run_id}`, the temporary folder renamed to `--out`, the old one
+                 removed. A reader sees the old corpus or the new one.
+  object store   (no folder rename): the old manifest is deleted first, so that a reader
+                 refuses the folder while it changes; every file but the manifest is copied
+                 in; files of an earlier run that the new one does not have (shards of
+                 another shard count, old dead letters) are deleted; the manifest is
+                 written last. A copy cut short leaves a folder without a manifest, which
+                 readers refuse ("no corpus.json") and a rerun replaces.
+
+Retries: a runner may run the commit again (a worker lost after it finished). If `--out`
+already holds this run's manifest, the commit is done and succeeds again; every step
+before that repeats without harm (renames check what exists, copies overwrite).
+
+Temporary folders of earlier runs into the same `--out` (a crash, or a run where nothing
+survived, whose stats.json is kept for inspection) are removed when the next run starts
+(`remove_stale_temporaries`), so they never pile up. One run per `--out` at a time.
+"""
+import json
+import os
+import shutil
+
+import tensorflow as tf
+from absl import logging
+
+from mofi_jax.data import schema
+
+TMP_INFIX = '.tmp-'
+STATS_FILE = 'stats.json'
+
+
+class OutputExistsError(FileExistsError):
+  """The output folder holds something and overwrite was not asked for."""
+
+
+def is_object_store(path):
+  return '://' in path
+
+
+def check_out_dir(out_dir, overwrite):
+  if tf.io.gfile.isdir(out_dir) and tf.io.gfile.listdir(out_dir) and not overwrite:
+    raise OutputExistsError(f'{out_dir}: output folder is not empty; choose another folder or '
+                            'pass --overwrite to replace it once the new corpus is complete.')
+
+
+def temporary_dir(out_dir, run_id):
+  parent, name = os.path.split(out_dir)
+  return os.path.join(parent, f'.{name}{TMP_INFIX}{run_id}')
+
+
+def remove_stale_temporaries(out_dir, keep=''):
+  """Deletes `.{name}.tmp-*` siblings of `out_dir` left by earlier runs (not `keep`)."""
+  parent, name = os.path.split(out_dir)
+  if not tf.io.gfile.isdir(parent or '.'):
+    return []
+  removed = []
+  for path in tf.io.gfile.glob(os.path.join(parent, f'.{name}{TMP_INFIX}*')):
+    path = path.rstrip('/')
+    if path != keep.rstrip('/'):
+      logging.info('build_i2e: removing the temporary folder of an earlier run: %s', path)
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  return removed
+
+
+def manifest(folder, run_id):
+  """The `commit` entry of corpus.json: the run and {relative path: bytes} of every file."""
+  files = {}
+  for root, _, names in tf.io.gfile.walk(folder):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), folder).replace(os.sep, '/')
+      if rel not in (schema.META_FILE, STATS_FILE):   # stats.json: a report, re-written by the demo
+        files[rel] = tf.io.gfile.stat(os.path.join(root, n)).length
+  return dict(run_id=run_id, files=dict(sorted(files.items())))
+
+
+def committed_run(out_dir):
+  """The run_id of the corpus committed in `out_dir`, or None."""
+  path = os.path.join(out_dir, schema.META_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      return (json.loads(f.read()).get('commit') or {}).get('run_id')
+  except (ValueError, AttributeError):
+    return None
+
+
+def commit(tmp, out_dir, overwrite, run_id, by_copy=None):
+  """Makes the finished corpus in `tmp` the content of `out_dir` (module docstring);
+  `by_copy` (default: for object stores) picks the copy-and-manifest path."""
+  if committed_run(out_dir) == run_id:   # A retry of a commit that completed.
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.rmtree(tmp)
+    return
+  check_out_dir(out_dir, overwrite)
+  if not tf.io.gfile.isdir(tmp):
+    raise FileNotFoundError(f'{tmp}: the finished corpus to commit into {out_dir} is gone.')
+  if is_object_store(out_dir) if by_copy is None else by_copy:
+    _commit_by_copy(tmp, out_dir)
+  else:
+    _commit_by_rename(tmp, out_dir, run_id)
+
+
+def _commit_by_rename(tmp, out_dir, run_id):
+  old = f'{out_dir}.old-{run_id}'
+  if os.path.isdir(out_dir):
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _commit_by_copy(tmp, out_dir):
+  meta = os.path.join(out_dir, schema.META_FILE)
+  if tf.io.gfile.exists(meta):
+    tf.io.gfile.remove(meta)   # From here until the last copy, readers refuse the folder.
+  new = set()
+  for folder, _, files in tf.io.gfile.walk(tmp):
+    dest = out_dir + folder[len(tmp):]
+    tf.io.gfile.makedirs(dest)
+    for name in files:
+      if folder == tmp and name == schema.META_FILE:
+        continue
+      tf.io.gfile.copy(f'{folder}/{name}', f'{dest}/{name}', overwrite=True)
+      new.add(f'{dest}/{name}')
+  for folder, _, files in tf.io.gfile.walk(out_dir):
+    for name in files:
+      path = f'{folder.rstrip("/")}/{name}'
+      if path not in new and path != meta:
+        tf.io.gfile.remove(path)   # A stale file of an earlier run.
+  tf.io.gfile.copy(os.path.join(tmp, schema.META_FILE), meta, overwrite=True)  # The commit.
+  tf.io.gfile.rmtree(tmp)
