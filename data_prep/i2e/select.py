@@ -137,6 +137,7 @@ class ClipScores:
 # Every tower call sees exactly this many rows (zero/empty padded): one compiled shape, and
 # per-row results that do not depend on how Beam happened to batch (byte-identical output).
 _ROWS = 64
+_BIAS_CACHE_SIZE = 100_000
 
 
 def _bucket(n):
@@ -306,6 +307,19 @@ def keep_entities(choices, top_k):
 class _KeepFn(beam.DoFn):
   def __init__(self, threshold, top_k, link_weight):
     self._threshold, self._top_k, self._link_weight = threshold, top_k, link_weight
+    self._reference, self._bias = None, {}
+
+  def _text_bias(self, reference, entity_ids, text_embeddings):
+    """b(e) per candidate, computed once per entity on this worker (the reference is fixed)."""
+    if reference is not self._reference:   # One side-input object per worker and run.
+      self._reference, self._bias = reference, {}
+    missing = [i for i, e in enumerate(entity_ids) if e not in self._bias]
+    if missing:
+      if len(self._bias) > _BIAS_CACHE_SIZE:
+        self._bias.clear()
+      for i, b in zip(missing, text_bias(reference, text_embeddings[missing])):
+        self._bias[entity_ids[i]] = float(b)
+    return np.array([self._bias[e] for e in entity_ids])
 
   def process(self, result, reference):
     lp, scores = result.example.linked, result.inference
@@ -313,8 +327,9 @@ class _KeepFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
           STAGE, 'undecodable_image', lp.pair.key, lp.pair.source, scores.error))
       return
+    ids = [c.entity_id for c in lp.candidates]
     choices = choose(lp.candidates, scores.scores, self._threshold, self._link_weight,
-                     text_bias(reference, scores.texts))
+                     self._text_bias(reference, ids, scores.texts))
     ids, kept = keep_entities(choices, self._top_k)
     if ids:
       yield types.SelectedPair(lp.pair, ids, kept, choices)
