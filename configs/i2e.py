@@ -13,13 +13,14 @@ def get_config():
   c.seed = 0                      # Shard assignment and tokenizer sample.
 
   c.read = mlc.ConfigDict(dict(
-      # Where a WebDataset sample's text comes from, first present wins: a field of
-      # `{key}.json` or a member extension (`{key}.txt`).
-      caption_keys=('caption', 'txt', 'alt', 'text'),
-      parquet_image_column='image',        # binary, or a struct with a `bytes` field
-      parquet_caption_column='caption',
-      tfrecord_image_feature='image/encoded',
-      tfrecord_caption_feature='caption',
+      # img2dataset's names are the defaults. Where a WebDataset sample's text comes from,
+      # first present wins: a member extension (`{key}.txt`) or a field of `{key}.json`.
+      caption_keys=('txt', 'caption', 'alt', 'text'),
+      parquet_image_column='jpg',          # binary, or a struct with a `bytes` field
+      parquet_caption_column='txt',
+      tfrecord_image_feature='jpg',
+      tfrecord_caption_feature='txt',
+      source_id='folder',         # Keys become '{folder of the file}/{key}'; '' = as written.
   ))
   c.clean = mlc.ConfigDict(dict(
       min_chars=1,                # Shorter alt-texts (after normalising) are dropped.
@@ -27,10 +28,12 @@ def get_config():
       min_image_size=32,          # Pixels on the short side; smaller images are dropped.
   ))
   c.mentions = mlc.ConfigDict(dict(
-      ner_model='',               # '' = KB alias matcher only; e.g. 'en_core_web_sm'.
+      ner_model='',               # '' = KB alias matcher only; a package ('en_core_web_trf')
+                                  # or a folder (python -m data_prep.train_ner --out DIR).
       ner_labels=('PERSON', 'ORG', 'GPE', 'LOC', 'PRODUCT', 'WORK_OF_ART', 'EVENT',
-                  'FAC', 'NORP'),
+                  'FAC', 'NORP', 'ENTITY'),
       use_alias_matcher=True,
+      ner_gate=False,             # True: an alias hit is a mention only inside an NER span.
       max_mentions=16,
   ))
   c.link = mlc.ConfigDict(dict(

@@ -36,7 +36,8 @@ def web(tmp_path_factory):
 
 
 def read_tars(out):
-  """{key: {ext: bytes}} from the tar shards, with each key's shard index."""
+  """{corpus key: {ext: bytes}} from the tar shards, with each key's shard index; the corpus
+  key is the sample key prefixed by its folder, as ReadPairs names it."""
   pairs = {}
   folder = os.path.join(out, web_lib.PAIRS_DIR)
   for shard, name in enumerate(sorted(os.listdir(folder))):
@@ -44,7 +45,8 @@ def read_tars(out):
     with tarfile.open(os.path.join(folder, name)) as tar:
       for member in tar.getmembers():
         key, ext = member.name.rsplit('.', 1)
-        pairs.setdefault(key, dict(shard=shard))[ext] = tar.extractfile(member).read()
+        pairs.setdefault(f'{web_lib.PAIRS_DIR}/{key}', dict(shard=shard))[ext] = (
+            tar.extractfile(member).read())
   return pairs
 
 
@@ -88,9 +90,11 @@ def test_tar_shards_are_img2dataset_layout(web):
   assert len(pairs) == web['meta']['num_pairs'] == len(web['truth'])
   for key, files in pairs.items():
     assert set(files) == {'shard', 'jpg', 'json', 'txt'}
-    assert re.fullmatch(r'\d{9}', key) and int(key[:5]) == files['shard']
+    folder, sample_key = key.split('/')
+    assert folder == 'pairs' and re.fullmatch(r'\d{9}', sample_key)
+    assert int(sample_key[:5]) == files['shard']
     side = json.loads(files['json'])
-    assert side['key'] == key and side['status'] == 'success'
+    assert side['key'] == sample_key and side['status'] == 'success'
     assert side['caption'] == files['txt'].decode('utf-8')
     assert side['sha256'] == hashlib.sha256(files['jpg']).hexdigest()
     image = Image.open(io.BytesIO(files['jpg']))

@@ -61,7 +61,7 @@ def reference(records, min_chars=3, max_chars=1000):
 
 def run(patterns, read_fn_cls=None, min_chars=3):
   text_check = lambda t: clean.text_passes(t, min_chars, 1000)
-  reader = read.ReadPairs(patterns, text_check=text_check)
+  reader = read.ReadPairs(patterns, text_check=text_check, source_id='')
   if read_fn_cls is not None:
     reader.read_fn.__class__ = read_fn_cls
   folder = tempfile.mkdtemp(prefix='dedup_out_')

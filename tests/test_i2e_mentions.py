@@ -181,3 +181,19 @@ def _parse_or_none(line):
     return wikidata.parse_line(line, excluded_types={})
   except Exception:  # pylint: disable=broad-except  # the dump's deliberately skipped entries
     return None
+
+
+def test_ner_gate_keeps_alias_hits_inside_ner_spans(kb_dir, tmp_path):
+  nlp = spacy.blank('en')
+  nlp.add_pipe('entity_ruler').add_patterns([
+      {'label': 'PERSON', 'pattern': 'the Ada Lovelace'},   # a determiner inside the span
+      {'label': 'ORG', 'pattern': 'Unknown Society'}])      # an NER span with no alias
+  nlp.to_disk(tmp_path / 'ner')
+  pairs = [_pair('k1', 'the Ada Lovelace in London'), _pair('k2', 'Unknown Society, Paris')]
+  # The alias hits 'London' and 'Paris' lie outside every NER span: not mentions.
+  _run(mentions.FindMentions(kb_dir, ner_model=str(tmp_path / 'ner'), ner_gate=True), pairs,
+       [('k1', (M(4, 16, 'Ada Lovelace', 'ner:PERSON'),))],
+       [('mentions', 'no_mention', 'k2')])
+  with pytest.raises(ValueError, match='ner_gate=True .* needs use_alias_matcher=True and a '
+                                       'ner_model'):
+    mentions.FindMentions(kb_dir, ner_gate=True)

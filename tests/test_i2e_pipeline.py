@@ -51,10 +51,19 @@ BAD = {  # key -> (stage, reason)
 }
 
 
+RAW = 'raw'  # The pairs' folder: ReadPairs prefixes every key with 'raw/'.
+
+
+def unprefixed(key):
+  """A corpus key without its source id, which must be the folder's name."""
+  assert key == '' or key.startswith(f'{RAW}/'), key
+  return key[len(RAW) + 1:] if key else key
+
+
 @pytest.fixture(scope='module')
 def raw_pairs(tmp_path_factory):
   """Folder of tars + a Parquet file holding the good pairs and every kind of bad input."""
-  folder = tmp_path_factory.mktemp('raw')
+  folder = tmp_path_factory.mktemp(RAW, numbered=False)
   img = {k: image_bytes(200 + i, size=20 + i % 7) for i, k in enumerate(list(GOOD) + list(
       NO_ENTITY) + ['b_empty', 'b_notutf8', 'b_notext', 'b_toolong', 'dup', 'g09'])}
   members = lambda keys: [m for k in keys for m in (
@@ -80,8 +89,8 @@ def raw_pairs(tmp_path_factory):
   cut = full.index(cut_image) + len(cut_image) // 2  # The file ends inside g09.jpg.
   (folder / 'c.tar').write_bytes(full[:cut])
   (folder / 'd.tar').write_bytes(b'\x00garbage, not a tar\x00' * 64)
-  pq.write_table(pa.table({'key': ['p_null'], 'image': pa.array([None], pa.binary()),
-                           'caption': ['Lequyl']}), folder / 'e.parquet')
+  pq.write_table(pa.table({'key': ['p_null'], 'jpg': pa.array([None], pa.binary()),
+                           'txt': ['Lequyl']}), folder / 'e.parquet')
   return str(folder)
 
 
@@ -129,7 +138,7 @@ class TinyClipLoader:
 def dead_letters(out_dir):
   rows = [json.loads(line) for path in glob.glob(os.path.join(out_dir, 'dead_letter', '*'))
           for line in open(path)]
-  return sorted((d['stage'], d['reason'], d['key']) for d in rows), rows
+  return sorted((d['stage'], d['reason'], unprefixed(d['key'])) for d in rows), rows
 
 
 def written_records(out_dir):
@@ -138,7 +147,7 @@ def written_records(out_dir):
     for r in tf.data.TFRecordDataset(path):
       values = schema.check_example_proto(r.numpy(), 10**6, path, kind=schema.corpus_kind(
           schema.load_corpus_meta(out_dir)))
-      out[values['image/key'][0].decode()] = values
+      out[unprefixed(values['image/key'][0].decode())] = values
   return out
 
 

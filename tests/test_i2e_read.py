@@ -71,9 +71,11 @@ def pair_view(pair):
   return pair.key, digest(pair.image), pair.text, os.path.basename(pair.source)
 
 
-def check_read(patterns, want_pairs, want_dead, **kw):
+def check_read(patterns, want_pairs, want_dead, want_filtered=(), **kw):
   """ReadPairs(patterns) then DedupPairs give exactly these pairs (key, image bytes, text,
-  file name) and dead letters (project); the index holds one Copy per good record."""
+  file name) and dead letters (project); the index holds one Copy per good record. Keys are
+  compared as written (source_id=''; test_keys_are_prefixed_by_their_folder has the default)."""
+  kw.setdefault('source_id', '')
   with test_pipeline.TestPipeline() as p:
     reader = read.ReadPairs(patterns, **kw)
     result = p | reader
@@ -83,7 +85,8 @@ def check_read(patterns, want_pairs, want_dead, **kw):
                 label='pairs')
     dead = (result['dead_letter'], deduped['dead_letter']) | 'Dead' >> beam.Flatten()
     assert_that(dead | 'ViewDead' >> beam.Map(project), equal_to(want_dead), label='dead')
-    assert_that(result['filtered'], equal_to([]), label='filtered')
+    assert_that(result['filtered'] | 'ViewFiltered' >> beam.Map(lambda f: (f.reason, f.key)),
+                equal_to(list(want_filtered)), label='filtered')
     assert_that(deduped['filtered'], equal_to([]), label='dedup_filtered')
 
 
@@ -182,14 +185,14 @@ def test_unmatched_pattern_and_unknown_format(tmp_path):
 def test_parquet_rows_struct_images_and_missing_columns(tmp_path):
   img = [image_bytes(i) for i in range(4)]
   pq.write_table(pa.table({
-      'image': pa.array([img[0], None, img[2], img[3]], pa.binary()),
-      'caption': pa.array([b'zero', b'one', None, b'\xff three'], pa.binary()),
+      'jpg': pa.array([img[0], None, img[2], img[3]], pa.binary()),
+      'txt': pa.array([b'zero', b'one', None, b'\xff three'], pa.binary()),
       'key': ['r0', 'r1', 'r2', 'r3']}), tmp_path / 'a.parquet')
   pq.write_table(pa.table({  # Hugging Face datasets' Image() struct; no key column.
-      'image': pa.array([{'bytes': img[1], 'path': 'x.jpg'}],
+      'jpg': pa.array([{'bytes': img[1], 'path': 'x.jpg'}],
                         pa.struct([('bytes', pa.binary()), ('path', pa.string())])),
-      'caption': pa.array(['struct \u00e9'], pa.string())}), tmp_path / 'b.parquet')
-  pq.write_table(pa.table({'image': [img[0]] * 3, 'text': ['x'] * 3}), tmp_path / 'c.parquet')
+      'txt': pa.array(['struct \u00e9'], pa.string())}), tmp_path / 'b.parquet')
+  pq.write_table(pa.table({'jpg': [img[0]] * 3, 'text': ['x'] * 3}), tmp_path / 'c.parquet')
   check_read([str(tmp_path / '*.parquet')],
              [('r0', img[0], 'zero', 'a.parquet'),
               ('b.parquet:0', img[1], 'struct \u00e9', 'b.parquet')],
@@ -200,9 +203,42 @@ def test_parquet_rows_struct_images_and_missing_columns(tmp_path):
 
 def test_parquet_column_names_are_configurable(tmp_path):
   img = image_bytes(0)
-  pq.write_table(pa.table({'jpg': [img], 'txt': ['hello']}), tmp_path / 'a.parquet')
+  pq.write_table(pa.table({'image': [img], 'caption': ['hello']}), tmp_path / 'a.parquet')
   check_read([str(tmp_path / 'a.parquet')], [('a.parquet:0', img, 'hello', 'a.parquet')], [],
-             parquet_image_column='jpg', parquet_caption_column='txt')
+             parquet_image_column='image', parquet_caption_column='caption')
+
+
+def test_img2dataset_failed_downloads_are_filtered_and_status_tables_counted_once(tmp_path):
+  img = [image_bytes(i) for i in range(3)]
+  status = ['success', 'failed_to_download', 'success', 'failed_to_resize']
+  pq.write_table(pa.table({  # parquet output: one row per URL, failed ones without image
+      'key': ['p0', 'p1', 'p2', 'p3'], 'url': [f'http://h/{i}' for i in range(4)],
+      'jpg': pa.array([img[0], None, img[1], None], pa.binary()),
+      'txt': ['zero', None, 'two', None], 'status': status}), tmp_path / 'p.parquet')
+  (tmp_path / 'wds').mkdir()
+  write_tar(tmp_path / 'wds' / '00000.tar', [('w0.jpg', img[2]), ('w0.txt', b'web zero')])
+  pq.write_table(pa.table({  # webdataset output: its status table, no image column
+      'key': ['w0', 'w1', 'w2'], 'status': ['success', 'failed_to_download', 'failed_to_download'],
+      'error_message': [None, 'timeout', '404']}), tmp_path / 'wds' / '00000.parquet')
+  want_filtered = [('download_failed', k) for k in ('p1', 'p3', 'w1', 'w2')]
+  for patterns in ([str(tmp_path / 'p.parquet'), str(tmp_path / 'wds' / '*.tar')],
+                   [str(tmp_path / 'p.parquet'), str(tmp_path / 'wds' / '*')]):  # table too
+    check_read(patterns, [('p0', img[0], 'zero', 'p.parquet'), ('p2', img[1], 'two', 'p.parquet'),
+                          ('w0', img[2], 'web zero', '00000.tar')], [], want_filtered)
+
+
+def test_keys_are_prefixed_by_their_folder(tmp_path):
+  img = [image_bytes(i) for i in range(2)]
+  for run, image in zip(('run1', 'run2'), img):  # two img2dataset runs, keys from 000000000
+    (tmp_path / run).mkdir()
+    write_tar(tmp_path / run / '00000.tar', [('000000000.jpg', image), ('000000000.txt', b'x')])
+  pattern = str(tmp_path / 'run*' / '*.tar')
+  check_read([pattern], [('run1/000000000', img[0], 'x', '00000.tar'),
+                         ('run2/000000000', img[1], 'x', '00000.tar')], [], source_id='folder')
+  check_read([pattern], [('000000000', img[0], 'x', '00000.tar')],
+             [('duplicate_key', '000000000', '00000.tar', 1)])
+  with pytest.raises(ValueError, match="read.source_id must be 'folder' or ''"):
+    read.ReadPairs([pattern], source_id='path')
 
 
 # ----------------------------------------------------------------------------- TFRecord
@@ -211,13 +247,13 @@ def test_parquet_column_names_are_configurable(tmp_path):
 def test_tfrecord_records_bad_records_and_a_corrupt_file(tmp_path):
   img = [image_bytes(i) for i in range(3)]
   write_tfrecord(str(tmp_path / 'a.tfrecord'), [
-      {'image/encoded': img[0], 'caption': b'zero', 'key': b'z'},
-      {'image/encoded': img[1], 'caption': b'one'},          # key from the position
-      {'caption': b'no image'},
+      {'jpg': img[0], 'txt': b'zero', 'key': b'z'},
+      {'jpg': img[1], 'txt': b'one'},          # key from the position
+      {'txt': b'no image'},
       b'\xff\xff\xff not a proto',
   ])
   good = write_tfrecord(str(tmp_path / 'b.tfrecord'), [
-      {'image/encoded': img[2], 'caption': b'two', 'image/key': b'ik'}] * 2)
+      {'jpg': img[2], 'txt': b'two', 'image/key': b'ik'}] * 2)
   data = open(good, 'rb').read()
   (tmp_path / 'b.tfrecord').write_bytes(data[:len(data) - 7])  # 2nd record cut short.
   check_read([str(tmp_path / '*.tfrecord')],

@@ -8,7 +8,8 @@ The I2E pipeline's input, drawn from the same procedural world as the demo corpu
   DIR/pairs/NNNNN.tar               WebDataset shards as img2dataset writes them: {key}.jpg,
                                     {key}.json (caption, url, size, sha256, status), {key}.txt
   DIR/wikidata/latest-all.json.gz   the KB as a Wikidata dump (official layout)
-  DIR/ground_truth.jsonl            per key: what is drawn, what the alt-text mentions
+  DIR/ground_truth.jsonl            per key ('pairs/{key}', as the corpus prefixes it by its
+                                    folder): what is drawn, what the alt-text mentions
   DIR/retrieval/                    held-out GPR1200-layout folder (unseen attribute combos)
   DIR/web.json                      config, counts, generator version
 
@@ -48,7 +49,7 @@ from data_prep.demo_world import config as config_lib
 from data_prep.demo_world import render, web_kb
 from data_prep.demo_world import world as world_lib
 
-WEB_VERSION = 2
+WEB_VERSION = 3
 PAIRS_DIR, PAIRS_GLOB = 'pairs', 'pairs/*.tar'
 DUMP_PATH = 'wikidata/latest-all.json.gz'
 GROUND_TRUTH_FILE = 'ground_truth.jsonl'
@@ -106,8 +107,9 @@ def generate(out_dir, cfg):
                        cfg.image_size)
   web_kb.write_dump(rng, os.path.join(out_dir, DUMP_PATH), kb)
   with open(os.path.join(out_dir, GROUND_TRUTH_FILE), 'w') as f:
-    for key, lab, truth in zip(keys, labels, truths):
-      f.write(json.dumps(dict(key=key, **_drawn(world, kb, lab), **truth)) + '\n')
+    for key, lab, truth in zip(keys, labels, truths):  # The key as the corpus holds it.
+      f.write(json.dumps(dict(key=f'{PAIRS_DIR}/{key}', **_drawn(world, kb, lab), **truth))
+              + '\n')
   render.write_retrieval(rng, os.path.join(out_dir, config_lib.RETRIEVAL_DIR), world.heldout,
                             cfg.image_size)
   kinds = [e.kind for e in kb]

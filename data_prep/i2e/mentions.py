@@ -11,7 +11,15 @@ Two sources of spans, merged:
   * a statistical NER pipeline when `ner_model` names one (an installed package such as
     en_core_web_sm / en_core_web_trf, or a pipeline folder saved with `nlp.to_disk`); only entities
     with a label in `ner_labels` are kept. Naming a pipeline that is not installed is an error at
-    construction, with the command that installs it.
+    construction, with the command that installs it. `python -m data_prep.train_ner` trains one
+    (label ENTITY) from the KB and the alt-texts when no pretrained pipeline can be installed.
+
+With `ner_gate=True` the NER gates the alias matcher: an alias hit is a mention only if it lies
+inside a span the NER found, and NER spans that hold no alias are not mentions. At Wikidata
+scale this is what keeps 'sunset over the lake' and 'a red apple' from mentioning the film
+Sunset and the company Apple (docs/i2e.md has the figures). A determiner or title inside the
+NER span does not matter: 'the Eiffel Tower' holds the alias hit 'Eiffel Tower'. A gated hit
+carries the NER span's origin ('ner:<LABEL>').
 
 Alias hits that are one character long, or lower-case and made only of stop words, numbers and
 punctuation ('it', 'her', '1984', 'the who') are dropped: Wikidata has items with such labels and
@@ -25,6 +33,7 @@ first ones in text order. Pairs with no mention leave as filtered 'no_mention'.
 The KB is opened and the NER pipeline loaded once per worker process (DoFn.setup + a process
 cache), and texts go through `Language.pipe` in batches.
 """
+import dataclasses
 import importlib.util
 import os
 import threading
@@ -36,8 +45,9 @@ from data_prep.i2e import kb_index, types
 
 STAGE = 'mentions'
 KB_ORIGIN = 'kb'
+# OntoNotes' name types (en_core_web_*), and ENTITY, the one label data_prep.train_ner trains.
 DEFAULT_NER_LABELS = ('PERSON', 'ORG', 'GPE', 'LOC', 'PRODUCT', 'WORK_OF_ART', 'EVENT', 'FAC',
-                      'NORP')
+                      'NORP', 'ENTITY')
 # Components that entity recognition never needs; skipped in Language.pipe for speed.
 _NOT_FOR_NER = ('tagger', 'parser', 'lemmatizer', 'trainable_lemmatizer', 'morphologizer',
                 'senter', 'attribute_ruler', 'textcat', 'textcat_multilabel')
@@ -88,10 +98,14 @@ def _is_function_words(span):
 class MentionFinder:
   """Texts -> merged mentions; the logic of the stage without Beam (also used by benchmarks)."""
 
-  def __init__(self, kb=None, ner_nlp=None, ner_labels=DEFAULT_NER_LABELS, max_mentions=16):
+  def __init__(self, kb=None, ner_nlp=None, ner_labels=DEFAULT_NER_LABELS, max_mentions=16,
+               ner_gate=False):
     if kb is None and ner_nlp is None:
       raise ValueError('MentionFinder needs a knowledge base (alias matcher) or an NER pipeline.')
+    if ner_gate and (kb is None or ner_nlp is None):
+      raise ValueError('mentions.ner_gate needs both the alias matcher and an NER pipeline.')
     self._ner, self._labels, self._max = ner_nlp, frozenset(ner_labels), max_mentions
+    self._gate = ner_gate
     self._kb = kb
     self._tokenizer = kb_lib.surface_tokenizer() if kb is not None else None
     self._disable = [] if ner_nlp is None else [
@@ -129,23 +143,34 @@ class MentionFinder:
   def find(self, texts):
     """list[str] -> list[tuple[Mention, ...]], merged, in text order."""
     texts = list(texts)
-    return [merge_spans(a + b, self._max)
+    combine = gate_spans if self._gate else lambda a, b: a + b
+    return [merge_spans(combine(a, b), self._max)
             for a, b in zip(self._kb_spans(texts), self._ner_spans(texts))]
+
+
+def gate_spans(alias_hits, ner_spans):
+  """The alias hits that lie inside an NER span, each with that span's origin."""
+  gated = []
+  for hit in alias_hits:
+    around = [n for n in ner_spans if n.start <= hit.start and hit.end <= n.end]
+    if around:
+      gated.append(dataclasses.replace(hit, origin=around[0].origin))
+  return gated
 
 
 _FINDERS = {}
 _FINDERS_LOCK = threading.Lock()
 
 
-def _cached_finder(kb_dir, ner_model, ner_labels, use_alias_matcher, max_mentions):
+def _cached_finder(kb_dir, ner_model, ner_labels, use_alias_matcher, max_mentions, ner_gate):
   """One MentionFinder per worker process and setting (over the process's one mapped KB)."""
-  key = (kb_dir, ner_model, tuple(ner_labels), use_alias_matcher, max_mentions)
+  key = (kb_dir, ner_model, tuple(ner_labels), use_alias_matcher, max_mentions, ner_gate)
   with _FINDERS_LOCK:
     if key not in _FINDERS:
       import spacy  # pylint: disable=import-outside-toplevel
       kb = kb_lib.load_cached(kb_dir) if use_alias_matcher else None
       nlp = spacy.load(ner_model) if ner_model else None
-      _FINDERS[key] = MentionFinder(kb, nlp, ner_labels, max_mentions)
+      _FINDERS[key] = MentionFinder(kb, nlp, ner_labels, max_mentions, ner_gate)
     return _FINDERS[key]
 
 
@@ -182,18 +207,23 @@ class FindMentions(beam.PTransform):
   """Pair -> {'main': MentionedPair, 'dead_letter': DeadLetter, 'filtered': Filtered}."""
 
   def __init__(self, kb_dir, ner_model='', ner_labels=DEFAULT_NER_LABELS,
-               use_alias_matcher=True, max_mentions=16, batch_size=64):
+               use_alias_matcher=True, max_mentions=16, ner_gate=False, batch_size=64):
     super().__init__()
     if not use_alias_matcher and not ner_model:
       raise ValueError('mentions: use_alias_matcher=False and no ner_model: nothing would find '
                        'mentions; set one of them.')
+    if ner_gate and not (use_alias_matcher and ner_model):
+      raise ValueError('mentions.ner_gate=True gates the alias matcher with the NER: it needs '
+                       f'use_alias_matcher=True and a ner_model (got use_alias_matcher='
+                       f'{use_alias_matcher}, ner_model={ner_model!r}).')
     if max_mentions < 0:
       raise ValueError(f'mentions.max_mentions must be >= 0 (0 = all), got {max_mentions}')
     check_ner_model(ner_model)
     if use_alias_matcher:
       kb_lib.check_kb_dir(kb_dir)
     self._settings = dict(kb_dir=kb_dir, ner_model=ner_model, ner_labels=tuple(ner_labels),
-                          use_alias_matcher=use_alias_matcher, max_mentions=max_mentions)
+                          use_alias_matcher=use_alias_matcher, max_mentions=max_mentions,
+                          ner_gate=ner_gate)
     self._batch_size = batch_size
 
   def expand(self, pairs):

@@ -16,9 +16,14 @@ Formats, told apart by file name:
                            (and a `key` or `image/key` feature if present). Read with
                            TensorFlow's CRC-checked reader: paths must be ones tf.io.gfile
                            reads (local, gs://; s3:// with tensorflow-io).
-Rows without a key column/feature get `{file name}:{position}`. The image's `url` (a field of
-`{key}.json`, a Parquet column or a TFRecord feature, as img2dataset writes it) travels with
-the pair into the corpus's metadata table (metadata.py).
+The defaults are img2dataset's names: image `jpg`, caption `txt`, and `key`, `url`, `status`
+(configs/i2e.py `read`). Rows without a key column/feature get `{file name}:{position}`. With
+`source_id='folder'` (the default) every key is prefixed by the name of the folder holding its
+file, `{folder}/{key}`: two img2dataset runs, each in its own output folder, both number their
+keys from 000000000, and they must not collide in dedup. The image's `url` (a field of
+`{key}.json`, a Parquet column or a TFRecord feature) travels with the pair into the corpus's
+metadata table (metadata.py). A URL img2dataset failed to download is filtered
+'download_failed' (download_status.py), with the status tables beside its shards counted.
 
 Dead-letter reasons: 'unreadable_shard' (the file cannot be opened or breaks off: the pairs
 read before the break are kept, the rest is one dead letter with count=1, since how many
@@ -32,7 +37,9 @@ The output is an index: one dedup.Copy per good record (key, file, position, SHA
 image, whether the text passes `text_check`), no image bytes. dedup.DedupPairs decides on
 the Copies and reads the surviving records again through `ReadPairs.read_fn.pairs_at`.
 """
+import dataclasses
 import hashlib
+import itertools
 import json
 import posixpath
 
@@ -40,7 +47,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import dedup, types
+from data_prep.i2e import dedup, download_status, types
 
 STAGE = 'read'
 MAX_TEXT_BYTES = 1 << 20
@@ -119,6 +126,8 @@ def sample_to_pair(key, members, source, caption_keys):
     return _dead('image_too_large', key, source, f'{key}.{image_ext} is over '
                  f'{MAX_IMAGE_BYTES} bytes')
   text, dead, meta = _caption(key, members, source, caption_keys)
+  if meta and download_status.failed(meta.get(download_status.STATUS)):
+    return download_status.filtered(key)
   url = meta.get('url') if meta else None
   return dead or types.Pair(key=key, image=members[image_ext], text=text, source=source,
                             url=url if isinstance(url, str) else '')
@@ -165,12 +174,14 @@ def read_parquet(path, image_column, caption_column):
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     parquet = pq.ParquetFile(f)
     names = parquet.schema_arrow.names
+    if download_status.is_status_table(path, names, image_column):
+      return  # Its failed rows are read with its shard.
     missing = [c for c in (image_column, caption_column) if c not in names]
     if missing:
       yield _dead('missing_field', '', path, f'no column(s) {missing}; columns: {names}',
                   count=parquet.metadata.num_rows)
       return
-    optional = [c for c in ('key', 'url') if c in names]
+    optional = [c for c in ('key', 'url', download_status.STATUS) if c in names]
     columns = [image_column, caption_column] + optional
     position = 0
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
@@ -178,13 +189,14 @@ def read_parquet(path, image_column, caption_column):
       if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
         captions = captions.cast(pa.large_binary())  # Decode (and check) in Python.
       extra = {c: batch.column(c).to_pylist() if c in optional else [None] * len(batch)
-               for c in ('key', 'url')}
+               for c in ('key', 'url', download_status.STATUS)}
       rows = zip(batch.column(image_column).to_pylist(), captions.to_pylist(), extra['key'],
-                 extra['url'])
-      for image, caption, key, url in rows:
+                 extra['url'], extra[download_status.STATUS])
+      for image, caption, key, url, status in rows:
         key = _row_key(path, position) if key is None else str(key)
         position += 1
-        yield _row_to_pair(key, _parquet_image(image), caption, path, caption_column, url)
+        yield (download_status.filtered(key) if download_status.failed(status) else
+               _row_to_pair(key, _parquet_image(image), caption, path, caption_column, url))
 
 
 def _row_to_pair(key, image, caption, path, caption_field, url=None):
@@ -226,6 +238,9 @@ def read_tfrecord(path, image_feature, caption_feature):
     key = _feature_bytes(feats, 'key') or _feature_bytes(feats, 'image/key')
     key = key.decode('utf-8', 'replace') if key else _row_key(path, position)
     url = _feature_bytes(feats, 'url')
+    if download_status.failed(_feature_bytes(feats, download_status.STATUS)):
+      yield download_status.filtered(key)
+      continue
     yield _row_to_pair(key, _feature_bytes(feats, image_feature),
                        _feature_bytes(feats, caption_feature), path, caption_feature,
                        url.decode('utf-8', 'replace') if url else None)
@@ -255,6 +270,21 @@ def _always(_):
   return True
 
 
+def key_prefix(path, mode):
+  """The prefix of the keys read from `path`: its folder's name for mode 'folder', else ''."""
+  if mode == 'folder':
+    return posixpath.basename(posixpath.dirname(path.rstrip('/')))
+  if mode:
+    raise ValueError(f"read.source_id must be 'folder' or '' (keys as written), got {mode!r}")
+  return ''
+
+
+def _with_source(item, source):
+  if source and item.key:
+    return dataclasses.replace(item, key=f'{source}/{item.key}')
+  return item
+
+
 @beam.typehints.with_output_types(dedup.Copy)  # Tagged outputs aside.
 class _ReadShardFn(beam.DoFn):
   """Path -> dedup.Copy per good record, and dead letters; never raises on bad input.
@@ -263,17 +293,24 @@ class _ReadShardFn(beam.DoFn):
   """
 
   def __init__(self, caption_keys, parquet_image_column, parquet_caption_column,
-               tfrecord_image_feature, tfrecord_caption_feature, text_check=None):
+               tfrecord_image_feature, tfrecord_caption_feature, text_check=None,
+               source_id='folder'):
     self._args = dict(tar=(tuple(caption_keys),),
                       parquet=(parquet_image_column, parquet_caption_column),
                       tfrecord=(tfrecord_image_feature, tfrecord_caption_feature))
     self._text_check = text_check or _always
+    self._source_mode = source_id
+    key_prefix('', source_id)  # Checks the mode at construction.
 
   def _records(self, path):
-    """(position, Pair or DeadLetter) of a file, in order; raises if the file breaks."""
+    """(position, Pair | DeadLetter | Filtered) of a file, in order, keys prefixed by the
+    source id, then the failures of its status table; raises if the file breaks."""
     fmt = shard_format(path)
     reader = dict(tar=read_tar, parquet=read_parquet, tfrecord=read_tfrecord)[fmt]
-    return enumerate(reader(path, *self._args[fmt]))
+    items = itertools.chain(reader(path, *self._args[fmt]),
+                            download_status.sidecar_failures(path) if fmt != 'parquet' else ())
+    source = key_prefix(path, self._source_mode)
+    return enumerate(_with_source(item, source) for item in items)
 
   def pairs_at(self, path, positions):
     """(position, Pair) of the records at `positions` (a set), stopping after the last."""
@@ -295,6 +332,8 @@ class _ReadShardFn(beam.DoFn):
       for position, item in self._records(path):
         if isinstance(item, types.DeadLetter):
           yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, item)
+        elif isinstance(item, types.Filtered):
+          yield beam.pvalue.TaggedOutput(types.FILTERED, item)
         else:
           yield dedup.Copy(item.key, path, position, hashlib.sha256(item.image).hexdigest(),
                            bool(self._text_check(item.text)))
@@ -306,19 +345,21 @@ class _ReadShardFn(beam.DoFn):
 
 
 class ReadPairs(beam.PTransform):
-  """File patterns -> {'main': dedup.Copy, 'dead_letter': DeadLetter, 'filtered': (empty)};
+  """File patterns -> {'main': dedup.Copy, 'dead_letter': DeadLetter, 'filtered': Filtered
+  'download_failed'};
   `read_fn` re-reads records for dedup.DedupPairs."""
 
-  def __init__(self, patterns, caption_keys=('caption', 'txt', 'alt', 'text'),
-               parquet_image_column='image', parquet_caption_column='caption',
-               tfrecord_image_feature='image/encoded', tfrecord_caption_feature='caption',
-               text_check=None):
+  def __init__(self, patterns, caption_keys=('txt', 'caption', 'alt', 'text'),
+               parquet_image_column='jpg', parquet_caption_column='txt',
+               tfrecord_image_feature='jpg', tfrecord_caption_feature='txt',
+               text_check=None, source_id='folder'):
     super().__init__()
     self._patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not self._patterns:
       raise ValueError('ReadPairs: no file pattern given.')
     self.read_fn = _ReadShardFn(caption_keys, parquet_image_column, parquet_caption_column,
-                                tfrecord_image_feature, tfrecord_caption_feature, text_check)
+                                tfrecord_image_feature, tfrecord_caption_feature, text_check,
+                                source_id)
 
   def expand(self, pbegin):
     matched = (pbegin | 'Patterns' >> beam.Create(sorted(set(self._patterns)))
@@ -327,9 +368,8 @@ class ReadPairs(beam.PTransform):
     read = (matched.main
             | 'UniqueFiles' >> beam.Distinct()
             | 'SpreadFiles' >> beam.Reshuffle()
-            | 'IndexFiles' >> beam.ParDo(self.read_fn).with_outputs(types.DEAD_LETTER,
-                                                                    main='main'))
+            | 'IndexFiles' >> beam.ParDo(self.read_fn).with_outputs(
+                types.DEAD_LETTER, types.FILTERED, main='main'))
     dead = ((matched[types.DEAD_LETTER], read[types.DEAD_LETTER])
             | 'AllDead' >> beam.Flatten())
-    return {'main': read.main, 'dead_letter': dead,
-            'filtered': pbegin | 'NoFiltered' >> beam.Create([])}
+    return {'main': read.main, 'dead_letter': dead, 'filtered': read[types.FILTERED]}
