@@ -25,6 +25,8 @@ EXTRAS = {
     # I2E construction (Apache Beam, spaCy NER, Parquet KB, memory-mapped KB index).
     'prep': ['apache-beam>=2.70,<3', 'spacy>=3.7,<4', 'pyarrow>=15,<27',
              'imagehash>=4.3', 'marisa-trie>=1.2,<2'],
+    # Downloading web pairs (tests run it end to end against a local server).
+    'download': ['img2dataset==1.47.0'],
     # Checkpoint interop (PyTorch CPU build: pin it, a bare `torch` pulls CUDA).
     'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.13.0'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.

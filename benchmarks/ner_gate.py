@@ -62,7 +62,7 @@ def main():
     kb_lib.write_small_kb(f'{work}/kb', common_words.kb_entities())
     texts = [c.text for c in common_words.captions(args.train, seed=0)]
     pq.write_table(pa.table({read.parquet_image_column: [b'-'] * len(texts),
-                             read.parquet_caption_column: texts}), f'{work}/pairs.parquet')
+                             read.parquet_caption_column[0]: texts}), f'{work}/pairs.parquet')
     train_ner.main(['--pairs', f'{work}/pairs.parquet', '--kb', f'{work}/kb',
                     '--out', f'{work}/ner', '--epochs', str(args.epochs)])
     import spacy  # pylint: disable=import-outside-toplevel

@@ -17,7 +17,8 @@ def get_config():
       # first present wins: a member extension (`{key}.txt`) or a field of `{key}.json`.
       caption_keys=('txt', 'caption', 'alt', 'text'),
       parquet_image_column='jpg',          # binary, or a struct with a `bytes` field
-      parquet_caption_column='txt',
+      parquet_caption_column=('txt', 'caption'),  # first present wins (img2dataset's
+                                  # parquet output keeps the URL list's caption column)
       tfrecord_image_feature='jpg',
       tfrecord_caption_feature='txt',
       source_id='folder',         # Keys become '{folder of the file}/{key}'; '' = as written.

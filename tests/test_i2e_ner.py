@@ -28,7 +28,7 @@ def world(tmp_path_factory):
 def _write_pairs(path, texts):
   read = i2e_config.get_config().read
   table = pa.table({read.parquet_image_column: [b'\xff\xd8 not decoded'] * len(texts),
-                    read.parquet_caption_column: texts})
+                    read.parquet_caption_column[0]: texts})
   pq.write_table(table, path)
 
 

@@ -167,7 +167,7 @@ def _parquet_image(value):
   return value
 
 
-def read_parquet(path, image_column, caption_column):
+def read_parquet(path, image_column, caption_columns):
   """Yields Pair or DeadLetter per row; raises if the file is not readable Parquet."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -176,7 +176,10 @@ def read_parquet(path, image_column, caption_column):
     names = parquet.schema_arrow.names
     if download_status.is_status_table(path, names, image_column):
       return  # Its failed rows are read with its shard.
-    missing = [c for c in (image_column, caption_column) if c not in names]
+    caption_columns = (caption_columns,) if isinstance(caption_columns, str) else caption_columns
+    caption_column = next((c for c in caption_columns if c in names), None)
+    missing = ([] if image_column in names else [image_column]) + (
+        [] if caption_column else [' or '.join(caption_columns)])
     if missing:
       yield _dead('missing_field', '', path, f'no column(s) {missing}; columns: {names}',
                   count=parquet.metadata.num_rows)
@@ -350,7 +353,7 @@ class ReadPairs(beam.PTransform):
   `read_fn` re-reads records for dedup.DedupPairs."""
 
   def __init__(self, patterns, caption_keys=('txt', 'caption', 'alt', 'text'),
-               parquet_image_column='jpg', parquet_caption_column='txt',
+               parquet_image_column='jpg', parquet_caption_column=('txt', 'caption'),
                tfrecord_image_feature='jpg', tfrecord_caption_feature='txt',
                text_check=None, source_id='folder'):
     super().__init__()
