@@ -28,6 +28,6 @@ def get_config():
       # entities with fewer images are dropped.
       distractor_frac=0.3,
       bootstrap_steps=200,
-      clip_threshold=0.24,
+      clip_threshold=0.23,
       min_images=10,
   ))

@@ -6,9 +6,9 @@ The alias matcher (mentions.MentionFinder) finds every hit; the labels come from
 corpus writes each surface form:
 
   * a surface form is *common* if, where its case tells anything (not at the start of an
-    alt-text, not in a Title Case or all-lower-case one), it is mostly written in lower case
-    (`common_share`, default 0.2: names are seldom written in lower case in a text that has
-    capitals): 'sunset', 'apple', 'rain'; not 'paris', 'the who';
+    alt-text, not in a Title Case or all-lower-case one), at least `common_share` (0.2) of
+    its occurrences are in lower case, since names seldom are: 'sunset', 'apple', 'rain';
+    not 'paris', 'the who';
   * a hit is ENTITY, unless its form is common and it is written in lower case (then it is
     outside any entity) or its case tells nothing (start of the text, Title Case: then the
     tokens are *missing*, and the model learns them from their context alone);
