@@ -51,7 +51,10 @@ def base_config(mode='multitask'):
 
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, min_lr_ratio=0.0, warmup_steps=1000, weight_decay=0.1,
-      b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0, head_lr_mult=1.0))
+      b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0, head_lr_mult=1.0,
+      # Gradient accumulation: the global batch in this many pieces, with the whole
+      # batch's negatives kept in the contrastive loss (mofi_jax/accumulation.py).
+      microbatches=1))
 
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
   # Initialise the towers from foreign weights before step 0 (never on resume):

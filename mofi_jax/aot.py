@@ -73,7 +73,8 @@ def analyse(config, topology, min_headroom=0.10, with_cost=True, label=''):
   """The report (a dict) for `config` on `topology`."""
   devices = tpu_specs.devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_divides(config.input.batch_size, mesh)
+  sharding.check_batch_divides(config.input.batch_size, mesh,
+                              microbatches=config.optim.microbatches)
   report = dict(
       config=label,
       topology=dict(name=topology.libtpu_name, slice=topology.slice_name,

@@ -100,12 +100,17 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def check_batch_divides(global_batch, mesh, what='config.input.batch_size'):
+def check_batch_divides(global_batch, mesh, what='config.input.batch_size',
+                        microbatches=1):
   n = axes_size(mesh, mesh_axes('batch'))
   if global_batch % n or global_batch % jax.process_count():
     raise ShardingError(
         f'{what}={global_batch} must divide over the {n} batch shards of the '
         f'mesh {dict(mesh.shape)} and the {jax.process_count()} processes')
+  if microbatches < 1 or global_batch % (n * microbatches):
+    raise ShardingError(
+        f'config.optim.microbatches={microbatches}: {what}={global_batch} must divide into '
+        f'that many microbatches, each over the {n} batch shards of the mesh')
 
 
 def global_batch(mesh, local_batch):

@@ -75,7 +75,8 @@ def train_and_evaluate(config, workdir, fresh_run=False):
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
   sharding.activate(mesh)
-  sharding.check_batch_divides(config.input.batch_size, mesh)
+  sharding.check_batch_divides(config.input.batch_size, mesh,
+                              microbatches=config.optim.microbatches)
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape),
                jax.device_count(), jax.process_count())
   # ----------------------------------------------------------------- input

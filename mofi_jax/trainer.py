@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
-from mofi_jax import losses, optim, sharding
+from mofi_jax import accumulation, losses, optim, sharding
 from mofi_jax.models import mofi
 
 
@@ -83,12 +83,9 @@ def metrics_collection(mode):
       learning_rate=clu_metrics.LastValue.from_output('learning_rate'))
 
 
-def make_train_step(model, tx, lr_schedule, config, mesh, num_classes):
-  stop_on_nonfinite = config.nonfinite == 'stop'
-  collection = metrics_collection(config.model.mode)
-
-  def loss_fn(params, batch):
-    out = model.apply({'params': params}, batch['image'], batch.get('text'))
+def make_value_and_grad(model, config, mesh, num_classes):
+  """(params, batch) -> ((loss, aux), grads), in config.optim.microbatches pieces."""
+  def loss_of_outputs(out, batch):
     total, terms = losses.mofi_loss(out, batch, loss_cfg=config.loss,
                                     num_classes=num_classes, mesh=mesh)
     aux = dict(terms)
@@ -96,9 +93,24 @@ def make_train_step(model, tx, lr_schedule, config, mesh, num_classes):
       aux['logit_scale'] = out['logit_scale']
     return total, aux
 
+  def value_and_grad(params, batch):
+    if config.optim.microbatches > 1:
+      return accumulation.value_and_grad(model, loss_of_outputs, params, batch,
+                                         config.optim.microbatches)
+    loss_fn = lambda p: loss_of_outputs(
+        model.apply({'params': p}, batch['image'], batch.get('text')), batch)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  return value_and_grad
+
+
+def make_train_step(model, tx, lr_schedule, config, mesh, num_classes):
+  stop_on_nonfinite = config.nonfinite == 'stop'
+  collection = metrics_collection(config.model.mode)
+  value_and_grad = make_value_and_grad(model, config, mesh, num_classes)
+
   def train_step(state, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch)
+    (loss, aux), grads = value_and_grad(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = mofi.clamp_logit_scale(optax.apply_updates(state.params, updates),

@@ -76,16 +76,26 @@ class Mofi(nn.Module):
     # stepped past the cap.
     return jnp.exp(self.log_logit_scale)
 
-  def __call__(self, images, text=None):
+  def embed(self, images, text=None):
+    """The per-example outputs: the embeddings (what gradient accumulation splits)."""
     out = {'image_emb': self.encode_image(images)}
     if uses_text(self.mode):
       if text is None:
         raise ValueError(f'mode {self.mode!r} needs text tokens')
       out['text_emb'] = self.encode_text(text)
+    return out
+
+  def loss_params(self):
+    """The outputs that are parameters of the loss, not of an example."""
+    out = {}
+    if uses_text(self.mode):
       out['logit_scale'] = self.logit_scale()
     if uses_head(self.mode):
       out['head'] = self.entity_head(self.embed_dim)
     return out
+
+  def __call__(self, images, text=None):
+    return {**self.embed(images, text), **self.loss_params()}
 
 
 def clamp_logit_scale(params, logit_scale_max):
