@@ -62,6 +62,10 @@ def base_config(mode='multitask'):
   # MOFI folder), see mofi_jax/interop.
   c.init = mlc.ConfigDict(dict(hf_clip=''))
   c.profile = mlc.ConfigDict(dict(enabled=False, first_step=10, num_steps=5))
+  # JAX's persistent compilation cache: '' = off; a folder ('{workdir}/...' allowed, gs://
+  # too) where compiled steps are kept, so that a restarted (preempted) run skips the
+  # compile. Programs that compiled faster than min_compile_secs are not stored.
+  c.compile_cache = mlc.ConfigDict(dict(dir='', min_compile_secs=1.0))
   c.evals = mlc.ConfigDict()
   return c
 
@@ -97,5 +101,6 @@ def paper_config(variant, mode):
   c.model.remat = REMAT[variant]
   c.optim.update(lr=5e-4, warmup_steps=10_000, weight_decay=0.2)
   c.ckpt.update(every_steps=2000, keep=3)
+  c.compile_cache.dir = '{workdir}/compile_cache'   # minutes saved on every restart
   c.input.data_dir = 'gs://YOUR_BUCKET/i2e'   # the corpus from data_prep
   return c

@@ -117,6 +117,18 @@ def resolve_path(path, **kw):
   return os.path.abspath(path.format(**kw)) if '://' not in path else path.format(**kw)
 
 
+def enable_compile_cache(cache_cfg, workdir):
+  """Turns on JAX's persistent compilation cache in `cache_cfg.dir`, if one is set."""
+  if not cache_cfg.dir:
+    return None
+  path = resolve_path(cache_cfg.dir, workdir=workdir)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(cache_cfg.min_compile_secs))
+  logging.info('Persistent compilation cache: %s', path)
+  return path
+
+
 def on_process_zero(fn, name):
   """Runs fn on process 0 only; every process waits for it."""
   if jax.process_index() == 0:

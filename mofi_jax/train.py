@@ -72,6 +72,7 @@ def train_and_evaluate(config, workdir, fresh_run=False):
   preemption = _Preemption()
   # ---------------------------------------------------------------- config
   run_setup.validate_config(config)
+  run_setup.enable_compile_cache(config.compile_cache, workdir)
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
   sharding.activate(mesh)

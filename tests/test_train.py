@@ -377,3 +377,18 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   for folder in (disagree, one_shard):
     assert any(n.startswith(f'{stopped}.corrupt') for n in
                os.listdir(folder / 'checkpoints'))
+
+
+def test_compile_cache_serves_a_second_run(setup):
+  """config.compile_cache: the first run stores its compiled programs; a second run of the
+  same config compiles nothing new (the cache gains no entry) and trains the same."""
+  cache = setup / 'compile_cache'
+  flags = [f'--config.compile_cache.dir={cache}', '--config.compile_cache.min_compile_secs=0',
+           '--config.total_steps=10']
+  run(train_cmd(setup, setup / 'cached_a', *flags))
+  stored = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+  assert any(name.startswith('jit_train_step') for name in stored), sorted(stored)
+  run(train_cmd(setup, setup / 'cached_b', *flags))
+  assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stored
+  assert_same_params(final_params(setup / 'cached_a', 10), final_params(setup / 'cached_b', 10),
+                     atol=0)
