@@ -24,18 +24,6 @@ from data_prep.i2e import kb as kb_lib
 from data_prep.i2e import mentions
 
 
-def score(finder, captions):
-  false = true = found = 0
-  for caption, hits in zip(captions, finder.find([c.text for c in captions])):
-    spans = {(m.start, m.end) for m in hits}
-    found += len(spans)
-    true += len(spans & set(caption.true_spans))
-    false += len(spans - set(caption.true_spans))
-  names = sum(len(c.true_spans) for c in captions)
-  return dict(false_per_100=100 * false / len(captions), false_share=false / max(1, found),
-              recall=true / names)
-
-
 def plot(rows, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
@@ -69,8 +57,9 @@ def main():
     kb = kb_lib.KnowledgeBase.load(f'{work}/kb')
     nlp = spacy.load(f'{work}/ner')
     held_out = common_words.captions(args.test, seed=1)
-    rows = {'alias matcher': score(mentions.MentionFinder(kb), held_out),
-            'NER gate': score(mentions.MentionFinder(kb, nlp, ner_gate=True), held_out)}
+    rows = {'alias matcher': common_words.score(mentions.MentionFinder(kb), held_out),
+            'NER gate': common_words.score(mentions.MentionFinder(kb, nlp, ner_gate=True),
+                                           held_out)}
   print(f'\n{args.test} held-out captions; NER trained on {args.train}, {args.epochs} epochs')
   print(f'{"":16s} {"false/100":>10s} {"false share":>12s} {"recall":>8s}')
   for name, r in rows.items():

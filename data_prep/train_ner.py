@@ -14,7 +14,6 @@ Reads like a table of contents: flags -> texts -> weak labels -> training -> mov
 """
 import argparse
 import os
-import shutil
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -39,8 +38,11 @@ def parse_args(argv):
 
 def check_args(args):
   """Fails fast, naming the flag."""
-  if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-    raise ValueError(f'--out {args.out}: folder is not empty; choose another or pass --overwrite')
+  from data_prep.i2e import commit  # pylint: disable=import-outside-toplevel
+  try:
+    commit.check_out_dir(args.out, args.overwrite)
+  except commit.OutputExistsError as e:
+    raise ValueError(f'--out {e}') from e
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise ValueError(f'--out {args.out}: exists and is not a folder')
   if args.epochs < 1 or args.max_texts < 0:
@@ -48,33 +50,25 @@ def check_args(args):
                      f'{args.max_texts}')
 
 
-def move_into_place(staging, out):
-  """Renames the finished pipeline onto --out; an old --out is removed only after that."""
-  old = f'{out}.old-{os.getpid()}'
-  if os.path.exists(out):
-    os.rename(out, old)
-  os.rename(staging, out)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from data_prep.build_i2e import load_config  # pylint: disable=import-outside-toplevel
-  from data_prep.i2e import kb as kb_lib, ner_train  # pylint: disable=import-outside-toplevel
+  from data_prep.i2e import commit, kb as kb_lib, ner_train  # pylint: disable=import-outside-toplevel
   try:
     check_args(args)
     knowledge = kb_lib.KnowledgeBase.load(args.kb)
     read_config = dict(load_config(args.config).read)
     texts = ner_train.read_texts(args.pairs, read_config, args.max_texts)
     labelled, common = ner_train.weak_labels(texts, knowledge)
-    staging = f'{os.path.abspath(args.out)}.tmp-{os.getpid()}'
+    out, run_id = os.path.abspath(args.out), str(os.getpid())
+    staging = commit.temporary_dir(out, run_id)
     summary = dict(texts=len(texts), entity_spans=sum(len(e.entities) for e in labelled),
                    missing_spans=sum(len(e.missing) for e in labelled),
                    common_forms=len(common), common_examples=sorted(common)[:50],
                    epochs=args.epochs, seed=args.seed, kb=args.kb)
     scores = ner_train.train(labelled, staging, epochs=args.epochs, seed=args.seed,
                              meta={'i2e_weak_labels': summary})
-    move_into_place(staging, os.path.abspath(args.out))
+    commit.rename_into_place(staging, out, run_id)
   except (ValueError, OSError) as e:
     sys.exit(f'data_prep.train_ner: error: {e}')
   print(f'{args.out}: NER trained on {len(texts)} alt-texts ({summary["entity_spans"]} entity '

@@ -53,7 +53,7 @@ def value_and_grad(model, loss_of_outputs, params, batch, microbatches):
 
   inputs = {k: batch[k] for k in ('image', 'text') if k in batch}
   micro = split(inputs, microbatches)
-  embeddings = merge(jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro))
+  embeddings = merge(jax.lax.map(lambda mb: embed(params, mb), micro))
   loss_params, loss_params_vjp = jax.vjp(
       lambda p: model.apply({'params': p}, method='loss_params'), params)
 

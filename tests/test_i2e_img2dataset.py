@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tensorflow as tf
 from apache_beam.testing import test_pipeline
 from PIL import Image
 
@@ -24,7 +23,7 @@ from configs import i2e as i2e_config
 from data_prep.i2e import kb as kb_lib
 from data_prep.i2e import metadata, pipeline
 from mofi_jax.data import schema
-from test_i2e_pipeline import ENTITIES, TinyClipLoader
+from test_i2e_pipeline import ENTITIES, TinyClipLoader, written_records
 
 NAMES = [e.label for e in ENTITIES[:3]]
 RUNS = {'wds': 'webdataset', 'pq': 'parquet'}   # output folder -> img2dataset output_format
@@ -139,20 +138,8 @@ def test_img2dataset_outputs_become_a_corpus_with_their_urls(downloads, corpus):
     assert (row['url'], row['alt_text']) == (url, caption)
     assert row['entity_ids'] == [by_id[caption.split()[2]]] and len(row['scores']) == 1
 
-  records = {}
-  for path in schema.list_shards(corpus):
-    records.update(_images(path, corpus))
+  records = written_records(corpus, key=str)   # keys as written, with their source id
   for key, (_, _, colour) in want.items():
-    pixels = np.asarray(Image.open(io.BytesIO(records[key])).convert('RGB'), np.float64)
+    image = records[key]['image/encoded'][0]
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'), np.float64)
     assert np.abs(pixels.mean(axis=(0, 1)) - colour).max() < 6, key
-
-
-def _images(path, corpus):
-  """{key: image bytes} of one shard."""
-  out = {}
-  kind = schema.corpus_kind(schema.load_corpus_meta(corpus))
-  for r in tf.data.TFRecordDataset(path):
-    values = schema.check_example_proto(r.numpy(), 10**6, path, kind=kind)
-    out[values['image/key'][0].decode()] = values['image/encoded'][0]
-  return out
-

@@ -54,16 +54,6 @@ def test_weak_labels_follow_how_the_corpus_writes_each_form(world):
   assert [v.entities for v in variants] == [spans[2][0], spans[5][0]]
 
 
-def _false_and_recall(finder, captions):
-  false = true = 0
-  for caption, found in zip(captions, finder.find([c.text for c in captions])):
-    truth = set(caption.true_spans)
-    hits = {(m.start, m.end) for m in found}
-    false += len(hits - truth)
-    true += len(hits & truth)
-  return false / len(captions), true / sum(len(c.true_spans) for c in captions)
-
-
 def test_trained_ner_gate_cuts_false_mentions(world, tmp_path, capsys):
   texts = [c.text for c in common_words.captions(2000, seed=0)]
   _write_pairs(str(tmp_path / 'a.parquet'), texts[:1000])
@@ -77,12 +67,12 @@ def test_trained_ner_gate_cuts_false_mentions(world, tmp_path, capsys):
 
   kb = kb_lib.KnowledgeBase.load(str(world / 'kb'))
   held_out = common_words.captions(1000, seed=1)
-  alias_false, alias_recall = _false_and_recall(mentions.MentionFinder(kb), held_out)
-  gate_false, gate_recall = _false_and_recall(
-      mentions.MentionFinder(kb, nlp, ner_gate=True), held_out)
-  assert alias_false > 0.25 and alias_recall > 0.97       # the common words are all found
-  assert gate_false < 0.6 * alias_false                    # the gate drops most of them
-  assert gate_recall > 0.9                                 # and keeps the names
+  alias = common_words.score(mentions.MentionFinder(kb), held_out)
+  gate = common_words.score(mentions.MentionFinder(kb, nlp, ner_gate=True), held_out)
+  # The common words are all found, the gate drops most of them and keeps the names.
+  assert alias['false_per_100'] > 25 and alias['recall'] > 0.97
+  assert gate['false_per_100'] < 0.6 * alias['false_per_100']
+  assert gate['recall'] > 0.9
 
   # The Beam stage loads the folder by path and gives the same mentions.
   pairs = [types.Pair(f'k{i}', b'', c.text) for i, c in enumerate(held_out[:40])]

@@ -141,13 +141,13 @@ def dead_letters(out_dir):
   return sorted((d['stage'], d['reason'], unprefixed(d['key'])) for d in rows), rows
 
 
-def written_records(out_dir):
+def written_records(out_dir, key=unprefixed):
   out = {}
   for path in schema.list_shards(out_dir):
     for r in tf.data.TFRecordDataset(path):
       values = schema.check_example_proto(r.numpy(), 10**6, path, kind=schema.corpus_kind(
           schema.load_corpus_meta(out_dir)))
-      out[unprefixed(values['image/key'][0].decode())] = values
+      out[key(values['image/key'][0].decode())] = values
   return out
 
 

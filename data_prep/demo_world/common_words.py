@@ -9,6 +9,7 @@ gate of mentions.py can be measured (tests/test_i2e_ner.py, benchmarks/ner_gate.
   kb_entities()                  the KB: landmark/place/person names + common-word entities
   captions(n, seed)              [Caption(text, true_spans)]: the character spans that name
                                  an entity; every other alias hit is a false mention
+  score(finder, captions)        a mention finder's false mentions and recall against them
 
 Captions mix the cases web alt-texts come in: sentence case, sentence case starting in lower
 case, all lower case and Title Case.
@@ -134,6 +135,19 @@ def _caption(segments):
       spans.append((len(text), len(text) + len(part)))
     text += part
   return Caption(text, tuple(spans))
+
+
+def score(finder, captions_):
+  """{false_per_100, false_share, recall} of `finder.find` against the true spans."""
+  false = true = found = 0
+  for caption, hits in zip(captions_, finder.find([c.text for c in captions_])):
+    spans = {(m.start, m.end) for m in hits}
+    found += len(spans)
+    true += len(spans & set(caption.true_spans))
+    false += len(spans - set(caption.true_spans))
+  names = sum(len(c.true_spans) for c in captions_)
+  return dict(false_per_100=100 * false / len(captions_), false_share=false / max(1, found),
+              recall=true / names)
 
 
 def captions(n, seed=0):

@@ -106,10 +106,11 @@ def commit(tmp, out_dir, overwrite, run_id, by_copy=None):
   if is_object_store(out_dir) if by_copy is None else by_copy:
     _commit_by_copy(tmp, out_dir)
   else:
-    _commit_by_rename(tmp, out_dir, run_id)
+    rename_into_place(tmp, out_dir, run_id)
 
 
-def _commit_by_rename(tmp, out_dir, run_id):
+def rename_into_place(tmp, out_dir, run_id):
+  """Local folders: `tmp` becomes `out_dir`; an old `out_dir` is removed only after."""
   old = f'{out_dir}.old-{run_id}'
   if os.path.isdir(out_dir):
     os.rename(out_dir, old)

@@ -54,7 +54,7 @@ def read_texts(patterns, read_config, limit=0):
     for path in paths:
       if read.shard_format(path) is None:
         raise ValueError(f'{path}: not a pair file (expected *.tar, *.parquet, *.tfrecord)')
-      for _, item in reader._records(path):  # pylint: disable=protected-access
+      for _, item in reader.records(path):
         if isinstance(item, types.Pair) and item.text.strip():
           texts.append(item.text)
           if limit and len(texts) >= limit:

@@ -292,7 +292,8 @@ def _with_source(item, source):
 class _ReadShardFn(beam.DoFn):
   """Path -> dedup.Copy per good record, and dead letters; never raises on bad input.
 
-  `pairs_at(path, positions)` reads a file again for the records at those positions.
+  `records(path)` reads one file; `pairs_at(path, positions)` reads it again for the
+  records at those positions.
   """
 
   def __init__(self, caption_keys, parquet_image_column, parquet_caption_column,
@@ -305,7 +306,7 @@ class _ReadShardFn(beam.DoFn):
     self._source_mode = source_id
     key_prefix('', source_id)  # Checks the mode at construction.
 
-  def _records(self, path):
+  def records(self, path):
     """(position, Pair | DeadLetter | Filtered) of a file, in order, keys prefixed by the
     source id, then the failures of its status table; raises if the file breaks."""
     fmt = shard_format(path)
@@ -318,7 +319,7 @@ class _ReadShardFn(beam.DoFn):
   def pairs_at(self, path, positions):
     """(position, Pair) of the records at `positions` (a set), stopping after the last."""
     last = max(positions, default=-1)
-    for position, item in self._records(path):
+    for position, item in self.records(path):
       if position > last:
         return
       if position in positions and isinstance(item, types.Pair):
@@ -332,7 +333,7 @@ class _ReadShardFn(beam.DoFn):
       return
     count = 0
     try:
-      for position, item in self._records(path):
+      for position, item in self.records(path):
         if isinstance(item, types.DeadLetter):
           yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, item)
         elif isinstance(item, types.Filtered):
