@@ -27,12 +27,13 @@ EXTRAS = {
              'imagehash>=4.3', 'marisa-trie>=1.2,<2'],
     # Downloading web pairs (tests run it end to end against a local server).
     'download': ['img2dataset==1.47.0'],
-    # Checkpoint interop (PyTorch CPU build: pin it, a bare `torch` pulls CUDA).
-    'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.13.0'],
+    # Checkpoint interop. Pin torch: torchvision (test) must match it exactly.
+    'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.14.1'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
-    # scikit-learn is an oracle in tests; nbclient/ipykernel execute notebooks.
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.5',
+    # scikit-learn and torchvision (ml-mofi's eval code) are oracles in tests;
+    # nbclient/ipykernel execute notebooks.
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.5', 'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8'],
 }
 

@@ -25,6 +25,7 @@ def base_config(mode='multitask'):
       text_len=77,
       shuffle_buffer=10_000,
       rrc_scale=(0.4, 1.0),
+      eval_preprocess='tf',       # in-training evals: 'tf' | 'mofi' (ml-mofi's transform)
       seed=0,
   ))
 

@@ -2,7 +2,7 @@ r"""Evaluates a checkpoint (or a features file); prints JSON and writes it besid
 
   python -m mofi_jax.evaluate gpr1200 --features F.npy
   python -m mofi_jax.evaluate gpr1200 --workdir W [--step N] --images DIR \
-      [--official] [--save_features F.npy] [--resize 224 --image_size 224]
+      [--official] [--save_features F.npy] [--resize 224 --image_size 224] [--preprocess mofi]
   python -m mofi_jax.evaluate zeroshot --workdir W --dataset imagenet2012 --data_dir D
   python -m mofi_jax.evaluate linear_probe --workdir W --dataset cifar10 --data_dir D
   python -m mofi_jax.evaluate knn --workdir W --dataset folder --data_dir W/corpus/retrieval
@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mofi_jax import inference
+from mofi_jax.data import preprocess
 from mofi_jax.evals import (entities, gpr1200, knn, linear_probe, results, zeroshot)
 from mofi_jax.evals.embedding import Towers
 
@@ -42,6 +43,10 @@ def _model_flags(parser):
   parser.add_argument('--image_size', type=int, help='crop size; must be the model\'s')
   parser.add_argument('--resize', type=int,
                       help='shorter side before the crop (default: the crop size)')
+  parser.add_argument('--preprocess', choices=preprocess.EVAL_PREPROCESSINGS,
+                      help='tf (ours) or mofi (ml-mofi\'s get_mofi_transform, the released '
+                           'models\' eval input); default: the model\'s own (mofi for a '
+                           '--hf_clip folder without a preprocessor_config.json), else tf')
 
 
 def _data_flags(parser, splits):
@@ -98,7 +103,8 @@ def _encoder_and_evaluator(args, build):
   """(Encoder, build(preprocessing)); a workdir's data is checked before the slow restore.
 
   preprocessing: {image_size: the model's crop size, resize: the shorter side before the
-  crop (--resize, else the model's own, e.g. a HF folder's preprocessor, else the crop)}.
+  crop (--resize, else the model's own, e.g. a HF folder's preprocessor, else the crop),
+  preprocess: --preprocess, else the model's own (config.input.eval_preprocess), else tf}.
   """
   if not (args.workdir or args.hf_clip):
     raise ValueError(f'{args.eval} needs a model: pass --workdir W or --hf_clip FOLDER.')
@@ -111,7 +117,8 @@ def _encoder_and_evaluator(args, build):
     encoder, config = None, inference.read_config(args.workdir)
   image_size = _checked_image_size(args, int(config.input.image_size))
   evaluator = build(dict(image_size=image_size,
-                         resize=args.resize or config.input.get('eval_resize')))
+                         resize=args.resize or config.input.get('eval_resize'),
+                         preprocess=args.preprocess or config.input.get('eval_preprocess')))
   return encoder or inference.load(args.workdir, args.step), evaluator
 
 
@@ -132,8 +139,8 @@ def _report(args, encoder, dataset, options, metrics, *, show=True):
 
 
 def _build(module, cfg, preprocessing):
-  return module.Evaluator(ml_collections.ConfigDict(dict(cfg, resize=preprocessing['resize'])),
-                          image_size=preprocessing['image_size'])
+  cfg = dict(cfg, resize=preprocessing['resize'], preprocess=preprocessing['preprocess'])
+  return module.Evaluator(ml_collections.ConfigDict(cfg), image_size=preprocessing['image_size'])
 
 
 def _dataset_tag(dataset, data_dir):

@@ -110,10 +110,12 @@ class Encoder:
   def has_head(self):
     return mofi.uses_head(self.config.model.mode)
 
-  def preprocess(self, images_bytes, resize=None):
-    """Encoded images -> float32 [N, S, S, 3]: resize, centre crop, CLIP mean/std."""
+  def preprocess(self, images_bytes, resize=None, method=None):
+    """Encoded images -> float32 [N, S, S, 3]: resize, centre crop, CLIP mean/std, the
+    `method` way (preprocess.EVAL_PREPROCESSINGS; default: the model's own, else 'tf')."""
     resize = resize or self.config.input.get('eval_resize')   # set by HF imports
-    fn = _eval_preprocess_fn(self.image_size, resize)
+    method = method or self.config.input.get('eval_preprocess') or 'tf'
+    fn = _eval_preprocess_fn(preprocess.EvalTransform(self.image_size, resize, method))
     out = [fn(tf.constant(b)).numpy() for b in images_bytes]
     return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3),
                                               np.float32)
@@ -160,9 +162,9 @@ class Encoder:
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_preprocess_fn(size, resize):
-  # Traced once per (size, resize): eager TF per image is ~3x slower.
-  return tf.function(lambda b: preprocess.eval_image(b, size, resize),
+def _eval_preprocess_fn(transform):
+  # Traced once per transform: eager TF per image is ~3x slower.
+  return tf.function(transform,
                      input_signature=[tf.TensorSpec([], tf.string)])
 
 

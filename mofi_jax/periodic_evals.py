@@ -29,6 +29,8 @@ def from_config(config, *, data_dir, workdir):
         cfg.data_dir = cfg.data_dir.format(data_dir=data_dir, workdir=workdir)
       if cfg.get('resize') is None:  # the model's own, e.g. from a HF CLIP folder
         cfg.resize = config.input.get('eval_resize')
+      if cfg.get('preprocess') is None:
+        cfg.preprocess = config.input.get('eval_preprocess')
     # Bad eval settings or data stop the run at start-up with one line naming the eval.
     try:
       evaluator_cls = evals.get_evaluator(cfg.type)

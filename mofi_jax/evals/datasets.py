@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from mofi_jax.data import preprocess
 from mofi_jax.evals import classnames, image_folder
 
 FOLDER = 'folder'
@@ -37,7 +36,8 @@ class DatasetError(ValueError):
 class Source:
   """One split of a labelled image set.
 
-  batches(image_size, batch_size, resize=None) yields (images f32 [b,S,S,3], labels [b]).
+  batches(transform, batch_size) yields (images f32 [b,S,S,3], labels [b]) through a
+  preprocess.EvalTransform.
   """
   name: str
   split: str
@@ -85,9 +85,8 @@ def _folder_split(folder, split, train_per_category, name_key, need_names):
   paths, labels = [paths[i] for i in rows], categories[rows]
   desc = f'{os.path.basename(os.path.normpath(folder))}:{split}'
 
-  def batches(image_size, batch_size, resize=None):
-    return image_folder.image_batches(paths, labels, image_size, batch_size, resize=resize,
-                                      desc=desc)
+  def batches(transform, batch_size):
+    return image_folder.image_batches(paths, labels, transform, batch_size, desc=desc)
   return Source(FOLDER, split, names, len(paths), batches)
 
 
@@ -138,9 +137,8 @@ def _tfds_split(dataset, data_dir, split):
                        f'{builder.data_dir}); prepare it first with: tfds build {dataset} '
                        f'--data_dir {data_dir}.') from e
 
-  def batches(image_size, batch_size, resize=None):
-    pipe = ds.map(lambda ex: (preprocess.eval_image(ex[image_key], image_size, resize),
-                              ex[label_key]),
+  def batches(transform, batch_size):
+    pipe = ds.map(lambda ex: (transform(ex[image_key]), ex[label_key]),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     pipe = pipe.batch(batch_size).prefetch(2)
     with tqdm(total=num_examples, desc=f'{dataset}:{split}', unit='img', disable=None) as bar:

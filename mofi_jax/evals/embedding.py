@@ -72,9 +72,10 @@ def embed_labelled(embed_images, batches, batch_size):
   return np.concatenate(features), np.concatenate(labels)
 
 
-def embed_source(towers, source, image_size, batch_size, resize=None):
-  """(features [N, D], labels [N]) of a datasets.Source, streamed batch by batch."""
-  return embed_labelled(towers.embed_images, source.batches(image_size, batch_size, resize),
+def embed_source(towers, source, transform, batch_size):
+  """(features [N, D], labels [N]) of a datasets.Source through a preprocess.EvalTransform,
+  streamed batch by batch."""
+  return embed_labelled(towers.embed_images, source.batches(transform, batch_size),
                         batch_size)
 
 

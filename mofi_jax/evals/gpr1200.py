@@ -26,6 +26,7 @@ compiles nothing, and handles categories of any size without padding.
 import numpy as np
 from tqdm import tqdm
 
+from mofi_jax.data import preprocess
 from mofi_jax.evals import embedding, image_folder
 
 GPR1200_SIZE = 12000
@@ -197,7 +198,7 @@ class Evaluator:
   """Retrieval mAP (GPR1200 protocol) on a folder of `{category}_{name}.jpg` images.
 
   cfg (evals.<name>, type='gpr1200'): data_dir (the folder), batch_size, optional
-  block_size (queries per scoring block), resize, official (demand the benchmark's
+  block_size (queries per scoring block), resize, preprocess, official (demand the benchmark's
   1,200 x 10 images). The folder is listed and checked here; `run` streams its images, so
   no more than a few batches are ever decoded at once.
   """
@@ -207,18 +208,17 @@ class Evaluator:
     self.official = bool(cfg.get('official', False))
     self.paths, self.categories = image_folder.list_images(cfg.data_dir, official=self.official)
     self.folder = cfg.data_dir
-    self.image_size = image_size
+    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
     self.batch_size = int(cfg.batch_size)
     self.block_size = int(cfg.get('block_size', 1024))
-    self.resize = cfg.get('resize')
     self.chance = chance_map(self.categories)
     self.info = dict(folder=cfg.data_dir, num_images=len(self.paths), official=self.official,
-                     image_size=image_size, resize=self.resize)
+                     **self.transform.info())
 
   def embed(self, towers):
     """Features [N, D] in the official order (row i has category i // 10)."""
-    batches = image_folder.image_batches(self.paths, self.categories, self.image_size,
-                                         self.batch_size, resize=self.resize, desc='gpr1200')
+    batches = image_folder.image_batches(self.paths, self.categories, self.transform,
+                                         self.batch_size, desc='gpr1200')
     features, _ = embedding.embed_labelled(towers.embed_images, batches, self.batch_size)
     return features
 

@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from mofi_jax.data import preprocess
 
 IMAGES_PER_CATEGORY = 10
 GPR1200_CATEGORIES = 1200
@@ -139,14 +138,14 @@ def class_names(folder, num_categories, name_key='description'):
   return names
 
 
-def image_batches(paths, labels, image_size, batch_size, *, resize=None, desc='images'):
+def image_batches(paths, labels, transform, batch_size, *, desc='images'):
   """Yields (images f32 [b, S, S, 3], labels [b]) in order, decoding on the fly.
 
   Only a few batches are ever decoded at once (tf.data prefetch), so folders of any size
   stream. An unreadable image raises FolderError naming its file.
   """
   ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels)))
-  ds = ds.map(lambda p, y: (preprocess.eval_image(tf.io.read_file(p), image_size, resize), y),
+  ds = ds.map(lambda p, y: (transform(tf.io.read_file(p)), y),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size).prefetch(2)
   start = 0
@@ -158,17 +157,19 @@ def image_batches(paths, labels, image_size, batch_size, *, resize=None, desc='i
       except StopIteration:
         return
       except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-        raise _unreadable(paths[start:], image_size, resize, e) from None
+        raise _unreadable(paths[start:], transform, e) from None
       start += len(images)
       bar.update(len(images))
       yield images, batch_labels
 
 
-def _unreadable(paths, image_size, resize, error):
+def _unreadable(paths, transform, error):
   """The FolderError for the first of `paths` that cannot be read and decoded."""
   for path in paths:
     try:
-      preprocess.eval_image(tf.io.read_file(path), image_size, resize)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-      return FolderError(f'{path}: unreadable image ({e.message.splitlines()[0]}).')
+      transform(tf.io.read_file(path))
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, ValueError) as e:
+      # Eagerly, the 'mofi' transform's PIL decoder raises ValueError itself.
+      message = getattr(e, 'message', None) or str(e)
+      return FolderError(f'{path}: unreadable image ({message.splitlines()[0]}).')
   return FolderError(f'reading images failed ({error.message.splitlines()[0]}).')

@@ -11,6 +11,7 @@ categories.json field to use as class name).
 """
 import numpy as np
 
+from mofi_jax.data import preprocess
 from mofi_jax.evals import datasets, embedding, templates as templates_lib
 
 
@@ -49,12 +50,12 @@ class Evaluator:
     self.source = datasets.open_from_config(cfg, 'split',
                                             name_key=cfg.get('name_key', 'description'))
     self.templates = templates_lib.resolve(cfg.get('templates'), cfg.get('dataset'))
-    self.embed_args = (image_size, int(cfg.get('batch_size', 256)), cfg.get('resize'))
+    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
+    self.embed_args = (self.transform, int(cfg.get('batch_size', 256)))
     self.text_batch_size = int(cfg.get('text_batch_size', 256))
     self.info = dict(dataset=cfg.get('dataset'), split=self.source.split,
                      num_classes=len(self.source.class_names),
-                     num_templates=len(self.templates), image_size=image_size,
-                     resize=cfg.get('resize'))
+                     num_templates=len(self.templates), **self.transform.info())
 
   def run(self, towers):
     class_emb = embedding.class_embeddings(towers.embed_texts, self.source.class_names,

@@ -22,6 +22,7 @@ import tokenizers
 
 from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.interop.clip_config import LEGACY_EOS_ID, InteropError
+from mofi_jax.models import text as text_lib
 
 PROBE_TEXTS = ('a', 'a photo of a cat', 'Lequyl, a cyan star', 'x' * 40, '')
 
@@ -135,21 +136,68 @@ def load_folder_tokenizer(folder):
   return tok
 
 
-def make_tokenize(tok, text_cfg, length, where):
-  """texts -> int32 [N, length] ids, ending at the <eot> the tower pools at."""
-  probe = tok.encode('a').ids
-  eot = int(text_cfg['eot_id']) if text_cfg['pool'] == 'first_eot' else probe[-1]
-  if not probe or probe[-1] != eot:
-    raise InteropError(f'{where}: tokenizer ends texts with id {probe[-1:]}, but the config '
-                       f'says <eos> is {eot}; the text tower would pool elsewhere.')
+def load_auto_tokenizer(folder):
+  """The folder's transformers tokenizer (AutoTokenizer), or None if it has none.
+
+  transformers, not the bare tokenizer.json, decides what a folder's tokenizer adds: its
+  tokenizer_config.json may add a <bos> or an <eos> the file's post-processor lacks, and
+  names the pad token and the padding side.
+  """
+  if not any(os.path.isfile(os.path.join(folder, n)) for n in
+             ('tokenizer.json', 'vocab.json', 'tokenizer_config.json')):
+    return None
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise InteropError(f'{folder}: reading its tokenizer needs transformers '
+                       '(pip install -e ".[export]").') from e
+  try:
+    return transformers.AutoTokenizer.from_pretrained(folder)
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises bare Exception
+    raise InteropError(f'{folder}: transformers cannot load its tokenizer '
+                       f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}).'
+                       ) from e
+
+
+def make_tokenize(tok, text_cfg, length):
+  """texts -> int32 [N, length]: what `tok(texts, padding=True)` gives, for CLIPTextModel.
+
+  `tok` is the folder's transformers tokenizer. Each row holds that batch's ids: the
+  tokenizer's own special tokens, padded with its pad token on its padding side to the
+  longest text. Texts longer than `length` keep their first ids (and a final <eos>).
+  The columns past the longest text are filled with an id that neither pooling rule can
+  pick (0 for argmax, a non-<eos> id for first-<eos>), and the causal mask keeps them
+  from every earlier position, so the features are transformers' for the same batch.
+  """
+  eos = int(text_cfg['eot_id']) if text_cfg['pool'] == 'first_eot' else None
+  filler = 1 if eos == 0 else 0
+  pad = filler if tok.pad_token_id is None else int(tok.pad_token_id)
+  left = tok.padding_side == 'left'
+
+  def fit(ids):
+    if len(ids) <= length:
+      return ids
+    end = [ids[-1]] if ids[-1] == tok.eos_token_id else []
+    return ids[:length - len(end)] + end
 
   def tokenize(texts):
     if isinstance(texts, str):
       raise TypeError('tokenize: `texts` must be a list of strings, not a single string.')
-    encodings = tok.encode_batch(list(texts))
-    out = np.full((len(encodings), length), eot, np.int32)   # pad with <eot>: see above
-    for row, enc in zip(out, encodings):
-      ids = tokenizer_lib.fit_ids(enc.ids, length, eot)
-      row[:len(ids)] = ids
+    rows = [fit(list(ids)) for ids in tok(list(texts), padding=False)['input_ids']]
+    longest = max(map(len, rows), default=0)
+    out = np.full((len(rows), length), filler, np.int32)
+    for out_row, ids in zip(out, rows):
+      pads = [pad] * (longest - len(ids))
+      out_row[:longest] = pads + ids if left else ids + pads
     return out
   return tokenize
+
+
+def batch_dependent(tokenize, text_cfg):
+  """Whether a text's features depend on the other texts of its batch under this
+  tokenizer and pooling rule, as they do in transformers (left padding; or a pooled
+  position that moves when a longer text pads it)."""
+  alone, padded = tokenize(['a']), tokenize(['a', 'a photo of a cat on a mat'])
+  pos = lambda t: np.asarray(text_lib.eot_positions(t, text_cfg['pool'],
+                                                    text_cfg.get('eot_id', -1)))[0]
+  return bool(alone[0, 0] != padded[0, 0] or pos(alone) != pos(padded))

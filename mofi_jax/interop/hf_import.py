@@ -5,9 +5,11 @@
 
 The folder is a transformers CLIPModel: OpenAI CLIP's layout, a released MOFI
 folder or our own export (whose entity head, if any, is loaded too). It needs
-config.json and model.safetensors (or an index of safetensors shards); the
-tokenizer is tokenizer.json (or vocab.json + merges.txt) and the image sizes come
-from preprocessor_config.json.
+config.json and model.safetensors (or an index of safetensors shards). Texts are
+tokenised by the folder's own transformers AutoTokenizer, as `tok(texts, padding=True,
+return_attention_mask=False)` does (ml-mofi's usage), and pooled by CLIPTextModel's rule.
+Image sizes and mean/std come from preprocessor_config.json; a folder without one (the
+released MOFI folders) is evaluated with ml-mofi's transform (preprocess 'mofi').
 
 Our preprocessing normalises with CLIP's mean/std. A folder that normalises
 otherwise gets that difference folded into its patch embedding (a per-channel
@@ -43,10 +45,10 @@ def load_encoder(folder, mesh=None):
   """The inference.Encoder of a Hugging Face CLIP folder."""
   folder = os.path.abspath(folder)
   model_cfg, image_size = clip_config.model_config(clip_config.read_clip_config(folder), folder)
-  resize = _read_preprocessor(folder, image_size)['resize']
-  tok = clip_tokenizer.load_folder_tokenizer(folder)
+  images = _read_preprocessor(folder, image_size)
+  tok = clip_tokenizer.load_auto_tokenizer(folder)
   text_len = _text_len(folder, int(model_cfg.text['context']))
-  config = _encoder_config(model_cfg, folder, image_size, text_len, resize)
+  config = _encoder_config(model_cfg, folder, image_size, text_len, images)
   tensors = clip_files.read_weights(folder)
   head = _read_entity_head(folder, config, mesh)
   params = _params_from_tensors(tensors, folder, config)
@@ -55,8 +57,7 @@ def load_encoder(folder, mesh=None):
     config.model.logit_scale_max = max(100.0, float(np.exp(params['log_logit_scale'])))
   if head:
     params['entity_head'] = head
-  tokenize = None if tok is None else clip_tokenizer.make_tokenize(
-      tok, dict(config.model.text), text_len, folder)
+  tokenize = None if tok is None else _folder_tokenize(tok, config, folder)
   entities = (schema.load_entities(folder) if head and os.path.isfile(
       os.path.join(folder, schema.ENTITIES_FILE)) else None)
   return inference.Encoder(config=config, params=params, tokenize=tokenize,
@@ -139,9 +140,14 @@ def fold_normalization(params, mean, std):
 
 
 def _read_preprocessor(folder, image_size):
-  """{resize, mean, std} from preprocessor_config.json (CLIP's defaults if absent)."""
+  """{resize, mean, std, preprocess} from preprocessor_config.json.
+
+  Without one (the released MOFI folders), CLIP's mean/std and ml-mofi's eval transform
+  (preprocess 'mofi'), with which those models were scored.
+  """
   path = os.path.join(folder, PREPROCESSOR_FILE)
   cfg = {}
+  method = 'tf' if os.path.isfile(path) else 'mofi'
   if os.path.isfile(path):
     try:
       with open(path, encoding='utf-8') as f:
@@ -165,7 +171,18 @@ def _read_preprocessor(folder, image_size):
   else:
     mean = cfg.get('image_mean', preprocess.CLIP_MEAN)
     std = cfg.get('image_std', preprocess.CLIP_STD)
-  return dict(resize=int(resize), mean=mean, std=std)
+  return dict(resize=int(resize), mean=mean, std=std, preprocess=method)
+
+
+def _folder_tokenize(tok, config, folder):
+  text_cfg = dict(config.model.text)
+  tokenize = clip_tokenizer.make_tokenize(tok, text_cfg, int(config.input.text_len))
+  if clip_tokenizer.batch_dependent(tokenize, text_cfg):
+    logging.warning('%s: with this tokenizer (padding_side=%r, pad id %s) and pooling rule '
+                    '(%s), a text\'s features depend on the longest text of its batch, in '
+                    'transformers as here; embed the same batches to compare.', folder,
+                    tok.padding_side, tok.pad_token_id, text_cfg['pool'])
+  return tokenize
 
 
 def _text_len(folder, context):
@@ -178,11 +195,12 @@ def _text_len(folder, context):
     return context
 
 
-def _encoder_config(model_cfg, folder, image_size, text_len, resize):
+def _encoder_config(model_cfg, folder, image_size, text_len, images):
   return ml_collections.ConfigDict(dict(
       model=model_cfg,
       input=dict(data_dir=folder, image_size=image_size, text_len=text_len,
-                 eval_resize=resize, max_entities=1),
+                 eval_resize=images['resize'], eval_preprocess=images['preprocess'],
+                 max_entities=1),
       mesh=dict(data=1, fsdp=-1, model=1),
       init=dict(hf_clip=folder)))
 

@@ -1,0 +1,102 @@
+"""The released MOFI models' eval input, ml-mofi's `get_mofi_transform()`, in NumPy.
+
+apple/ml-mofi scores its checkpoints with (eval/utils.py, eval/gpr1200.py):
+  Image.open(f).convert('RGB') -> ToTensor() -> Resize(224, antialias=False)
+  -> CenterCrop(224) -> Normalize(CLIP mean, std)
+Our TF eval path resizes with antialiasing and rounds sizes its own way, so a released
+checkpoint scored through it does not reproduce the published figures. This module
+reproduces that transform step by step:
+- PIL decodes and converts to RGB (CMYK, palette, grey and alpha images alike);
+- ToTensor: uint8 / 255 in float32;
+- Resize(int): torchvision's output-size rule (the shorter side becomes `resize`, the
+  longer int(resize * long / short), truncated), then torch's bilinear interpolation
+  without antialiasing: source index (dst + 0.5) * in/out - 0.5 clamped at 0, in float32
+  as ATen's CPU kernel computes it;
+- CenterCrop: torchvision's offsets, int(round((H - S) / 2)) with Python's rounding;
+- Normalize in float32.
+The result is HWC float32, ready for our image tower. `eval_image` wraps it for tf.data.
+"""
+import io
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from mofi_jax.data import preprocess
+
+
+def decode_rgb(image_bytes):
+  """uint8 [H, W, 3]: PIL's decoding and RGB conversion. ValueError if unreadable."""
+  try:
+    with Image.open(io.BytesIO(image_bytes)) as img:
+      return np.asarray(img.convert('RGB'))
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f'not an image PIL can decode ({e})') from e
+
+
+def resized_size(height, width, size):
+  """torchvision's Resize(size: int) output (height, width)."""
+  short, long = (width, height) if width <= height else (height, width)
+  new_short, new_long = size, int(size * long / short)
+  return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _linear_taps(in_size, out_size):
+  """(index0, index1, lambda0, lambda1) per output index, as ATen computes them."""
+  if in_size == out_size:
+    idx = np.arange(out_size)
+    return idx, idx, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+  ratio = np.float32(in_size) / np.float32(out_size)
+  # ratio * (dst + 0.5) - 0.5, rounded once to float32: the fused multiply-add that ATen's
+  # x86-64 build uses (the product is exact in float64). Rounding twice moves the weights
+  # by up to 3e-5 on large images.
+  dst = np.arange(out_size, dtype=np.float64)
+  src = (np.float64(ratio) * (dst + 0.5) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  index0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  lambda1 = np.clip(src - index0.astype(np.float32), 0, 1).astype(np.float32)
+  index1 = index0 + (index0 < in_size - 1)
+  return index0, index1, np.float32(1) - lambda1, lambda1
+
+
+def bilinear_resize(image, height, width):
+  """float32 [H, W, C] -> [height, width, C]: torch's bilinear, align_corners=False,
+  antialias=False (what torchvision's Resize(antialias=False) runs on a tensor)."""
+  h0, h1, a0, a1 = _linear_taps(image.shape[0], height)
+  w0, w1, b0, b1 = _linear_taps(image.shape[1], width)
+  x = image.astype(np.float64)
+  rows = a0[:, None, None] * x[h0] + a1[:, None, None] * x[h1]
+  out = b0[None, :, None] * rows[:, w0] + b1[None, :, None] * rows[:, w1]
+  return out.astype(np.float32)
+
+
+def center_crop_offsets(height, width, size):
+  """(top, left) of torchvision's CenterCrop(size) on an image at least that large."""
+  return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def mofi_image(image_bytes, size=224, resize=None):
+  """Encoded image -> float32 [size, size, 3], CLIP-normalised, as get_mofi_transform()
+  (with Resize(resize), default `size`, before CenterCrop(size))."""
+  resize = int(resize or size)
+  if resize < size:
+    raise ValueError(f'resize {resize} is smaller than the crop size {size}; torchvision '
+                     'would pad the crop, which the released models were never scored with')
+  image = decode_rgb(image_bytes).astype(np.float32) / np.float32(255)
+  height, width = resized_size(image.shape[0], image.shape[1], resize)
+  if (height, width) != image.shape[:2]:
+    image = bilinear_resize(image, height, width)
+  top, left = center_crop_offsets(height, width, size)
+  image = image[top:top + size, left:left + size]
+  return (image - np.float32(preprocess.CLIP_MEAN)) / np.float32(preprocess.CLIP_STD)
+
+
+def eval_image(image_bytes, size, resize=None):
+  """tf.data form of `mofi_image`: a scalar tf.string -> float32 [size, size, 3].
+
+  An undecodable image raises tf.errors.InvalidArgumentError, as TF's decoder does.
+  """
+  image = tf.numpy_function(lambda b: mofi_image(b, size, resize), [image_bytes], tf.float32,
+                            stateful=False)
+  image.set_shape([size, size, 3])
+  return image
