@@ -96,7 +96,8 @@ def eval_image(image_bytes, size, resize=None):
 
   An undecodable image raises tf.errors.InvalidArgumentError, as TF's decoder does.
   """
-  image = tf.numpy_function(lambda b: mofi_image(b, size, resize), [image_bytes], tf.float32,
-                            stateful=False)
+  def transform(data):  # bytes in a graph, a 0-d object array eagerly
+    return mofi_image(data.item() if isinstance(data, np.ndarray) else data, size, resize)
+  image = tf.numpy_function(transform, [image_bytes], tf.float32, stateful=False)
   image.set_shape([size, size, 3])
   return image
