@@ -66,6 +66,8 @@ def parse_args(argv):
   gpr.add_argument('--save_features', help='write the features here (.npy, official order)')
   zs = sub.add_parser('zeroshot', help='zero-shot top-1/top-5 (CLIP prompts)')
   zs.add_argument('--templates', help='imagenet | cifar | caltech101 | pets | identity | "..{}.."')
+  zs.add_argument('--text_batch_size', type=int,
+                  help='prompts per text batch (default 256; ml-mofi uses 16)')
   lp = sub.add_parser('linear_probe', help='logistic regression on frozen features')
   lp.add_argument('--max_iter', type=int, default=1000)
   lp.add_argument('--val_fraction', type=float, default=0.2)
@@ -179,7 +181,8 @@ def run_classification(args):
   """zeroshot, linear_probe and knn: the same evaluators as in training, on any model."""
   module = {'zeroshot': zeroshot, 'linear_probe': linear_probe, 'knn': knn}[args.eval]
   keys = ('dataset', 'data_dir', 'split', 'train_split', 'val_split', 'test_split',
-          'templates', 'max_iter', 'val_fraction', 'k', 'temperature', 'batch_size')
+          'templates', 'max_iter', 'val_fraction', 'k', 'temperature', 'batch_size',
+          'text_batch_size')
   cfg = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
   encoder, evaluator = _encoder_and_evaluator(args, lambda pre: _build(module, cfg, pre))
   metrics = evaluator.run(Towers.from_encoder(encoder))

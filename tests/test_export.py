@@ -20,6 +20,7 @@ from configs import demo
 from mofi_jax import export, inference, losses, run_setup, sharding, trainer
 from mofi_jax.interop import clip_params, hf_export, hf_import
 from test_interop_hf import hf_features, jax_features, random_params
+from test_mofi_transform import torchvision_transform
 
 STEP = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,28 @@ def test_export_loads_with_automodel_and_matches_our_embeddings(hf_out, encoder)
   np.testing.assert_allclose(logits, encoder.logit_scale() * txt_ours @ img_ours.T,
                              atol=2e-3, rtol=0)
   assert np.ptp(logits) > 0.1   # not a constant matrix
+
+
+def test_ml_mofis_recipe_on_our_export_gives_our_embeddings(hf_out, encoder):
+  """apple/ml-mofi's README, followed on our folder: AutoModel + AutoTokenizer, texts with
+  padding=True and no attention mask, images through get_mofi_transform (at the export's
+  28 px)."""
+  model = transformers.AutoModel.from_pretrained(hf_out).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(hf_out)
+  texts = [encoder.entities.names[i] for i in range(6)] + ['a photo of a cat']
+  ids = tok(texts, return_tensors='pt', padding=True, return_attention_mask=False)['input_ids']
+  assert ids.shape[1] < 12 and len(set(map(len, tok(texts)['input_ids']))) > 1   # padded
+  with torch.no_grad():
+    txt = model.get_text_features(input_ids=ids).pooler_output
+  np.testing.assert_allclose(losses.l2_normalize(txt.numpy()), encoder.embed_texts(texts),
+                             atol=1e-6, rtol=0)
+  images = random_pngs(2, (40, 31, 3)) + random_pngs(1, (17, 90, 3), seed=1)
+  transform = torchvision_transform(resize=28, crop=28)
+  with torch.no_grad():
+    pixels = torch.stack([transform(Image.open(io.BytesIO(b)).convert('RGB')) for b in images])
+    img = model.get_image_features(pixels).pooler_output.numpy()
+  ours = encoder.embed_images(encoder.preprocess(images, method='mofi'))
+  np.testing.assert_allclose(losses.l2_normalize(img), ours, atol=1e-5, rtol=0)
 
 
 def test_preprocessor_config_gives_our_pixels(hf_out, encoder, tmp_path):

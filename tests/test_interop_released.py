@@ -22,7 +22,7 @@ from test_mofi_transform import encoded, torchvision_transform
 LINES = ['a photo of a poodle', 'a photo of a husky', 'a photo of a cat',
          'the Eiffel Tower at night', 'Ada Lovelace, English mathematician']
 TEXTS = ['a photo of a cat', 'poodle', 'the Eiffel Tower at night, a photo', 'a', 'husky!']
-CONTEXT = 24
+CONTEXT = 40
 OPT_SPECIALS = ['<s>', '<pad>', '</s>', '<unk>']   # OPT's ids 0..3
 CUSTOM = ('<|bos|>', '<|eos|>', '<|pad|>')         # appended, in this order
 
@@ -126,7 +126,7 @@ def test_long_texts_are_cut_to_the_context_keeping_the_eos(tmp_path):
   write_released_folder(folder, 'custom specials at the end')
   enc = hf_import.load_encoder(folder)
   tok = transformers.AutoTokenizer.from_pretrained(folder)
-  long_text = ' '.join(LINES)
+  long_text = ' '.join(LINES * 2)
   assert len(tok(long_text)['input_ids']) > CONTEXT
   ids = enc.tokenize([long_text, 'a'])
   assert ids.shape == (2, CONTEXT) and ids[0, -1] == tok.eos_token_id
@@ -190,3 +190,84 @@ def test_ours_equal_apples_image_features_for_each_image(tmp_path):
     theirs = model.get_image_features(pixels).pooler_output.numpy()
   np.testing.assert_allclose(enc.embed_images(enc.preprocess(data)),
                              losses.l2_normalize(theirs), atol=1e-5, rtol=0)
+
+
+ML_MOFI_CIFAR100_PROMPTS = [   # apple/ml-mofi eval/zero_shot_cifar100.py
+    'a photo of a {}.', 'a blurry photo of a {}.', 'a black and white photo of a {}.',
+    'a low contrast photo of a {}.', 'a high contrast photo of a {}.', 'a bad photo of a {}.',
+    'a good photo of a {}.', 'a photo of a small {}.', 'a photo of a big {}.',
+    'a photo of the {}.', 'a blurry photo of the {}.', 'a black and white photo of the {}.',
+    'a low contrast photo of the {}.', 'a high contrast photo of the {}.',
+    'a bad photo of the {}.', 'a good photo of the {}.', 'a photo of the small {}.',
+    'a photo of the big {}.']
+
+
+ML_MOFI_CIFAR_LABELS = [   # apple/ml-mofi eval/zero_shot_cifar100.py, in label order
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle',
+    'bottle', 'bowl', 'boy', 'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle',
+    'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch',
+    'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest', 'fox',
+    'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion',
+    'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom',
+    'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree',
+    'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit', 'raccoon', 'ray', 'road',
+    'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake',
+    'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank',
+    'telephone', 'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle',
+    'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm']
+
+
+def apple_cifar100_predictions(folder, images, labels_text=tuple(ML_MOFI_CIFAR_LABELS),
+                               batch_size=16):
+  """ml-mofi's zero_shot_cifar100.py on uint8 [N, 32, 32, 3] images: argmax classes."""
+  model = transformers.AutoModel.from_pretrained(folder).eval()
+  texts = [t.format(name.replace('_', ' ')) for name in labels_text
+           for t in ML_MOFI_CIFAR100_PROMPTS]
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  emb = []
+  for i in range(0, len(texts), batch_size):
+    ids = tok(texts[i:i + batch_size], return_tensors='pt', padding=True,
+              return_attention_mask=False)['input_ids']
+    with torch.no_grad():
+      e = model.get_text_features(input_ids=ids).pooler_output
+    emb.append(e / e.norm(dim=-1, keepdim=True))
+  classes = torch.cat(emb).reshape(len(labels_text), len(ML_MOFI_CIFAR100_PROMPTS), -1).mean(1)
+  classes /= classes.norm(dim=-1, keepdim=True)
+  pixels = torch.stack([torchvision_transform()(Image.fromarray(x)) for x in images])
+  with torch.no_grad():
+    logits = model.get_image_features(pixels).pooler_output @ classes.T
+  top2 = logits.topk(2, dim=-1).values
+  return logits.argmax(-1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
+
+
+def test_zeroshot_cifar100_predicts_what_ml_mofis_script_predicts(tmp_path):
+  from mofi_jax.evals import templates   # pylint: disable=g-import-not-at-top
+  import tensorflow as tf   # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
+  assert list(templates.resolve(None, 'cifar100')) == ML_MOFI_CIFAR100_PROMPTS
+  folder = str(tmp_path / 'mofi-hf')
+  write_released_folder(folder, 'custom specials at the end', seed=3)
+  rng = np.random.default_rng(4)   # solid colours plus noise: images the model tells apart
+  candidates = np.clip(rng.integers(0, 256, (40, 1, 1, 3)) + rng.normal(0, 20, (40, 32, 32, 3)),
+                       0, 255).astype(np.uint8)
+  predicted, margin = apple_cifar100_predictions(folder, candidates)
+  keep = np.argsort(-margin)[:12]   # clear winners: no near-ties to flip on rounding
+  assert margin[keep].min() > 1e-4
+  images, labels = candidates[keep], predicted[keep]
+
+  def examples(self, split, decoders=None, read_config=None, shuffle_files=False, shift=0):
+    del self, split, decoders, read_config, shuffle_files
+    png = [tf.io.encode_png(x).numpy() for x in images]
+    return tf.data.Dataset.from_tensor_slices(
+        {'id': [f'x{i}' for i in range(len(png))], 'image': png,
+         'label': ((labels + shift) % 100).astype(np.int64),
+         'coarse_label': np.zeros(len(png), np.int64)})
+
+  argv = ['zeroshot', '--hf_clip', folder, '--dataset', 'cifar100', '--data_dir', str(tmp_path),
+          '--batch_size', '5', '--text_batch_size', '16']
+  with tfds.testing.mock_data(as_dataset_fn=examples):
+    right = evaluate.main(argv)['metrics']
+  with tfds.testing.mock_data(as_dataset_fn=lambda *a, **k: examples(*a, **k, shift=1)):
+    wrong = evaluate.main(argv + ['--results_dir', str(tmp_path / 'shifted')])['metrics']
+  assert len(set(labels)) > 1   # more than one class predicted
+  assert right['top1'] == 1.0 and wrong['top1'] == 0.0 and right['num_examples'] == 12
