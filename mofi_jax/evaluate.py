@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mofi_jax import inference
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import (entities, gpr1200, knn, linear_probe, results, zeroshot)
 from mofi_jax.evals.embedding import Towers
 
@@ -43,7 +43,7 @@ def _model_flags(parser):
   parser.add_argument('--image_size', type=int, help='crop size; must be the model\'s')
   parser.add_argument('--resize', type=int,
                       help='shorter side before the crop (default: the crop size)')
-  parser.add_argument('--preprocess', choices=preprocess.EVAL_PREPROCESSINGS,
+  parser.add_argument('--preprocess', choices=eval_transform.EVAL_PREPROCESSINGS,
                       help='tf (ours) or mofi (ml-mofi\'s get_mofi_transform, the released '
                            'models\' eval input); default: the model\'s own (mofi for a '
                            '--hf_clip folder without a preprocessor_config.json), else tf')

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from mofi_jax import optim, sharding, trainer
-from mofi_jax.data import preprocess, schema
+from mofi_jax.data import eval_transform, schema
 from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.models import mofi
 
@@ -112,10 +112,10 @@ class Encoder:
 
   def preprocess(self, images_bytes, resize=None, method=None):
     """Encoded images -> float32 [N, S, S, 3]: resize, centre crop, CLIP mean/std, the
-    `method` way (preprocess.EVAL_PREPROCESSINGS; default: the model's own, else 'tf')."""
+    `method` way (eval_transform.EVAL_PREPROCESSINGS; default: the model's own, else 'tf')."""
     resize = resize or self.config.input.get('eval_resize')   # set by HF imports
     method = method or self.config.input.get('eval_preprocess') or 'tf'
-    fn = _eval_preprocess_fn(preprocess.EvalTransform(self.image_size, resize, method))
+    fn = _eval_preprocess_fn(eval_transform.EvalTransform(self.image_size, resize, method))
     out = [fn(tf.constant(b)).numpy() for b in images_bytes]
     return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3),
                                               np.float32)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from mofi_jax.data import mofi_transform, preprocess
+from mofi_jax.data import eval_transform, mofi_transform, preprocess
 from mofi_jax.evals import image_folder
 
 
@@ -95,7 +95,7 @@ def test_output_size_is_torchvisions_truncating_rule(height, width, expected):
 
 
 def test_tf_data_path_equals_numpy_and_names_bad_files(tmp_path):
-  transform = preprocess.EvalTransform(224, method='mofi')
+  transform = eval_transform.EvalTransform(224, method='mofi')
   good = [encoded(300, 200, seed=s) for s in range(3)]
   ds = tf.data.Dataset.from_tensor_slices(good).map(transform).batch(3)
   batch = next(iter(ds)).numpy()
@@ -112,6 +112,6 @@ def test_tf_data_path_equals_numpy_and_names_bad_files(tmp_path):
 
 def test_bad_options_are_refused():
   with pytest.raises(ValueError, match="unknown eval preprocessing 'torch'"):
-    preprocess.EvalTransform(224, method='torch')
+    eval_transform.EvalTransform(224, method='torch')
   with pytest.raises(ValueError, match='resize 200 is smaller than the crop size 224'):
     mofi_transform.mofi_image(encoded(300, 300), size=224, resize=200)

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import classnames, datasets, embedding, templates, zeroshot
 
 # ----------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_zeroshot_on_mock_cifar10_known_answer(data_dir):
 def test_tfds_source_reads_mock_pets_in_order(data_dir):
   with tfds.testing.mock_data(num_examples=7):
     source = datasets.open_split('oxford_iiit_pet', data_dir)
-    batches = list(source.batches(preprocess.EvalTransform(16), batch_size=3))
+    batches = list(source.batches(eval_transform.EvalTransform(16), batch_size=3))
     # The mock draws its random examples from the features read, so read the same two.
     only_image_and_label = tfds.decode.PartialDecoding({'image': True, 'label': True})
     expected = [int(ex['label']) for ex in tfds.as_numpy(tfds.load(

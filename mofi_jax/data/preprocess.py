@@ -2,15 +2,8 @@
 
 Images are decoded to float32 in [0, 1], then normalised with CLIP's mean/std, the
 convention of the released MOFI and OpenAI CLIP checkpoints.
-
-Eval images have two preprocessings, chosen by name (`EVAL_PREPROCESSINGS`):
-  tf    TF decoding, antialiased bilinear resize of the shorter side, centre crop (ours);
-  mofi  ml-mofi's get_mofi_transform(), with which the released models were scored
-        (PIL, torchvision's sizes and crop, bilinear without antialiasing): mofi_transform.py.
+Evaluators choose between this eval path and ml-mofi's by name: eval_transform.py.
 """
-import dataclasses
-from typing import Optional
-
 import tensorflow as tf
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,18 +34,8 @@ def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
   return normalize(tf.clip_by_value(image, 0.0, 1.0))
 
 
-EVAL_PREPROCESSINGS = ('tf', 'mofi')
-
-
-def eval_image(image_bytes, size, resize=None, method='tf'):
-  """Resize the shorter side to `resize` (default `size`), then centre-crop `size`,
-  the `method` way (one of EVAL_PREPROCESSINGS)."""
-  if method == 'mofi':
-    from mofi_jax.data import mofi_transform  # pylint: disable=g-import-not-at-top
-    return mofi_transform.eval_image(image_bytes, size, resize)
-  if method != 'tf':
-    raise ValueError(f'unknown eval preprocessing {method!r}; expected one of '
-                     f'{EVAL_PREPROCESSINGS}')
+def eval_image(image_bytes, size, resize=None):
+  """Resize the shorter side to `resize` (default `size`), then centre-crop `size`."""
   image = decode(image_bytes)
   resize = resize or size
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -65,29 +48,3 @@ def eval_image(image_bytes, size, resize=None, method='tf'):
   image = tf.image.crop_to_bounding_box(image, top, left, size, size)
   return normalize(tf.clip_by_value(image, 0.0, 1.0))
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalTransform:
-  """How an evaluator turns encoded images into model input: crop `size`, shorter side
-  `resize` first (None: `size`), the `method` way (EVAL_PREPROCESSINGS)."""
-  size: int
-  resize: Optional[int] = None
-  method: str = 'tf'
-
-  def __post_init__(self):
-    if self.method not in EVAL_PREPROCESSINGS:
-      raise ValueError(f'preprocess: unknown eval preprocessing {self.method!r}; expected one '
-                       f'of {EVAL_PREPROCESSINGS}')
-
-  @classmethod
-  def from_config(cls, cfg, image_size):
-    """From an evaluator's cfg: `resize` and `preprocess` (default 'tf')."""
-    resize = cfg.get('resize')
-    return cls(int(image_size), None if resize is None else int(resize),
-               cfg.get('preprocess') or 'tf')
-
-  def __call__(self, image_bytes):
-    return eval_image(image_bytes, self.size, self.resize, self.method)
-
-  def info(self):
-    return dict(image_size=self.size, resize=self.resize, preprocess=self.method)

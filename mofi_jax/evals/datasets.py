@@ -37,7 +37,7 @@ class Source:
   """One split of a labelled image set.
 
   batches(transform, batch_size) yields (images f32 [b,S,S,3], labels [b]) through a
-  preprocess.EvalTransform.
+  eval_transform.EvalTransform.
   """
   name: str
   split: str

@@ -73,7 +73,7 @@ def embed_labelled(embed_images, batches, batch_size):
 
 
 def embed_source(towers, source, transform, batch_size):
-  """(features [N, D], labels [N]) of a datasets.Source through a preprocess.EvalTransform,
+  """(features [N, D], labels [N]) of a datasets.Source through a eval_transform.EvalTransform,
   streamed batch by batch."""
   return embed_labelled(towers.embed_images, source.batches(transform, batch_size),
                         batch_size)

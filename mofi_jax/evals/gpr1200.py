@@ -26,7 +26,7 @@ compiles nothing, and handles categories of any size without padding.
 import numpy as np
 from tqdm import tqdm
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import embedding, image_folder
 
 GPR1200_SIZE = 12000
@@ -208,7 +208,7 @@ class Evaluator:
     self.official = bool(cfg.get('official', False))
     self.paths, self.categories = image_folder.list_images(cfg.data_dir, official=self.official)
     self.folder = cfg.data_dir
-    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
+    self.transform = eval_transform.EvalTransform.from_config(cfg, image_size)
     self.batch_size = int(cfg.batch_size)
     self.block_size = int(cfg.get('block_size', 1024))
     self.chance = chance_map(self.categories)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import datasets, embedding
 from mofi_jax.evals.zeroshot import topk_accuracy
 
@@ -73,7 +73,7 @@ class Evaluator:
     self.test = datasets.open_from_config(cfg, 'test_split', need_names=False)
     self.k = int(cfg.get('k', DEFAULT_K))
     self.temperature = float(cfg.get('temperature', DEFAULT_TEMPERATURE))
-    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
+    self.transform = eval_transform.EvalTransform.from_config(cfg, image_size)
     self.embed_args = (self.transform, int(cfg.get('batch_size', 256)))
     self.info = dict(dataset=cfg.get('dataset'), train_split=self.train.split,
                      test_split=self.test.split, k=self.k, temperature=self.temperature,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import datasets, embedding
 from mofi_jax.evals.zeroshot import topk_accuracy
 
@@ -139,7 +139,7 @@ class Evaluator:
     self.test = datasets.open_from_config(cfg, 'test_split', need_names=False)
     self.val_fraction = float(cfg.get('val_fraction', 0.2))
     self.max_iter = int(cfg.get('max_iter', 1000))
-    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
+    self.transform = eval_transform.EvalTransform.from_config(cfg, image_size)
     self.embed_args = (self.transform, int(cfg.get('batch_size', 256)))
     self.info = dict(dataset=cfg.get('dataset'), train_split=self.train.split,
                      val_split=self.val.split if self.val else f'{self.val_fraction:g} of train',

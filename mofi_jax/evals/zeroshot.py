@@ -11,7 +11,7 @@ categories.json field to use as class name).
 """
 import numpy as np
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import eval_transform
 from mofi_jax.evals import datasets, embedding, templates as templates_lib
 
 
@@ -50,7 +50,7 @@ class Evaluator:
     self.source = datasets.open_from_config(cfg, 'split',
                                             name_key=cfg.get('name_key', 'description'))
     self.templates = templates_lib.resolve(cfg.get('templates'), cfg.get('dataset'))
-    self.transform = preprocess.EvalTransform.from_config(cfg, image_size)
+    self.transform = eval_transform.EvalTransform.from_config(cfg, image_size)
     self.embed_args = (self.transform, int(cfg.get('batch_size', 256)))
     self.text_batch_size = int(cfg.get('text_batch_size', 256))
     self.info = dict(dataset=cfg.get('dataset'), split=self.source.split,
