@@ -191,6 +191,17 @@ def clip_style_tokenizer(folder):
   return hf_tok
 
 
+def save_random_clip(folder, cfg, seed):
+  """A transformers CLIPModel of `cfg` with every tensor random, saved to `folder`."""
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():   # biases and LayerNorms start at 0 and 1: move them
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  return model
+
+
 def write_hf_folder(folder, legacy_eos, mean, std, patch, image_size, width, act, seed=0):
   """A random transformers CLIPModel saved like a hub folder, and the model."""
   hf_tok = clip_style_tokenizer(folder)
@@ -205,12 +216,7 @@ def write_hf_folder(folder, legacy_eos, mean, std, patch, image_size, width, act
       vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                          num_attention_heads=4, patch_size=patch, image_size=image_size,
                          hidden_act=act))
-  torch.manual_seed(seed)
-  model = transformers.CLIPModel(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():   # biases and LayerNorms start at 0 and 1: move them
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(folder)
+  model = save_random_clip(folder, cfg, seed)
   with open(os.path.join(folder, 'preprocessor_config.json'), 'w') as f:
     json.dump(dict(image_processor_type='CLIPImageProcessor', do_resize=True,
                    size=dict(shortest_edge=image_size + 4), do_center_crop=True,

@@ -17,6 +17,7 @@ from mofi_jax import evaluate, losses
 from mofi_jax.evals import gpr1200
 from mofi_jax.interop import clip_tokenizer, hf_import
 from mofi_jax.models import text as text_lib
+from test_interop_hf import save_random_clip
 from test_mofi_transform import encoded, torchvision_transform
 
 LINES = ['a photo of a poodle', 'a photo of a husky', 'a photo of a cat',
@@ -71,13 +72,7 @@ def write_released_folder(folder, variant, seed=0):
                        bos_token_id=hf_tok.bos_token_id, pad_token_id=hf_tok.pad_token_id),
       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, patch_size=32, image_size=224))
-  torch.manual_seed(seed)
-  model = transformers.CLIPModel(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():   # biases and LayerNorms start at 0 and 1: move them
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(folder)
-  return model
+  return save_random_clip(folder, cfg, seed)
 
 
 def apple_text_features(folder, model, texts):
