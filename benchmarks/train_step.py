@@ -53,7 +53,7 @@ def random_batch(config, num_classes, vocab):
   k, l = config.input.max_entities, config.input.text_len
   labels = rng.integers(0, num_classes, (b, k)).astype(np.int32)
   text = rng.integers(1, vocab, (b, l)).astype(np.int32)
-  return dict(image=rng.normal(size=(b, s, s, 3)).astype(np.float32),
+  return dict(image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),   # as train feeds
               labels=labels, label_weights=np.full((b, k), 1 / k, np.float32),
               text=text)
 

@@ -28,10 +28,11 @@ class TrainState:
 
 
 def dummy_batch(config, batch_size=None):
+  """The host batch the train step takes (images as uint8 pixels)."""
   b = batch_size or config.input.batch_size
   s, k, l = config.input.image_size, config.input.max_entities, config.input.text_len
   return {
-      'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+      'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
       'labels': jax.ShapeDtypeStruct((b, k), jnp.int32),
       'label_weights': jax.ShapeDtypeStruct((b, k), jnp.float32),
       'text': jax.ShapeDtypeStruct((b, l), jnp.int32),

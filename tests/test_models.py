@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mofi_jax.data import pixels as mofi_pixels
 from mofi_jax.models import mofi, text, vit
 
 
@@ -15,6 +16,21 @@ def n_params(tree):
 
 def abstract_params(module, *args):
   return nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)['params'])
+
+
+def test_uint8_pixels_are_normalised_on_the_device_as_float64_numpy_does():
+  model = mofi.Mofi(mode='supervised', embed_dim=8, image=dict(
+      width=16, depth=1, num_heads=2, mlp_dim=32, patch=8, pool='cls'),
+      head=dict(num_classes=4, kind='linear'))
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  reference = ((pixels / 255.0 - np.asarray(mofi_pixels.CLIP_MEAN)) /
+               np.asarray(mofi_pixels.CLIP_STD)).astype(np.float32)
+  params = model.init(jax.random.key(0), reference)['params']
+  encode = lambda x: model.apply({'params': params}, x, method=mofi.Mofi.encode_image)
+  np.testing.assert_allclose(mofi_pixels.normalize(jnp.asarray(pixels)), reference,
+                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(encode(pixels), encode(reference), atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(encode(pixels / 255.0)) - np.asarray(encode(reference))).max() > 1e-3
 
 
 def test_vit_b16_and_text_tower_match_openai_clip_parameter_counts():

@@ -109,14 +109,30 @@ def test_batch_spec(tiny_corpus):
   ds = pipeline.make_train_dataset(tiny_corpus, cfg, process_index=0, process_count=1,
                                    per_process_batch=8)
   b = take(ds, 1)[0]
-  assert b['image'].shape == (8, 16, 16, 3) and b['image'].dtype == np.float32
+  assert b['image'].shape == (8, 16, 16, 3) and b['image'].dtype == np.uint8   # pixels
   assert b['labels'].shape == (8, 3) and b['labels'].dtype == np.int32
   assert b['label_weights'].shape == (8, 3) and b['label_weights'].dtype == np.float32
   assert b['text'].shape == (8, 12) and b['text'].dtype == np.int32
   np.testing.assert_allclose(b['label_weights'].sum(1), 1.0, rtol=1e-6)
   assert np.all(b['labels'][:, 2] == -1)  # The corpus has at most 2 entities per image.
-  # CLIP-normalised pixels in [0, 1] land in roughly [-1.8, 2.2].
-  assert np.isfinite(b['image']).all() and -1.9 < b['image'].min() < b['image'].max() < 2.2
+  assert b['image'].min() < 64 and b['image'].max() > 192   # the full range, not [0, 1]
+
+
+def test_train_images_are_the_float_crop_rounded_to_uint8(tiny_corpus):
+  # The same crop as the float path (decode, random-resized crop, flip), quantised once.
+  raw = next(iter(tf.data.TFRecordDataset(schema.list_shards(tiny_corpus)[0])))
+  image_bytes = schema.parse_examples(raw)['image/encoded']
+  seed = tf.constant([3, 4], tf.int64)
+  pixels = preprocess.train_image(image_bytes, 16, seed).numpy()
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  image = preprocess.decode(image_bytes)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
+      area_range=(0.4, 1.0), aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.image.resize(tf.slice(image, begin, size), (16, 16), antialias=True)
+  crop = tf.image.stateless_random_flip_left_right(crop, seeds[1]).numpy()
+  np.testing.assert_array_equal(pixels, np.round(np.clip(crop, 0, 1) * 255).astype(np.uint8))
 
 
 def test_same_seed_same_batches_other_seed_differs(tiny_corpus):

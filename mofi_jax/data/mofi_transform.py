@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from mofi_jax.data import preprocess
+from mofi_jax.data import pixels
 
 
 def decode_rgb(image_bytes):
@@ -88,7 +88,7 @@ def mofi_image(image_bytes, size=224, resize=None):
     image = bilinear_resize(image, height, width)
   top, left = center_crop_offsets(height, width, size)
   image = image[top:top + size, left:left + size]
-  return (image - np.float32(preprocess.CLIP_MEAN)) / np.float32(preprocess.CLIP_STD)
+  return (image - np.float32(pixels.CLIP_MEAN)) / np.float32(pixels.CLIP_STD)
 
 
 def eval_image(image_bytes, size, resize=None):

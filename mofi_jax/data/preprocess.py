@@ -6,8 +6,7 @@ Evaluators choose between this eval path and ml-mofi's by name: eval_transform.p
 """
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mofi_jax.data.pixels import CLIP_MEAN, CLIP_STD  # pylint: disable=unused-import
 
 
 def decode(image_bytes):
@@ -21,7 +20,9 @@ def normalize(image):
 
 
 def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)):
-  """Random-resized crop + horizontal flip, driven by a stateless `seed` [2]."""
+  """Random-resized crop + horizontal flip, driven by a stateless `seed` [2], as uint8
+  pixels [size, size, 3]: a quarter of float32's bytes to the devices, which normalise
+  them (pixels.normalize)."""
   image = decode(image_bytes)
   seeds = tf.random.experimental.stateless_split(seed, 2)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -31,7 +32,7 @@ def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
   image = tf.slice(image, begin, crop_size)
   image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-  return normalize(tf.clip_by_value(image, 0.0, 1.0))
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 def eval_image(image_bytes, size, resize=None):

@@ -11,6 +11,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mofi_jax.data import pixels
 from mofi_jax.models.heads import EntityHead
 from mofi_jax.models.text import TextTower
 from mofi_jax.models.vit import VisionTower, decode_variant
@@ -64,7 +65,8 @@ class Mofi(nn.Module):
       self.entity_head = EntityHead(**dict(self.head))
 
   def encode_image(self, images):
-    return self.image_tower(images).astype(jnp.float32)
+    """images: CLIP-normalised float, or uint8 pixels (train batches) normalised here."""
+    return self.image_tower(pixels.normalize(images)).astype(jnp.float32)
 
   def encode_text(self, tokens):
     return self.text_tower(tokens).astype(jnp.float32)
