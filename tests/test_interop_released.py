@@ -87,12 +87,12 @@ def apple_text_features(folder, model, texts):
 @pytest.fixture(scope='module', params=sorted(VARIANTS))
 def released(request, tmp_path_factory):
   folder = str(tmp_path_factory.mktemp('released') / 'mofi-hf')
-  return request.param, folder, write_released_folder(folder, request.param)
+  model = write_released_folder(folder, request.param)
+  return request.param, folder, model, hf_import.load_encoder(folder)
 
 
 def test_text_features_equal_ml_mofis_recipe(released):
-  variant, folder, model = released
-  enc = hf_import.load_encoder(folder)
+  variant, folder, model, enc = released
   theirs, ids = apple_text_features(folder, model, TEXTS)
   np.testing.assert_array_equal(enc.tokenize(TEXTS)[:, :ids.shape[1]], ids)
   np.testing.assert_allclose(enc.embed_texts(TEXTS), theirs, atol=1e-5, rtol=0)
@@ -109,8 +109,7 @@ def test_text_features_equal_ml_mofis_recipe(released):
 def test_single_texts_match_too(released):
   # A batch of one has no padding: where features depend on the batch, this differs
   # from the batch above, in transformers as here.
-  _, folder, model = released
-  enc = hf_import.load_encoder(folder)
+  _, folder, model, enc = released
   for text in TEXTS[:3]:
     theirs, _ = apple_text_features(folder, model, [text])
     np.testing.assert_allclose(enc.embed_texts([text]), theirs, atol=1e-5, rtol=0)

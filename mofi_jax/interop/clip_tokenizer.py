@@ -175,10 +175,9 @@ def make_tokenize(tok, text_cfg, length):
   left = tok.padding_side == 'left'
 
   def fit(ids):
-    if len(ids) <= length:
-      return ids
-    end = [ids[-1]] if ids[-1] == tok.eos_token_id else []
-    return ids[:length - len(end)] + end
+    if ids and ids[-1] == tok.eos_token_id:
+      return tokenizer_lib.fit_ids(ids, length, ids[-1])
+    return ids[:length]
 
   def tokenize(texts):
     if isinstance(texts, str):
