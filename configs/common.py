@@ -41,7 +41,8 @@ def base_config(mode='multitask'):
       logit_scale_max=100.0,
       dtype='bfloat16',
       scan=True,
-      remat='none',               # none | full | dots | dots_no_batch
+      remat='none',               # none | full | dots | dots_no_batch | projections
+      attention='xla',            # xla | head_major (CPU) | cudnn (GPU) | splash (TPU)
   ))
 
   c.loss = mlc.ConfigDict(dict(

@@ -225,3 +225,16 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
   assert last == ("mofi_jax.aot: error: --set model.no_such: config has no entry "
                   "'model.no_such'"), last
   assert 'Traceback' not in p.stderr
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_a_tpu_slice():
+  """The whole multitask step with the Pallas kernel in both towers, under the
+  FSDP mesh of a v5e-4 (the kernel runs per shard in a shard_map)."""
+  c = tiny_config('multitask')
+  c.model.update(attention='splash', remat='projections')
+  mesh = sharding.make_mesh(c.mesh, tpu_specs.devices(tpu_specs.parse('v5e:2x2')))
+  lowered = step_analysis.lower_train_step(c, mesh)
+  # Forward, dq and dkv kernels for each tower (scanned: one body each).
+  assert lowered.as_text().count('tpu_custom_call') >= 6
+  assert step_analysis.Memory.of(lowered.compile()).total > 0

@@ -112,7 +112,7 @@ def corpus_tokenizer():
 @pytest.mark.parametrize('case', [
     dict(patch=14, image_size=28, width=32, depth=2, act='quick_gelu', scan=True),
     dict(patch=16, image_size=32, width=48, depth=3, heads=6, text_act='quick_gelu',
-         embed_dim=16),
+         act='gelu_pytorch_tanh', embed_dim=16),   # big_vision's tanh GELU
 ])
 def test_ours_to_hf_embeddings_match_and_round_trip_is_identity(case, corpus_tokenizer):
   tok = corpus_tokenizer

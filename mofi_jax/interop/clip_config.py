@@ -3,7 +3,7 @@
 CLIPModel is one fixed architecture: a pre-LayerNorm ViT with a CLS token,
 `pre_layrnorm` before the encoder and `post_layernorm` on the CLS token; a
 causal text transformer pooled at <eot>; bias-free projections; LayerNorm eps
-1e-5; activation gelu (exact) or quick_gelu. Our towers can be configured
+1e-5; activation gelu (exact), quick_gelu or gelu_pytorch_tanh. Our towers can be configured
 outside it (GAP pooling, no ln_pre); such a model is refused on export, never
 written as a model that computes something else.
 """
@@ -14,10 +14,10 @@ import os
 import ml_collections
 
 from mofi_jax import inference
-from mofi_jax.models import mofi
+from mofi_jax.models import layers, mofi
 
 LAYER_NORM_EPS = 1e-5                 # ours (layers.layer_norm) and CLIP's
-ACTIVATIONS = ('gelu', 'quick_gelu')  # the same names in our layers and HF's ACT2FN
+ACTIVATIONS = layers.ACTIVATIONS  # the same names in our layers and HF's ACT2FN
 # transformers pools CLIP text at argmax(input_ids) when text_config.eos_token_id
 # is 2 (configs written before its PR #24773), else at the first eos_token_id.
 LEGACY_EOS_ID = 2

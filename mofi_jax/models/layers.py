@@ -11,6 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
+from mofi_jax.models.attention import PROJECTION_NAMES, Attention
+
 Dtype = Any
 
 
@@ -29,32 +33,18 @@ def layer_norm(dtype, name=None):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+# The names are Hugging Face's (ACT2FN), so that the exporter maps them one-to-one.
+ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_pytorch_tanh')
+
+
 def activation(name):
   if name == 'gelu':
     return functools.partial(nn.gelu, approximate=False)
   if name == 'quick_gelu':  # OpenAI CLIP's.
     return lambda x: x * nn.sigmoid(1.702 * x)
-  raise ValueError(f'unknown activation {name!r}; expected gelu or quick_gelu')
-
-
-class Attention(nn.Module):
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask=None):
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by {self.num_heads} heads')
-    head_dim = width // self.num_heads
-    def proj(name):
-      y = dense(width, ('embed', 'heads'), self.dtype, name=name)(x)
-      y = y.reshape(*y.shape[:-1], self.num_heads, head_dim)
-      return nn.with_logical_constraint(y, ('batch', 'length', 'act_heads', 'kv'))
-    q, k, v = proj('q'), proj('k'), proj('v')
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    y = y.reshape(*y.shape[:-2], width)
-    return dense(width, ('heads', 'embed'), self.dtype, name='out')(y)
+  if name == 'gelu_pytorch_tanh':  # big_vision's; cheaper than erf on CPU.
+    return functools.partial(nn.gelu, approximate=True)
+  raise ValueError(f'unknown activation {name!r}; expected one of {ACTIVATIONS}')
 
 
 class Mlp(nn.Module):
@@ -65,24 +55,29 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, name='fc1')(x)
+    y = checkpoint_name(dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, name='fc1')(x),
+                        'mlp_hidden')
     y = nn.with_logical_constraint(activation(self.act)(y),
                                    ('batch', 'length', 'act_mlp'))
-    return dense(width, ('mlp', 'embed'), self.dtype, name='fc2')(y)
+    return checkpoint_name(dense(width, ('mlp', 'embed'), self.dtype, name='fc2')(y),
+                           'mlp_out')
 
 
 class Block(nn.Module):
-  """x + attn(ln1(x)); x + mlp(ln2(x)). Scan-compatible: (carry, mask) -> (carry, None)."""
+  """x + attn(ln1(x)); x + mlp(ln2(x)). Scan-compatible: carry -> (carry, None)."""
   num_heads: int
   mlp_dim: int
   act: str = 'gelu'
   dtype: Dtype = jnp.float32
+  causal: bool = False
+  attention: str = 'xla'
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     y = layer_norm(self.dtype, 'ln1')(x)
-    x = x + Attention(self.num_heads, self.dtype, name='attn')(y, mask)
+    x = x + Attention(self.num_heads, self.dtype, self.causal, self.attention,
+                      name='attn')(y)
     y = layer_norm(self.dtype, 'ln2')(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name='mlp')(y)
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed')), None
@@ -93,6 +88,10 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every projection's output by name, never attention scores or probabilities,
+    # whichever kernel computes them (a fused kernel's are not dots at all).
+    'projections': jax.checkpoint_policies.save_only_these_names(
+        *PROJECTION_NAMES, 'mlp_hidden', 'mlp_out'),
 }
 
 
@@ -105,9 +104,11 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   scan: bool = False
   remat: str = 'none'
+  causal: bool = False
+  attention: str = 'xla'
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'unknown remat policy {self.remat!r}; expected one of '
                        f'{sorted(REMAT_POLICIES)}')
@@ -116,14 +117,13 @@ class Encoder(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat],
                        prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
-              dtype=self.dtype)
+              dtype=self.dtype, causal=self.causal, attention=self.attention)
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0},
-                      split_rngs={'params': True}, in_axes=nn.broadcast,
-                      length=self.depth,
+                      split_rngs={'params': True}, length=self.depth,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(**kw, name='layers')(x, mask)
+      x, _ = stack(**kw, name='layers')(x)
     else:
       for i in range(self.depth):
-        x, _ = block(**kw, name=f'layers_{i}')(x, mask)
+        x, _ = block(**kw, name=f'layers_{i}')(x)
     return x

@@ -49,11 +49,13 @@ class Mofi(nn.Module):
   dtype: str = 'float32'
   scan: bool = False
   remat: str = 'none'
+  attention: str = 'xla'   # the kernel: models/attention.py
 
   def setup(self):
     if self.mode not in MODES:
       raise ValueError(f'unknown mode {self.mode!r}; expected one of {MODES}')
-    common = dict(dtype=DTYPES[self.dtype], scan=self.scan, remat=self.remat)
+    common = dict(dtype=DTYPES[self.dtype], scan=self.scan, remat=self.remat,
+                  attention=self.attention)
     self.image_tower = VisionTower(self.embed_dim, **image_kwargs(self.image),
                                    **common)
     if uses_text(self.mode):

@@ -29,6 +29,7 @@ class TextTower(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, tokens):
@@ -45,9 +46,9 @@ class TextTower(nn.Module):
                      (self.context, self.width))
     length = tokens.shape[-1]
     x = embed(tokens) + pos[:length].astype(self.dtype)
-    mask = nn.make_causal_mask(tokens, dtype=jnp.bool_)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.act,
-                       self.dtype, self.scan, self.remat, name='encoder')(x, mask)
+                       self.dtype, self.scan, self.remat, causal=True,
+                       attention=self.attention, name='encoder')(x)
     x = layers.layer_norm(self.dtype, 'ln_final')(x)
     eot = eot_positions(tokens, self.pool, self.eot_id)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

@@ -46,6 +46,7 @@ class VisionTower(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
+  attention: str = 'xla'
   variant: Optional[str] = None  # informational; the fields above are what counts.
 
   @nn.compact
@@ -71,7 +72,8 @@ class VisionTower(nn.Module):
     if self.ln_pre:
       x = layers.layer_norm(self.dtype, 'ln_pre')(x)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.act,
-                       self.dtype, self.scan, self.remat, name='encoder')(x)
+                       self.dtype, self.scan, self.remat,
+                       attention=self.attention, name='encoder')(x)
     x = layers.layer_norm(self.dtype, 'ln_post')(x)
     pooled = x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
     return layers.dense(self.embed_dim, ('embed', 'proj'), self.dtype,
