@@ -26,6 +26,7 @@ def base_config(mode='multitask'):
       shuffle_buffer=10_000,
       rrc_scale=(0.4, 1.0),
       eval_preprocess='tf',       # in-training evals: 'tf' | 'mofi' (ml-mofi's transform)
+      device_prefetch=2,          # train batches held on the devices ahead of their step
       seed=0,
   ))
 
@@ -54,6 +55,7 @@ def base_config(mode='multitask'):
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, min_lr_ratio=0.0, warmup_steps=1000, weight_decay=0.1,
       b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0, head_lr_mult=1.0,
+      mu_dtype='float32',         # Adam's first moment: float32 | bfloat16
       # Gradient accumulation: the global batch in this many pieces, with the whole
       # batch's negatives kept in the contrastive loss (mofi_jax/accumulation.py).
       microbatches=1))

@@ -7,7 +7,10 @@ the image embeddings of the rows it needs (a [batch, dim] all-gather, small).
 Inside a device the class shard is walked in tiles with an online log-sum-exp,
 so peak memory is one [rows, tile] block, not [rows, C/devices]. The backward
 pass recomputes each tile's logits from the saved log-sum-exp (as maxtext's
-vocabulary tiling does) instead of storing them.
+vocabulary tiling does) instead of storing them. Each row's target logit is
+read from the tile's logits (a compare against the tile's columns), never
+gathered from the kernel; the backward casts each tile's cotangent to the head
+dtype (`loss.head_dtype`) and accumulates its products in float32.
 """
 import dataclasses
 import functools
@@ -50,13 +53,25 @@ class _XentSpec:
   global_batch: int
 
 
+def _tile_kernel(w, spec):
+  return l2_normalize(w, axis=0) if spec.normalize_kernel else w
+
+
 def _tile_logits(x, w, b, offset, spec):
-  if spec.normalize_kernel:
-    w = l2_normalize(w, axis=0)
-  logits = jnp.dot(x.astype(spec.dtype), w.astype(spec.dtype),
+  logits = jnp.dot(x.astype(spec.dtype), _tile_kernel(w, spec).astype(spec.dtype),
                    preferred_element_type=jnp.float32) + b
   cols = offset + jnp.arange(w.shape[1])
   return jnp.where(cols[None, :] < spec.num_classes, logits, NEG)
+
+
+def _tile_targets(labels, weights, offset, tile):
+  """[rows, tile]: each row's target weight on this tile's classes (0 elsewhere).
+
+  A compare against the tile's columns, summed over the K labels: the target
+  logit is read from the tile's logits, never gathered from the kernel."""
+  cols = offset + jnp.arange(tile)
+  hit = labels[:, :, None] == cols[None, None, :]           # -1 (padding) never hits
+  return jnp.sum(jnp.where(hit, weights[:, :, None], 0.0), axis=1)
 
 
 def _class_offset(kernel, spec):
@@ -66,34 +81,29 @@ def _class_offset(kernel, spec):
   return idx * kernel.shape[1]
 
 
-def _local_lse(x, kernel, bias, offset, spec):
-  """log-sum-exp over this device's classes, one tile at a time."""
+def _tile(kernel, bias, i, spec):
+  start = i * spec.tile
+  return (start, lax.dynamic_slice_in_dim(kernel, start, spec.tile, axis=1),
+          lax.dynamic_slice_in_dim(bias, start, spec.tile))
+
+
+def _local_lse_and_target(x, kernel, bias, labels, weights, offset, spec):
+  """Over this device's classes, one tile at a time: the log-sum-exp of each
+  row's logits and sum_k w_k * logit[row, label_k] (labels held here)."""
   def body(i, carry):
-    m, s = carry
-    start = i * spec.tile
-    w = lax.dynamic_slice_in_dim(kernel, start, spec.tile, axis=1)
-    b = lax.dynamic_slice_in_dim(bias, start, spec.tile)
+    m, s, target = carry
+    start, w, b = _tile(kernel, bias, i, spec)
     logits = _tile_logits(x, w, b, offset + start, spec)
+    target += jnp.sum(logits * _tile_targets(labels, weights, offset + start, spec.tile),
+                      axis=1)
     m_new = jnp.maximum(m, logits.max(axis=1))
     s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(axis=1)
-    return m_new, s
+    return m_new, s, target
   rows = x.shape[0]
-  init = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-  m, s = lax.fori_loop(0, kernel.shape[1] // spec.tile, body, init)
-  return m + jnp.log(s)
-
-
-def _local_target(x, kernel, bias, labels, weights, offset, spec):
-  """sum_k w_k * logit[row, label_k] over the labels in this device's classes."""
-  local = labels - offset
-  valid = (labels >= 0) & (local >= 0) & (local < kernel.shape[1])
-  idx = jnp.clip(local, 0, kernel.shape[1] - 1)
-  w = jnp.take(kernel, idx, axis=1)                      # [D, rows, K]
-  if spec.normalize_kernel:
-    w = l2_normalize(w, axis=0)
-  logit = jnp.einsum('rd,drk->rk', x.astype(spec.dtype), w.astype(spec.dtype),
-                     preferred_element_type=jnp.float32) + bias[idx]
-  return jnp.sum(jnp.where(valid, weights * logit, 0.0), axis=1)
+  init = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  m, s, target = lax.fori_loop(0, kernel.shape[1] // spec.tile, body, init)
+  return m + jnp.log(s), target
 
 
 def _gather_rows(spec, *arrays):
@@ -106,41 +116,45 @@ def _gather_rows(spec, *arrays):
 def _fwd_local(spec, x, kernel, bias, labels, weights):
   x, labels, weights = _gather_rows(spec, x, labels, weights)
   offset = _class_offset(kernel, spec)
-  lse_local = _local_lse(x, kernel, bias, offset, spec)
+  lse_local, target = _local_lse_and_target(x, kernel, bias, labels, weights,
+                                            offset, spec)
   m = lax.pmax(lse_local, spec.class_axes)
   lse = m + jnp.log(lax.psum(jnp.exp(lse_local - m), spec.class_axes))
-  target = lax.psum(_local_target(x, kernel, bias, labels, weights, offset, spec),
-                    spec.class_axes)
-  total = jnp.sum(lse - target)
+  total = jnp.sum(lse - lax.psum(target, spec.class_axes))
   if spec.keep_axes:
     total = lax.psum(total, spec.keep_axes)
   return total / spec.global_batch, lse
 
 
+def _tile_grads(x, w, dlogits, spec):
+  """dx, dw of the tile's logits = x @ kernel(w); the cotangent in the head
+  dtype, each product accumulated in float32."""
+  g = dlogits.astype(spec.dtype)
+  wk, kernel_vjp = jax.vjp(lambda w_: _tile_kernel(w_, spec), w)
+  dx = jnp.dot(g, wk.astype(spec.dtype).T, preferred_element_type=jnp.float32)
+  dwk = jnp.dot(x.astype(spec.dtype).T, g, preferred_element_type=jnp.float32)
+  return dx, kernel_vjp(dwk)[0]
+
+
 def _bwd_local(spec, x, kernel, bias, labels, weights, lse, g):
   x, labels, weights = _gather_rows(spec, x, labels, weights)
   offset = _class_offset(kernel, spec)
-  coef = jnp.full(x.shape[:1], g / spec.global_batch, jnp.float32)
-  target_fn = lambda x_, k_, b_: _local_target(x_, k_, b_, labels, weights,
-                                               offset, spec)
-  _, target_vjp = jax.vjp(target_fn, x, kernel, bias)
-  dx, dk, db = target_vjp(-coef)
+  coef = (g / spec.global_batch).astype(jnp.float32)
 
   def body(i, carry):
     dx, dk, db = carry
-    start = i * spec.tile
-    w = lax.dynamic_slice_in_dim(kernel, start, spec.tile, axis=1)
-    b = lax.dynamic_slice_in_dim(bias, start, spec.tile)
-    logits, vjp = jax.vjp(
-        lambda x_, w_, b_: _tile_logits(x_, w_, b_, offset + start, spec), x, w, b)
-    dx_t, dw_t, db_t = vjp(jnp.exp(logits - lse[:, None]) * coef[:, None])
-    dk = lax.dynamic_update_slice_in_dim(
-        dk, lax.dynamic_slice_in_dim(dk, start, spec.tile, axis=1) + dw_t,
-        start, axis=1)
-    db = lax.dynamic_update_slice_in_dim(
-        db, lax.dynamic_slice_in_dim(db, start, spec.tile) + db_t, start, axis=0)
+    start, w, b = _tile(kernel, bias, i, spec)
+    logits = _tile_logits(x, w, b, offset + start, spec)
+    # d(lse - target)/dlogits = softmax - target weights (padded columns: 0 - 0).
+    dlogits = coef * (jnp.exp(logits - lse[:, None])
+                      - _tile_targets(labels, weights, offset + start, spec.tile))
+    dx_t, dw_t = _tile_grads(x, w, dlogits, spec)
+    dk = lax.dynamic_update_slice_in_dim(dk, dw_t, start, axis=1)
+    db = lax.dynamic_update_slice_in_dim(db, dlogits.sum(axis=0), start, axis=0)
     return dx + dx_t, dk, db
-  dx, dk, db = lax.fori_loop(0, kernel.shape[1] // spec.tile, body, (dx, dk, db))
+  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
+          jnp.zeros(bias.shape, jnp.float32))
+  dx, dk, db = lax.fori_loop(0, kernel.shape[1] // spec.tile, body, init)
   # Rows were gathered over class shards: sum their partial gradients back.
   if spec.gather_axes:
     dx = lax.psum_scatter(dx, spec.gather_axes, scatter_dimension=0, tiled=True)
@@ -149,7 +163,7 @@ def _bwd_local(spec, x, kernel, bias, labels, weights, lse, g):
     dx = lax.psum(dx, rest)
   if spec.keep_axes:  # the same classes saw different rows there.
     dk, db = lax.psum(dk, spec.keep_axes), lax.psum(db, spec.keep_axes)
-  return dx, dk, db
+  return dx.astype(x.dtype), dk.astype(kernel.dtype), db.astype(bias.dtype)
 
 
 def _specs(spec):

@@ -30,7 +30,9 @@ def make(cfg, total_steps):
   lr = schedule(cfg, total_steps)
   parts = [
       optax.clip_by_global_norm(cfg.clip_norm),
-      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      # mu_dtype bfloat16 halves the first moment's bytes (big_vision's default).
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                          mu_dtype=cfg.get('mu_dtype', 'float32')),
       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(lr),
   ]

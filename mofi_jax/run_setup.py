@@ -12,7 +12,7 @@ from flax import traverse_util
 from mofi_jax import checkpoint_checks, inference, sharding
 from mofi_jax.data import pipeline, schema
 from mofi_jax.data import tokenizer as tokenizer_lib
-from mofi_jax.models import mofi
+from mofi_jax.models import attention, mofi
 
 
 class ConfigError(ValueError):
@@ -87,12 +87,14 @@ def validate_config(config):
       'input.text_source': (config.input.text_source, ('entity', 'alt_text')),
       'model.dtype': (config.model.dtype, tuple(mofi.DTYPES)),
       'model.head.kind': (config.model.head.kind, ('linear', 'cosine')),
+      'model.attention': (config.model.get('attention', 'xla'), attention.IMPLEMENTATIONS),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{key}={value!r}; expected one of {allowed}')
   for key in ('total_steps', 'log_every', 'input.batch_size',
-              'input.image_size', 'ckpt.every_steps', 'loss.tile_size'):
+              'input.image_size', 'input.device_prefetch', 'ckpt.every_steps',
+              'loss.tile_size'):
     value = config
     for part in key.split('.'):
       value = value[part]

@@ -8,6 +8,7 @@ Reads like a table of contents: config, mesh, input, model/optimizer/update
 step, sharded init or restore, evaluators, metrics, loop.
 Re-running the same command resumes from the newest checkpoint in --workdir.
 """
+import functools
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from ml_collections import config_flags
 
 from mofi_jax import (checkpoint_checks, checkpointing, inference,
                       periodic_evals, run_setup, sharding, trainer)
-from mofi_jax.data import pipeline
+from mofi_jax.data import device_feed, pipeline
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -143,18 +144,26 @@ def train_and_evaluate(config, workdir, fresh_run=False):
       evaluators, names, s, towers_at(state.params), writer, workdir)
   if first_step == 0:
     run_evals(periodic_evals.due(evaluators, 0), 0)
-  acc = None
+  feed = device_feed.DeviceFeed(
+      data_iter, functools.partial(sharding.global_batch, mesh),
+      config.input.device_prefetch, first_step=first_step,
+      is_boundary=lambda s: ckpt.should_save(s) or s >= config.total_steps)
+  acc, stopping = None, False
   step = first_step
   while step < config.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding.global_batch(mesh, next(data_iter))
-      state, metrics = setup.train_step(state, batch)
+      state, metrics = setup.train_step(state, feed.next())
     step += 1
     acc = metrics if acc is None else acc.merge(metrics)
     for hook in hooks:
       hook(step)
     last = step == config.total_steps
-    stop = preemption.requested or ckpt.reached_preemption(step)
+    # On a preemption, train through the batches already on the devices, so
+    # that the saved data position matches the saved state.
+    stopping = stopping or preemption.requested or ckpt.reached_preemption(step)
+    if stopping:
+      feed.close()
+    stop = stopping and not feed.pending
     if step % config.log_every == 0 or last or stop:
       run_setup.check_finite(state, config, restored_from)
       writer.write_scalars(step, {f'train/{k}': v
