@@ -29,8 +29,7 @@ if [[ "${GPU_SUITE_TINY:-0}" == 1 ]]; then
   B16_BATCH=4 L14_BATCH=4
   CHECK=(--batch=2 --heads=2 --head_dim=16 --image_len=17 --text_len=9 --tol=1e-4)
   SHRINK=(--config.input.image_size=32 --config.input.text_len=8
-          --config.model.image.width=64 --config.model.image.depth=1
-          --config.model.image.num_heads=2 --config.model.image.mlp_dim=128
+          --config.model.image.variant=Ti/16
           --config.model.text.width=64 --config.model.text.depth=1
           --config.model.text.num_heads=2 --config.model.text.mlp_dim=128
           --config.model.text.vocab_size=512)
