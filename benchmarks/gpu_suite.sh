@@ -25,7 +25,7 @@ REMAT=${REMAT:-none}   # an H200's 141 GB holds both steps' activations
 CHECK=()
 SHRINK=()
 if [[ "${GPU_SUITE_TINY:-0}" == 1 ]]; then
-  ATTENTION=${TINY_ATTENTION:-head_major} DTYPE=float32 CLASSES=2048 STEPS=2 MATMUL=512
+  ATTENTION=head_major DTYPE=float32 CLASSES=2048 STEPS=2 MATMUL=512
   B16_BATCH=4 L14_BATCH=4
   CHECK=(--batch=2 --heads=2 --head_dim=16 --image_len=17 --text_len=9 --tol=1e-4)
   SHRINK=(--config.input.image_size=32 --config.input.text_len=8

@@ -79,14 +79,13 @@ class HeadsOut(nn.Module):
 
 def attend(q, k, v, causal, implementation):
   """softmax(q k^T / sqrt(H)) v, in the layout `implementation` takes."""
-  if implementation in ('xla', 'cudnn'):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                        implementation=implementation)
+  check_implementation(implementation)
   if implementation == 'head_major':
     return head_major_attention(q, k, v, causal)
   if implementation == 'splash':
     return splash_attention(q, k, v, causal)
-  check_implementation(implementation)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                      implementation=implementation)
 
 
 def head_major_attention(q, k, v, causal):
@@ -160,4 +159,3 @@ class Attention(nn.Module):
                for name in ('q', 'k', 'v'))
     y = attend(q, k, v, self.causal, self.implementation)
     return HeadsOut(head_major, self.dtype, name='out')(y)
-
