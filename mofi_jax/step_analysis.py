@@ -11,7 +11,7 @@ import re
 import flax.linen as nn
 import jax
 
-from mofi_jax import run_setup, sharding, trainer
+from mofi_jax import kernel_cost, run_setup, sharding, trainer
 from mofi_jax.models import mofi
 
 # A tile as large as any class shard: the cost compiles walk it in one step.
@@ -85,7 +85,8 @@ class Memory:
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-  """Per-device FLOPs and HBM bytes accessed (XLA's cost_analysis)."""
+  """Per-device FLOPs and HBM bytes accessed: XLA's cost_analysis, plus what it
+  leaves out of the Pallas kernels (kernel_cost)."""
   flops: float
   bytes: float
 
@@ -93,7 +94,8 @@ class Cost:
   def of(cls, compiled):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return cls(float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0)))
+    xla = cls(float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0)))
+    return xla + cls(*kernel_cost.uncounted(compiled.as_text()))
 
   def __add__(self, other):
     return Cost(self.flops + other.flops, self.bytes + other.bytes)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import mofi_b16
-from mofi_jax import aot, config_files, sharding, step_analysis, tpu_specs, trainer
+from mofi_jax import aot, config_files, kernel_cost, sharding, step_analysis, tpu_specs, trainer
 from mofi_jax.models import mofi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,4 +237,9 @@ def test_splash_attention_compiles_for_a_tpu_slice():
   lowered = step_analysis.lower_train_step(c, mesh)
   # Forward, dq and dkv kernels for each tower (scanned: one body each).
   assert lowered.as_text().count('tpu_custom_call') >= 6
-  assert step_analysis.Memory.of(lowered.compile()).total > 0
+  compiled = lowered.compile()
+  assert step_analysis.Memory.of(compiled).total > 0
+  # Per shard: 32 images over 4 chips; 17 image / 16 text tokens pad to 128.
+  kernels = kernel_cost.parse(compiled.as_text())
+  assert {k.phase for k in kernels} == {'fwd', 'dq', 'dkv'}
+  assert {k.q for k in kernels} == {(8, 2, 128, 16)}

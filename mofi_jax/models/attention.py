@@ -136,7 +136,7 @@ def _splash_local(q, k, v, segments, causal, interpret):
       block_sizes=splash.BlockSizes(
           block_q=block, block_kv=block, block_kv_compute=block,
           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-          block_q_dq=block, block_kv_dq=block),
+          block_q_dq=block, block_kv_dq=block, use_fused_bwd_kernel=False),
       interpret=interpret)
   ids = splash.SegmentIds(q=segments, kv=segments)
   return jax.vmap(kernel)(q, k, v, segment_ids=ids)

@@ -1,0 +1,94 @@
+"""The cost of Pallas splash-attention kernels, which XLA's cost analysis omits.
+
+A Pallas kernel reaches XLA as an opaque `tpu_custom_call`. The TPU compiler
+counts the bytes of its operands and results, once each, but no FLOPs (it
+reports 0 or -1). This module reads the kernels back from the compiled HLO
+text and counts, for each splash kernel, what it actually does:
+
+  FLOPs  2 * Tq * Tk * H per matmul, per (batch, head): the forward kernel runs
+         2 matmuls (q k^T, p v), dq runs 3 (q k^T again, do v^T, ds k), dkv
+         runs 4 (q k^T, p^T do, do v^T, ds^T q); `models/attention.py` runs
+         the backward unfused, as dq and dkv. Every block is counted: exact where the
+         sequence is one block (every paper config); for causal masks over
+         several blocks, which the kernel partly skips, an upper bound.
+  bytes  what XLA does not count: the operands a kernel streams again for each
+         block of the other sequence. The forward and dq kernels re-read k and v
+         for every q block after the first; dkv re-reads q and do for every kv
+         block after the first.
+"""
+import dataclasses
+import json
+import math
+import re
+
+_INSTRUCTION = re.compile(r'\n(?=\s*(?:ROOT )?%[\w.\-]+ = )')
+_NAME = re.compile(r'%(splash_\w+?_(fwd|dq|dkv)\w*?)(?:\.\d+)? = ')
+_OPERANDS = re.compile(r'operand_layout_constraints=\{(.*?)\}, \w+=')
+_SHAPE = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
+_BLOCKS = re.compile(r'"xprof_metadata":"(\{.*?\})"')
+_DTYPE_BYTES = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 's32': 4, 's8': 1,
+                'u8': 1, 'pred': 1, 's16': 2, 'u32': 4}
+MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One splash custom call: its phase, q/k/v shapes and block sizes."""
+  name: str
+  phase: str                  # 'fwd' | 'dq' | 'dkv'
+  q: tuple                    # [..., heads, Tq, H]
+  k: tuple                    # [..., heads, Tk, H]
+  dtype_bytes: int
+  blocks: dict
+
+  @property
+  def flops(self):
+    *batch, tq, h = self.q
+    tk = self.k[-2]
+    return 2 * MATMULS[self.phase] * math.prod(batch) * tq * tk * h
+
+  @property
+  def reread_bytes(self):
+    """Bytes streamed again for each extra block of the other sequence."""
+    nbytes = lambda shape: math.prod(shape) * self.dtype_bytes
+    if self.phase == 'dkv':       # q and do, per kv block
+      tk = self.k[-2]
+      return 2 * nbytes(self.q) * (-(-tk // self.blocks.get('block_kv_dkv', tk)) - 1)
+    tq = self.q[-2]               # k and v, per q block
+    block = self.blocks.get('block_q' if self.phase == 'fwd' else 'block_q_dq', tq)
+    return 2 * nbytes(self.k) * (-(-tq // block) - 1)
+
+def _operands(chunk):
+  m = _OPERANDS.search(chunk)
+  if not m:
+    return []
+  return [(dtype, tuple(int(d) for d in dims.split(',') if d))
+          for dtype, dims in _SHAPE.findall(m.group(1))]
+
+
+def parse(hlo_text):
+  """The splash kernels of a compiled module's HLO text, once per call site."""
+  kernels = []
+  for chunk in _INSTRUCTION.split(hlo_text):
+    if 'custom_call_target="tpu_custom_call"' not in chunk:
+      continue
+    name = _NAME.search(chunk)
+    if not name:
+      continue
+    # q, k, v are the first three floating operands of rank >= 3.
+    qkv = [(d, s) for d, s in _operands(chunk) if d[0] in 'bf' and len(s) >= 3][:3]
+    if len(qkv) < 3:
+      raise ValueError(f'splash kernel {name.group(1)}: cannot find q, k, v among '
+                       f'its operands in the compiled HLO')
+    blocks = _BLOCKS.search(chunk)
+    blocks = json.loads(blocks.group(1).replace('\\"', '"')) if blocks else {}
+    kernels.append(Kernel(name.group(1), name.group(2), qkv[0][1], qkv[1][1],
+                          _DTYPE_BYTES[qkv[0][0]], blocks))
+  return kernels
+
+
+def uncounted(hlo_text):
+  """(FLOPs, bytes) of the splash kernels that XLA's cost analysis leaves out."""
+  kernels = parse(hlo_text)
+  return (float(sum(k.flops for k in kernels)),
+          float(sum(k.reread_bytes for k in kernels)))
