@@ -29,7 +29,7 @@ flags.DEFINE_list('slices', ['v5e-256', 'v4-128', 'v5p-128'],
                   'TPU slices; the first one gets the cost compiles.')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FALLBACK = {'none': 'dots', 'dots': 'full'}
+FALLBACK = {'none': 'dots', 'dots': 'full', 'projections': 'full'}
 
 
 def report_path(config, slice_name, remat=None):

@@ -82,9 +82,10 @@ TEXT_TOWERS = {
 }
 EMBED_DIMS = {'B/16': 512, 'L/14': 768, 'H/14': 1024}
 # Rematerialisation, checked with `python -m mofi_jax.aot` on v5e-256 (128
-# images per chip, 15.75 GiB usable HBM; docs/pod_scale.md): B/16 fits while
-# saving every matmul output ('dots'), L/14 and H/14 recompute whole blocks.
-REMAT = {'B/16': 'dots', 'L/14': 'full', 'H/14': 'full'}
+# images per chip, 15.75 GiB usable HBM; docs/pod_scale.md) with the splash
+# kernel: B/16 saves every projection ('projections'), L/14 and H/14 recompute
+# whole blocks.
+REMAT = {'B/16': 'projections', 'L/14': 'full', 'H/14': 'full'}
 MODES = ('supervised', 'contrastive', 'multitask')
 
 
@@ -103,6 +104,9 @@ def paper_config(variant, mode):
   c.model.text.update(vocab_size=49_408, **TEXT_TOWERS[variant])
   c.model.head.num_classes = 2_000_000
   c.model.remat = REMAT[variant]
+  # TPU pods: the Pallas splash kernel (on GPU: --config.model.attention=cudnn).
+  c.model.attention = 'splash'
+  c.loss.head_dtype = 'bfloat16'   # fp32 accumulation and log-sum-exp
   c.optim.update(lr=5e-4, warmup_steps=10_000, weight_decay=0.2)
   c.ckpt.update(every_steps=2000, keep=3)
   c.compile_cache.dir = '{workdir}/compile_cache'   # minutes saved on every restart

@@ -29,6 +29,8 @@ _BLOCKS = re.compile(r'"xprof_metadata":"(\{.*?\})"')
 _DTYPE_BYTES = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 's32': 4, 's8': 1,
                 'u8': 1, 'pred': 1, 's16': 2, 'u32': 4}
 MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4}
+# splash's QKVLayout values, as its kernels record them: [.., T, H] | [.., H, T].
+HEAD_DIM_MINOR, SEQ_MINOR = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Kernel:
   """One splash custom call: its phase, q/k/v shapes and block sizes."""
   name: str
   phase: str                  # 'fwd' | 'dq' | 'dkv'
-  q: tuple                    # [..., heads, Tq, H]
+  q: tuple                    # [..., heads, Tq, H], whatever the kernel's layout
   k: tuple                    # [..., heads, Tk, H]
   dtype_bytes: int
   blocks: dict
@@ -57,6 +59,11 @@ class Kernel:
     tq = self.q[-2]               # k and v, per q block
     block = self.blocks.get('block_q' if self.phase == 'fwd' else 'block_q_dq', tq)
     return 2 * nbytes(self.k) * (-(-tq // block) - 1)
+
+def _seq_major(shape, layout):
+  """[..., T, H] from a kernel operand in either splash layout."""
+  return shape if layout == HEAD_DIM_MINOR else shape[:-2] + shape[-1:] + shape[-2:-1]
+
 
 def _operands(chunk):
   m = _OPERANDS.search(chunk)
@@ -82,7 +89,9 @@ def parse(hlo_text):
                        f'its operands in the compiled HLO')
     blocks = _BLOCKS.search(chunk)
     blocks = json.loads(blocks.group(1).replace('\\"', '"')) if blocks else {}
-    kernels.append(Kernel(name.group(1), name.group(2), qkv[0][1], qkv[1][1],
+    q, k = (_seq_major(shape, blocks.get(f'{x}_layout', HEAD_DIM_MINOR))
+            for x, (_, shape) in zip('qk', qkv))
+    kernels.append(Kernel(name.group(1), name.group(2), q, k,
                           _DTYPE_BYTES[qkv[0][0]], blocks))
   return kernels
 

@@ -140,6 +140,19 @@ def on_process_zero(fn, name):
     multihost_utils.sync_global_devices(name)
 
 
+def check_attention_platform(config, mesh):
+  """A fused attention kernel needs its platform's devices: a clear error, not a
+  lowering failure deep in the first compile."""
+  name = config.model.get('attention', 'xla')
+  needed = attention.PLATFORMS.get(name)
+  platform = mesh.devices.flat[0].platform
+  if needed and platform != needed:
+    raise ConfigError(
+        f'config.model.attention={name!r} runs only on {needed.upper()} devices; these '
+        f'are {platform.upper()}: set --config.model.attention to one of '
+        f"{[i for i in attention.IMPLEMENTATIONS if attention.PLATFORMS.get(i, platform) == platform]}")
+
+
 def resolve_from_corpus(config, data_dir):
   """Fills head.num_classes / text.vocab_size from the corpus where they are -1,
   and checks them where they are set. A 'pairs' corpus (0 entities: num_classes 0,

@@ -76,6 +76,7 @@ def train_and_evaluate(config, workdir, fresh_run=False):
   run_setup.enable_compile_cache(config.compile_cache, workdir)
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
+  run_setup.check_attention_platform(config, mesh)
   sharding.activate(mesh)
   sharding.check_batch_divides(config.input.batch_size, mesh,
                               microbatches=config.optim.microbatches)

@@ -141,3 +141,22 @@ def test_projections_policy_does_not_change_gradients():
   grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
   for a, b in zip(jax.tree.leaves(grad(enc('none'))), jax.tree.leaves(grad(enc('projections')))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name, needed', [('splash', 'TPU'), ('cudnn', 'GPU')])
+def test_a_kernel_off_its_platform_is_a_config_error(name, needed):
+  """train.py refuses splash on CPU devices before any compile, naming the key
+  and what does run there; the kernels that run anywhere pass."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from mofi_jax import run_setup  # pylint: disable=g-import-not-at-top
+  c = demo.get_config('multitask')
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:2])
+  for ok in ('xla', 'head_major'):
+    c.model.attention = ok
+    run_setup.check_attention_platform(c, mesh)
+  c.model.attention = name
+  with pytest.raises(run_setup.ConfigError) as e:
+    run_setup.check_attention_platform(c, mesh)
+  assert str(e.value) == (
+      f"config.model.attention={name!r} runs only on {needed} devices; these are "
+      "CPU: set --config.model.attention to one of ['xla', 'head_major']")

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ('xla', 'head_major', 'cudnn', 'splash')
 HEAD_MAJOR = ('head_major', 'splash')  # kernels that take [B, N, T, H]
+PLATFORMS = {'cudnn': 'gpu', 'splash': 'tpu'}   # kernels bound to one platform
 PROJECTION_NAMES = ('attn_q', 'attn_k', 'attn_v', 'attn_out')  # for remat policies
 SPLASH_BLOCK = 128                     # splash tiles the sequence in blocks of this
 
@@ -131,12 +132,16 @@ def _splash_local(q, k, v, segments, causal, interpret):
   n, t = q.shape[1], q.shape[2]
   one = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
   block = min(512, t)
+  # Sequence-minor q, k, v: [.., H, T] keeps the padded length (a multiple of
+  # 128) in the TPU's 128 lanes; head_dim-minor would pad H=64 to 128 in HBM.
+  seq_minor = splash.QKVLayout.SEQ_MINOR
   kernel = splash.make_splash_mha(
       splash.MultiHeadMask([one] * n), head_shards=1, q_seq_shards=1,
       block_sizes=splash.BlockSizes(
           block_q=block, block_kv=block, block_kv_compute=block,
           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-          block_q_dq=block, block_kv_dq=block, use_fused_bwd_kernel=False),
+          block_q_dq=block, block_kv_dq=block, use_fused_bwd_kernel=False,
+          q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor),
       interpret=interpret)
   ids = splash.SegmentIds(q=segments, kv=segments)
   return jax.vmap(kernel)(q, k, v, segment_ids=ids)
