@@ -50,7 +50,7 @@ step() {  # config, batch, then overrides
   echo "== train step: $config batch=$batch"
   timeout "$STEP_TIMEOUT" python benchmarks/train_step.py --config="$config" \
     --config.model.attention="$ATTENTION" --config.model.dtype="$DTYPE" \
-    --config.model.remat="$REMAT" \
+    --config.loss.head_dtype="$DTYPE" --config.model.remat="$REMAT" \
     --config.input.batch_size="$batch" --config.model.head.num_classes="$CLASSES" \
     --config.model.head.pad_multiple=1024 --steps="$STEPS" --matmul_size="$MATMUL" "$@"
 }

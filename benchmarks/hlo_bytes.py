@@ -24,15 +24,6 @@ from absl import app, flags
 from mofi_jax import config_files, sharding, step_analysis, tpu_specs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('config', None, 'Config file[:variant].')
-flags.DEFINE_string('topology', 'v5e:16x16', 'TPU slice.')
-flags.DEFINE_multi_string('set', [], 'key=value config override.')
-flags.DEFINE_integer('top', 40, 'Rows to print.')
-flags.DEFINE_integer('scope_depth', 3, 'Trailing op_name components kept per row.')
-flags.DEFINE_integer('image_depth', 1, 'Image tower depth of the shallow compile '
-                     '(2 against 1 gives one layer of bytes).')
-flags.DEFINE_integer('text_depth', 1, 'Text tower depth of the shallow compile.')
-flags.DEFINE_string('dump', None, 'Also write the compiled HLO text here.')
 
 _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', re.S)
 _OP = re.compile(r' ([\w\-]+)\((.*)$', re.S)
@@ -126,6 +117,21 @@ def main(argv):
     print(f'{nbytes / 1e9:9.3f} GB  {100 * nbytes / total:5.1f}%  {key}')
 
 
+def define_flags():
+  """The CLI's flags (defined only when run, so that tests can import the
+  parsers next to other absl programs)."""
+  flags.DEFINE_string('config', None, 'Config file[:variant].')
+  flags.DEFINE_string('topology', 'v5e:16x16', 'TPU slice.')
+  flags.DEFINE_multi_string('set', [], 'key=value config override.')
+  flags.DEFINE_integer('top', 40, 'Rows to print.')
+  flags.DEFINE_integer('scope_depth', 3, 'Trailing op_name components kept per row.')
+  flags.DEFINE_integer('image_depth', 1, 'Image tower depth of the shallow compile '
+                       '(2 against 1 gives one layer of bytes).')
+  flags.DEFINE_integer('text_depth', 1, 'Text tower depth of the shallow compile.')
+  flags.DEFINE_string('dump', None, 'Also write the compiled HLO text here.')
+
+
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('config')
   app.run(main)

@@ -7,7 +7,11 @@ PaLM definition) over step time x peak.
   python benchmarks/train_step.py --config configs/mofi_b16.py:supervised \
       --config.model.image.variant=S/16 --config.model.dtype=float32 \
       --config.model.remat=none --config.input.batch_size=32 \
-      --config.model.head.num_classes=1000 --config.model.head.pad_multiple=1024
+      --config.model.head.num_classes=1000 --config.model.head.pad_multiple=1024 \
+      --config.model.attention=head_major --config.loss.head_dtype=float32
+
+(The paper configs default to TPU settings: the splash kernel, which runs only
+on TPU, and a bf16 entity head.)
 
 Feeds random batches (no input pipeline), so it measures the model and loss.
 The layer stack is unrolled (model.scan=False) unless --keep_scan: XLA's cost
@@ -22,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mofi_jax import sharding, step_analysis, trainer
+from mofi_jax import run_setup, sharding, step_analysis, trainer
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -76,6 +80,7 @@ def main(argv):
       config.model.scan = False
   num_classes = config.model.head.num_classes
   mesh = sharding.make_mesh(config.mesh)
+  run_setup.check_attention_platform(config, mesh)
   sharding.activate(mesh)
   setup = trainer.build(config, mesh)
   state = setup.init(mesh, config.seed)
