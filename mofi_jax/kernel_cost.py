@@ -60,6 +60,7 @@ class Kernel:
     block = self.blocks.get('block_q' if self.phase == 'fwd' else 'block_q_dq', tq)
     return 2 * nbytes(self.k) * (-(-tq // block) - 1)
 
+
 def _seq_major(shape, layout):
   """[..., T, H] from a kernel operand in either splash layout."""
   return shape if layout == HEAD_DIM_MINOR else shape[:-2] + shape[-1:] + shape[-2:-1]
