@@ -11,6 +11,7 @@ layer's traffic. Bytes are logical (no TPU tiling padding), which is why the
 total sits a little below XLA's "bytes accessed", printed beside it.
 """
 import collections
+import math
 import os
 import re
 import sys
@@ -21,29 +22,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
 
-from mofi_jax import config_files, sharding, step_analysis, tpu_specs
+from mofi_jax import config_files, kernel_cost, sharding, step_analysis, tpu_specs
 
 FLAGS = flags.FLAGS
 
 _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', re.S)
 _OP = re.compile(r' ([\w\-]+)\((.*)$', re.S)
-_SHAPE = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
-          'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 FREE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
         'after-all', 'partition-id', 'replica-id'}
 
 
 def shape_bytes(text):
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    n = 1
-    for d in filter(None, dims.split(',')):
-      n *= int(d)
-    total += n * _BYTES.get(dtype, 4)
-  return total
+  return sum(math.prod(int(d) for d in dims.split(',') if d)
+             * kernel_cost.DTYPE_BYTES.get(dtype, 4)
+             for dtype, dims in kernel_cost.SHAPE.findall(text))
 
 
 def split_result(text):
@@ -60,7 +54,7 @@ def split_result(text):
 def entry_lines(hlo_text):
   """The entry computation's instructions, one string each (some span lines)."""
   entry = hlo_text[hlo_text.index('\nENTRY '):]
-  return re.split(r'\n(?=\s*(?:ROOT )?%[\w.\-]+ = )', entry)[1:]
+  return kernel_cost.INSTRUCTION.split(entry)[1:]
 
 
 def instructions(hlo_text):
@@ -90,6 +84,7 @@ def scope_key(op_name, depth):
   tower = next((p for p in parts if p.endswith('_tower')), '')
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
   return f"{direction} {tower}: {'/'.join(parts[-depth:])}"
+
 
 def main(argv):
   del argv

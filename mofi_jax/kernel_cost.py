@@ -21,13 +21,13 @@ import json
 import math
 import re
 
-_INSTRUCTION = re.compile(r'\n(?=\s*(?:ROOT )?%[\w.\-]+ = )')
+INSTRUCTION = re.compile(r'\n(?=\s*(?:ROOT )?%[\w.\-]+ = )')  # splits HLO text
 _NAME = re.compile(r'%(splash_\w+?_(fwd|dq|dkv)\w*?)(?:\.\d+)? = ')
 _OPERANDS = re.compile(r'operand_layout_constraints=\{(.*?)\}, \w+=')
-_SHAPE = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
+SHAPE = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
 _BLOCKS = re.compile(r'"xprof_metadata":"(\{.*?\})"')
-_DTYPE_BYTES = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 's32': 4, 's8': 1,
-                'u8': 1, 'pred': 1, 's16': 2, 'u32': 4}
+DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
+               'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4}
 # splash's QKVLayout values, as its kernels record them: [.., T, H] | [.., H, T].
 HEAD_DIM_MINOR, SEQ_MINOR = 1, 2
@@ -71,13 +71,13 @@ def _operands(chunk):
   if not m:
     return []
   return [(dtype, tuple(int(d) for d in dims.split(',') if d))
-          for dtype, dims in _SHAPE.findall(m.group(1))]
+          for dtype, dims in SHAPE.findall(m.group(1))]
 
 
 def parse(hlo_text):
   """The splash kernels of a compiled module's HLO text, once per call site."""
   kernels = []
-  for chunk in _INSTRUCTION.split(hlo_text):
+  for chunk in INSTRUCTION.split(hlo_text):
     if 'custom_call_target="tpu_custom_call"' not in chunk:
       continue
     name = _NAME.search(chunk)
@@ -93,7 +93,7 @@ def parse(hlo_text):
     q, k = (_seq_major(shape, blocks.get(f'{x}_layout', HEAD_DIM_MINOR))
             for x, (_, shape) in zip('qk', qkv))
     kernels.append(Kernel(name.group(1), name.group(2), q, k,
-                          _DTYPE_BYTES[qkv[0][0]], blocks))
+                          DTYPE_BYTES[qkv[0][0]], blocks))
   return kernels
 
 

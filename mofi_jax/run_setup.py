@@ -147,10 +147,11 @@ def check_attention_platform(config, mesh):
   needed = attention.PLATFORMS.get(name)
   platform = mesh.devices.flat[0].platform
   if needed and platform != needed:
+    runnable = [i for i in attention.IMPLEMENTATIONS
+                if attention.PLATFORMS.get(i) in (None, platform)]
     raise ConfigError(
         f'config.model.attention={name!r} runs only on {needed.upper()} devices; these '
-        f'are {platform.upper()}: set --config.model.attention to one of '
-        f"{[i for i in attention.IMPLEMENTATIONS if attention.PLATFORMS.get(i, platform) == platform]}")
+        f'are {platform.upper()}: set --config.model.attention to one of {runnable}')
 
 
 def resolve_from_corpus(config, data_dir):
