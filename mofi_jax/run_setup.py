@@ -1,7 +1,9 @@
 """Small pieces of the training entry point: config checks, processes, paths,
 finite checks. Kept here so that train.py reads like a table of contents."""
+import faulthandler
 import importlib
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,13 @@ class _DropLibraryInfo(logging.logging.Filter):
 
 def quiet_libraries():
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+def stacks_on_sigusr1():
+  """`kill -USR1 <pid>` prints every thread's Python stack to stderr and the run
+  goes on: what a stuck pod worker waits in (a collective, a barrier, a read),
+  with nothing to install on the host."""
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def init_processes(flags_):

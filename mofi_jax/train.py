@@ -189,6 +189,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   run_setup.quiet_libraries()
+  run_setup.stacks_on_sigusr1()
   run_setup.init_processes(FLAGS)
   if FLAGS.workdir is None:
     sys.exit('mofi_jax.train: error: --workdir is required')

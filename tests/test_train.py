@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from portable_runner import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, EVERY = 30, 5
@@ -102,15 +103,17 @@ def uninterrupted(setup):
   return workdir
 
 
-def start_and_signal(cmd, workdir, min_step, sig):
-  """Starts training, sends `sig` once a checkpoint >= min_step exists."""
+def start_and_signal(cmd, workdir, min_step, *sigs):
+  """Starts training, sends `sigs` (0.1 s apart) once a checkpoint >= min_step exists."""
   p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not any(s >= min_step for s in steps(workdir)):
     assert p.poll() is None and time.time() < deadline, 'training ended early'
     time.sleep(0.02)
-  p.send_signal(sig)
+  for i, sig in enumerate(sigs):
+    time.sleep(0.1 if i else 0)
+    p.send_signal(sig)
   _, err = p.communicate(timeout=300)
   return p.returncode, err
 
@@ -118,8 +121,10 @@ def start_and_signal(cmd, workdir, min_step, sig):
 def test_interrupted_runs_resume_to_identical_params(setup, uninterrupted):
   workdir = setup / 'interrupted'
   cmd = train_cmd(setup, workdir)
-  code, err = start_and_signal(cmd, workdir, 5, signal.SIGTERM)
+  # SIGUSR1 prints the stacks (main thread in this loop) and the run goes on.
+  code, err = start_and_signal(cmd, workdir, 5, signal.SIGUSR1, signal.SIGTERM)
   assert code == 0, err[-3000:]
+  assert 'most recent call first' in err and 'in train_and_evaluate' in err, err[-3000:]
   assert 'Stopped at step' in err
   assert max(steps(workdir)) < TOTAL
   code, _ = start_and_signal(cmd, workdir, 15, signal.SIGKILL)
@@ -303,8 +308,8 @@ def gloo_unavailable():
   return None
 
 
-def launch_two_processes(setup, workdir, port):
-  procs = []
+def launch_two_processes(setup, workdir):
+  procs, port = [], free_port()
   for i in (0, 1):
     cmd = train_cmd(setup, workdir, f'--coordinator_address=127.0.0.1:{port}',
                     '--num_processes=2', f'--process_id={i}')
@@ -314,12 +319,30 @@ def launch_two_processes(setup, workdir, port):
   return procs
 
 
-def finish(procs):
-  errs = [p.communicate(timeout=400)[1] for p in procs]
+def finish(procs, timeout=400):
+  deadline = time.time() + timeout
+  try:
+    errs = [p.communicate(timeout=max(1, deadline - time.time()))[1] for p in procs]
+  except subprocess.TimeoutExpired:
+    raise AssertionError(hung(procs, timeout)) from None
   if any(p.returncode for p in procs) and any('gloo' in e.lower() and 'unavailable'
                                               in e.lower() for e in errs):
     pytest.skip(f'gloo collectives unavailable: {errs[0][-500:]}')
   return errs
+
+
+def hung(procs, timeout):
+  """Each stuck process's Python stacks (SIGUSR1, see run_setup) and log tail."""
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGUSR1)
+  time.sleep(5)
+  for p in procs:
+    p.kill()
+  errs = [p.communicate()[1] for p in procs]
+  return f'not finished after {timeout} s:\n' + '\n'.join(
+      f'--- process {i} (exit {p.returncode}) ---\n{e[-8000:]}'
+      for i, (p, e) in enumerate(zip(procs, errs)))
 
 
 def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupted):
@@ -334,7 +357,7 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   if reason:
     pytest.skip(reason)
   workdir = setup / 'two_process'
-  procs = launch_two_processes(setup, workdir, 23456)
+  procs = launch_two_processes(setup, workdir)
   deadline = time.time() + 400
   while not any(s >= 10 for s in steps(workdir)):
     assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
@@ -365,9 +388,8 @@ def test_two_processes_preempted_resume_and_match_one_process(setup, uninterrupt
   assert written_by_1.is_dir()
   damage(str(written_by_1), 'truncate')
   reference = two_process_reference(setup, TOTAL)
-  for folder, port, expect in ((workdir, 23457, stopped), (disagree, 23458, previous),
-                               (one_shard, 23459, previous)):
-    procs = launch_two_processes(setup, folder, port)
+  for folder, expect in ((workdir, stopped), (disagree, previous), (one_shard, previous)):
+    procs = launch_two_processes(setup, folder)
     errs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert all(f'Restored checkpoint step {expect}' in e for e in errs), errs[1][-3000:]
