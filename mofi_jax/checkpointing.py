@@ -31,6 +31,7 @@ from absl import logging
 from etils import epath
 
 from mofi_jax import checkpoint_checks as checks
+from mofi_jax import drained_reads
 
 _OUTCOMES = ('ok', 'corrupt', 'incompatible', 'transient', 'fatal')
 
@@ -271,18 +272,21 @@ class Checkpointer:
     """The saved tree's metadata (errors propagate, to be classified)."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      return handler.metadata(self._state_dir(step)).tree
+      with drained_reads.drained():
+        return handler.metadata(self._state_dir(step)).tree
     finally:
       handler.close()
 
   def _read_arrays(self, step, abstract_state):
     """This process's shards. Orbax's handler is called directly:
     `Checkpointer.restore` ends in a barrier, which a process whose read
-    failed would never reach; here every process returns with an outcome."""
+    failed would never reach; here every process returns with an outcome,
+    and only once all of its reads have ended (drained_reads)."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      return handler.restore(self._state_dir(step),
-                             args=ocp.args.StandardRestore(abstract_state))
+      with drained_reads.drained():
+        return handler.restore(self._state_dir(step),
+                               args=ocp.args.StandardRestore(abstract_state))
     finally:
       handler.close()
 
