@@ -265,7 +265,7 @@ def test_failed_read_leaves_no_read_running(tmp_path):
   try:
     step, state, _ = checkpointing.Checkpointer(str(tmp_path), ckpt_cfg()).restore_latest(
         abstract_of(many(0)), _Input(), CONFIG)
-    pending = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
+    pending = [o for o in gc.get_objects() if type(o) is asyncio.Task and not o.done()]
   finally:
     gc.enable()
   assert step == 1 and not pending, pending[:3]
