@@ -255,11 +255,10 @@ def test_failed_read_leaves_no_read_running(tmp_path):
     ckpt.save(step, many(step), {'config': CONFIG}, _Input(step), force=True)
   ckpt.close()
   state_dir = os.path.join(tmp_path, 'checkpoints', '2', 'state')
-  for root, _, files in os.walk(state_dir):
-    for f in files:
-      if os.sep + 'd' in root:
-        with open(os.path.join(root, f), 'r+b') as fh:
-          fh.truncate(os.path.getsize(os.path.join(root, f)) // 3)
+  for root, _, files in os.walk(state_dir):   # OCDBT data files, under .../d/
+    for path in (os.path.join(root, f) for f in files if os.path.basename(root) == 'd'):
+      with open(path, 'r+b') as fh:
+        fh.truncate(os.path.getsize(path) // 3)
   gc.collect()
   gc.disable()   # what is left pending stays visible until we look
   try:

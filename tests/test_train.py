@@ -111,9 +111,9 @@ def start_and_signal(cmd, workdir, min_step, *sigs):
   while not any(s >= min_step for s in steps(workdir)):
     assert p.poll() is None and time.time() < deadline, 'training ended early'
     time.sleep(0.02)
-  for i, sig in enumerate(sigs):
-    time.sleep(0.1 if i else 0)
+  for sig in sigs:
     p.send_signal(sig)
+    time.sleep(0.1)
   _, err = p.communicate(timeout=300)
   return p.returncode, err
 
