@@ -32,8 +32,9 @@ EXTRAS = {
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
     # scikit-learn and torchvision (ml-mofi's eval code) are oracles in tests;
-    # nbclient/ipykernel execute notebooks.
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.5', 'torchvision==0.29.1',
+    # nbclient/ipykernel execute notebooks; pytest-timeout fails a hung test (conftest.py).
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'pytest-timeout>=2.3,<3', 'scikit-learn>=1.5',
+             'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8'],
 }
 

@@ -86,7 +86,7 @@ def main(argv=None):
     args, config, beam_args = parse_args(argv)
     check_inputs(args)
     import apache_beam as beam  # pylint: disable=import-outside-toplevel
-    from data_prep.i2e import pipeline, write  # pylint: disable=import-outside-toplevel
+    from data_prep.i2e import pipeline, runs, write  # pylint: disable=import-outside-toplevel
     options = pipeline.pipeline_options(beam_args)
   except (ValueError, OSError) as e:
     sys.exit(f'data_prep.build_i2e: error: {e}')
@@ -94,8 +94,7 @@ def main(argv=None):
     p = beam.Pipeline(options=options)
     pipeline.build_i2e(p, pairs=args.pairs, out_dir=args.out, config=config, kb_dir=args.kb,
                        clip=args.clip, pairs_only=args.pairs_only, overwrite=args.overwrite)
-    result = p.run()
-    result.wait_until_finish()
+    result = runs.run_to_completion(p)
   except Exception as e:  # pylint: disable=broad-except  # Runners wrap errors variously.
     sys.exit(f'data_prep.build_i2e: error: {_one_line(e)}')
   with FileSystems.open(FileSystems.join(args.out, write.STATS_FILE)) as f:

@@ -127,14 +127,15 @@ def run(args, beam_args):
   # pylint: disable=import-outside-toplevel
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
-  from data_prep.i2e import kb, wikidata
+  from data_prep.i2e import kb, runs, wikidata
   staging = f'{args.out.rstrip("/")}.staging-{uuid.uuid4().hex[:8]}'
   try:
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-      wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
-                              min_sitelinks=args.min_sitelinks,
-                              excluded_types=args.exclude_types,
-                              index_shards=args.index_shards)
+    p = beam.Pipeline(options=PipelineOptions(beam_args))
+    wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
+                            min_sitelinks=args.min_sitelinks,
+                            excluded_types=args.exclude_types,
+                            index_shards=args.index_shards)
+    runs.run_to_completion(p)
     with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:
       meta = json.loads(f.read().decode('utf-8'))
     move_into_place(staging, args.out)

@@ -14,6 +14,17 @@ TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shar
                           text_len=12, vocab_size=400)
 
 
+# The longest test takes a few minutes on 2 loaded cores. One that hangs (a deadlock in a
+# library, a lost subprocess) fails after this, with its stack, instead of stalling CI.
+TEST_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker('timeout') is None:
+      item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
+
+
 @pytest.fixture(scope='session')
 def tiny_corpus(tmp_path_factory):
   """Path (str) of a tiny synthetic I2E corpus in the production format."""

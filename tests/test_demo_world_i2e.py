@@ -5,6 +5,7 @@ by the spine, and run again on Beam's portable runner (job service + external wo
 import glob
 import json
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -107,6 +108,8 @@ TINY = dict(seed=2, num_entities=12, images_per_entity=12, num_shards=2, image_s
             multi_entity_frac=0.2, label_noise=0.1, retrieval_categories=2, text_len=16,
             vocab_size=400, builder='i2e', distractor_frac=0.4, bootstrap_steps=40,
             clip_threshold=0.3, min_images=2)
+# Each portable step takes 10-60 s here; one that hangs fails the test with its stacks.
+STEP_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope='module')
@@ -191,7 +194,7 @@ def test_kb_and_corpus_on_the_portable_runner_equal_the_direct_runners(built, tm
   with portable_services(str(tmp_path)) as flags:
     steps = dict(i2e_build.commands(paths, demo_world.resolve_config(TINY), beam_flags=flags))
     for name in ('build_kb', 'i2e_corpus'):
-      i2e_build.run_step(name, steps[name], paths['logs'])
+      i2e_build.run_step(name, steps[name], paths['logs'], timeout_s=STEP_TIMEOUT_S)
   # The SDK workers were the pool's processes (one per job: Beam's Python job service runs
   # each job on one worker, whatever --sdk_worker_parallelism says).
   with open(tmp_path / 'worker_pool.log') as f:
@@ -204,3 +207,16 @@ def test_kb_and_corpus_on_the_portable_runner_equal_the_direct_runners(built, tm
   with open(os.path.join(paths['corpus'], i2e_build.STATS_FILE)) as f:
     portable = json.load(f)
   assert portable['reconciled'] and portable['stages'] == stats['stages']
+
+
+def test_a_step_that_hangs_fails_with_its_stacks_in_the_log(tmp_path):
+  hang = ('import faulthandler, signal, time\n'
+          'faulthandler.register(signal.SIGUSR1, all_threads=True)\n'
+          'def waits_forever():\n'
+          '  time.sleep(600)\n'
+          'waits_forever()\n')
+  with pytest.raises(i2e_build.DemoBuildError, match=r"'stuck' did not finish in 3s"):
+    i2e_build.run_step('stuck', [sys.executable, '-c', hang], str(tmp_path), timeout_s=3)
+  with open(tmp_path / 'stuck.log') as f:
+    log = f.read()
+  assert 'in waits_forever' in log, log

@@ -22,6 +22,7 @@ ground truth (selection.py).
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,15 +124,28 @@ def cpu_env():
                                          if p))
 
 
-def run_step(name, argv, log_dir):
-  """Runs one step on CPU; its output goes to logs/{name}.log. Returns the seconds taken."""
-  env = cpu_env()
+def run_step(name, argv, log_dir, timeout_s=None):
+  """Runs one step on CPU; its output goes to logs/{name}.log. Returns the seconds taken.
+
+  A step still running after `timeout_s` is sent SIGUSR1 (the entry points print every
+  thread's stack on it, into the log), then killed, and the build fails naming the log.
+  """
   log = os.path.join(log_dir, f'{name}.log')
   logging.info('demo corpus: %s: %s', name, ' '.join(argv[2:]))
   start = time.time()
   with open(log, 'w') as f:
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                          check=False)
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=cpu_env(), stdout=f,
+                            stderr=subprocess.STDOUT)
+    try:
+      proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      _dump_stacks_and_kill(proc)
+      raise DemoBuildError(f'demo corpus: step {name!r} did not finish in {timeout_s}s; '
+                           f'its threads\' stacks are at the end of {log}') from None
+    except BaseException:  # KeyboardInterrupt, a test's timeout: leave no step running
+      proc.kill()
+      proc.wait()
+      raise
   seconds = time.time() - start
   if proc.returncode:
     with open(log) as f:
@@ -141,6 +155,15 @@ def run_step(name, argv, log_dir):
                          f'{seconds:.0f}s: {last[:500]} (full log: {log})')
   logging.info('demo corpus: %s done in %.1fs', name, seconds)
   return seconds
+
+
+def _dump_stacks_and_kill(proc):
+  proc.send_signal(signal.SIGUSR1)
+  try:
+    proc.wait(timeout=5)  # a step without the handler dies of the signal
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
 
 
 def _move_corpus_up(corpus, out_dir):
