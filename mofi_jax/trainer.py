@@ -94,13 +94,17 @@ def make_value_and_grad(model, config, mesh, num_classes):
       aux['logit_scale'] = out['logit_scale']
     return total, aux
 
+  def loss_fn(params, batch):
+    return loss_of_outputs(
+        model.apply({'params': params}, batch['image'], batch.get('text')), batch)
+
   def value_and_grad(params, batch):
-    if config.optim.microbatches > 1:
-      return accumulation.value_and_grad(model, loss_of_outputs, params, batch,
-                                         config.optim.microbatches)
-    loss_fn = lambda p: loss_of_outputs(
-        model.apply({'params': p}, batch['image'], batch.get('text')), batch)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    m = config.optim.microbatches
+    if m > 1 and config.model.mode == 'supervised':  # a mean over examples
+      return accumulation.mean_value_and_grad(loss_fn, params, batch, m)
+    if m > 1:
+      return accumulation.value_and_grad(model, loss_of_outputs, params, batch, m)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
 
   return value_and_grad
 
