@@ -12,24 +12,27 @@ from data_prep.i2e import runs
 
 
 class OpenStream:
-  """A gRPC response stream that yields nothing until it is cancelled, then fails the
-  way grpc's does (its reader raises an RpcError)."""
+  """A gRPC response stream that yields nothing until it ends, then fails the way grpc's
+  does when cancelled (its reader raises an RpcError). It has no `cancel`."""
 
-  def __init__(self, cancellable=True):
-    self._cancelled = threading.Event()
-    if not cancellable:
-      self.cancel = None
+  def __init__(self):
+    self._ended = threading.Event()
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    if not self._cancelled.wait(timeout=60):
+    if not self._ended.wait(timeout=60):
       raise StopIteration  # never reached when settle works: keeps a failing test short
     raise grpc.RpcError('cancelled')
 
-  def cancel(self):  # pylint: disable=method-hidden
-    self._cancelled.set()
+  def end(self):
+    self._ended.set()
+
+
+class CancellableStream(OpenStream):
+  def cancel(self):
+    self.end()
 
 
 def readers():
@@ -43,7 +46,7 @@ def done_result(messages):
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
 def test_settle_ends_the_message_reader_of_a_done_job():
-  stream = OpenStream()
+  stream = CancellableStream()
   result = done_result(stream)
   assert result.wait_until_finish() == 'DONE'
   assert readers(), 'the reader should outlive the job here; the test would prove nothing'
@@ -53,11 +56,11 @@ def test_settle_ends_the_message_reader_of_a_done_job():
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
 def test_settle_reports_a_reader_it_cannot_end():
-  stream = OpenStream(cancellable=False)
+  stream = OpenStream()
   result = done_result(stream)
   result.wait_until_finish()
   assert not runs.settle(result, reader_wait_s=0.2)
-  OpenStream.cancel(stream)
+  stream.end()
   for t in readers():
     t.join(5)
   assert not readers()

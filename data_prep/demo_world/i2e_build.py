@@ -139,13 +139,13 @@ def run_step(name, argv, log_dir, timeout_s=None):
     try:
       proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-      _dump_stacks_and_kill(proc)
+      _dump_stacks(proc)
       raise DemoBuildError(f'demo corpus: step {name!r} did not finish in {timeout_s}s; '
                            f'its threads\' stacks are at the end of {log}') from None
-    except BaseException:  # KeyboardInterrupt, a test's timeout: leave no step running
-      proc.kill()
-      proc.wait()
-      raise
+    finally:  # a timeout, KeyboardInterrupt, a test's timeout: leave no step running
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
   seconds = time.time() - start
   if proc.returncode:
     with open(log) as f:
@@ -157,13 +157,12 @@ def run_step(name, argv, log_dir, timeout_s=None):
   return seconds
 
 
-def _dump_stacks_and_kill(proc):
+def _dump_stacks(proc):
   proc.send_signal(signal.SIGUSR1)
   try:
     proc.wait(timeout=5)  # a step without the handler dies of the signal
   except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
+    pass
 
 
 def _move_corpus_up(corpus, out_dir):
