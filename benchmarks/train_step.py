@@ -32,10 +32,13 @@ from mofi_jax.models import mofi
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file[:variant].')
 flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
-flags.DEFINE_integer('matmul_size', 4096, 'Square matmul size for the peak.')
+flags.DEFINE_integer('matmul_size', 4096,
+                     'Square matmul size for the peak; 0 skips the peak and MFU.')
 flags.DEFINE_integer('vocab_size', 49408, 'Text vocabulary if the config has -1.')
 flags.DEFINE_integer('num_classes', 1000, 'Entity classes if the config has -1.')
 flags.DEFINE_bool('keep_scan', False, 'Keep model.scan from the config.')
+flags.DEFINE_string('profile_dir', None,
+                    'Also trace one more step with jax.profiler (Perfetto trace) here.')
 
 
 def measure_matmul_peak(n, dtype, reps=10):
@@ -97,8 +100,12 @@ def main(argv):
     state, m = compiled(state, batch)
   jax.block_until_ready((state, m))
   step_s = (time.perf_counter() - t) / FLAGS.steps
+  if FLAGS.profile_dir:
+    with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
+      state, m = compiled(state, batch)
+      jax.block_until_ready((state, m))
   dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  peak = measure_matmul_peak(FLAGS.matmul_size, dtype)
+  peak = FLAGS.matmul_size and measure_matmul_peak(FLAGS.matmul_size, dtype)
   image = mofi.image_kwargs(config.model.image)
   print(f'config: mode={config.model.mode} image={image.get("variant") or image} '
         f'{config.input.image_size}px batch={config.input.batch_size} '
@@ -107,6 +114,10 @@ def main(argv):
   print(f'compile_s={compile_s:.1f} step_s={step_s:.4f} '
         f'images_per_s={config.input.batch_size / step_s:.1f}')
   model_flops = step_analysis.model_flops(config)
+  if not peak:
+    print(f'flops_per_step={flops:.4g} achieved_flops_per_s={flops / step_s:.4g} '
+          f'model_flops_per_step={model_flops:.4g}')
+    return
   print(f'flops_per_step={flops:.4g} achieved_flops_per_s={flops / step_s:.4g} '
         f'matmul_peak_flops_per_s={peak:.4g} mfu={flops / step_s / peak:.3f}')
   print(f'model_flops_per_step={model_flops:.4g} '

@@ -61,6 +61,34 @@ def test_unknown_variant_is_a_clear_error():
     vit.decode_variant('X/16')
 
 
+def patch_embed_float64(images, kernel):
+  """A VALID stride-p convolution as an explicit float64 sum over each patch."""
+  p = kernel.shape[0]
+  b, rows, cols, _ = images.shape
+  out = np.zeros((b, rows // p, cols // p, kernel.shape[-1]))
+  for i in range(rows // p):
+    for j in range(cols // p):
+      window = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p].astype(np.float64)
+      out[:, i, j] = np.einsum('bpqc,pqcd->bd', window, kernel.astype(np.float64))
+  return out
+
+
+@pytest.mark.parametrize('size', [(32, 32), (37, 42)])   # 37 x 42: VALID drops the rest
+def test_patch_embed_is_the_strided_convolution_in_float64(size):
+  images = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32)
+  module = vit.PatchEmbed(width=8, patch=16)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), images))['params']
+  got = np.asarray(module.apply({'params': params}, images))
+  want = patch_embed_float64(images, np.asarray(params['kernel']))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  conv = nn.Conv(8, (16, 16), strides=16, padding='VALID', use_bias=False)
+  np.testing.assert_allclose(got, conv.apply({'params': params}, images), atol=1e-5)
+  grad = jax.grad(lambda k: module.apply({'params': {'kernel': k}}, images).sum())
+  want_grad = jax.grad(lambda k: conv.apply({'params': {'kernel': k}}, images).sum())
+  np.testing.assert_allclose(grad(params['kernel']), want_grad(params['kernel']),
+                             atol=1e-4, rtol=1e-5)
+
+
 def small_vit(**kw):
   base = dict(embed_dim=8, width=16, depth=2, num_heads=2, mlp_dim=32, patch=4)
   return vit.VisionTower(**{**base, **kw})
