@@ -7,14 +7,16 @@ text and counts, for each splash kernel, what it actually does:
 
   FLOPs  2 * Tq * Tk * H per matmul, per (batch, head): the forward kernel runs
          2 matmuls (q k^T, p v), dq runs 3 (q k^T again, do v^T, ds k), dkv
-         runs 4 (q k^T, p^T do, do v^T, ds^T q); `models/attention.py` runs
-         the backward unfused, as dq and dkv. Every block is counted: exact where the
-         sequence is one block (every paper config); for causal masks over
-         several blocks, which the kernel partly skips, an upper bound.
+         runs 4 (q k^T, p^T do, do v^T, ds^T q). The fused backward kernel
+         (`models/attention.py` runs it) is a dkv kernel that also returns
+         per-kv-block dq partials, 5 matmuls (dkv's and ds k); it is told
+         apart by its third gradient result. Every block is counted: exact
+         where the sequence is one block (every paper config); for causal masks
+         over several blocks, which the kernel partly skips, an upper bound.
   bytes  what XLA does not count: the operands a kernel streams again for each
          block of the other sequence. The forward and dq kernels re-read k and v
-         for every q block after the first; dkv re-reads q and do for every kv
-         block after the first.
+         for every q block after the first; dkv (fused or not) re-reads q and
+         do for every kv block after the first.
 """
 import dataclasses
 import json
@@ -24,11 +26,12 @@ import re
 INSTRUCTION = re.compile(r'\n(?=\s*(?:ROOT )?%[\w.\-]+ = )')  # splits HLO text
 _NAME = re.compile(r'%(splash_\w+?_(fwd|dq|dkv)\w*?)(?:\.\d+)? = ')
 _OPERANDS = re.compile(r'operand_layout_constraints=\{(.*?)\}, \w+=')
+_RESULTS = re.compile(r' = (.*?) custom-call\(', re.S)
 SHAPE = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
 _BLOCKS = re.compile(r'"xprof_metadata":"(\{.*?\})"')
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4}
+MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4, 'fused_bwd': 5}
 # splash's QKVLayout values, as its kernels record them: [.., T, H] | [.., H, T].
 HEAD_DIM_MINOR, SEQ_MINOR = 1, 2
 
@@ -37,7 +40,7 @@ HEAD_DIM_MINOR, SEQ_MINOR = 1, 2
 class Kernel:
   """One splash custom call: its phase, q/k/v shapes and block sizes."""
   name: str
-  phase: str                  # 'fwd' | 'dq' | 'dkv'
+  phase: str                  # 'fwd' | 'dq' | 'dkv' | 'fused_bwd'
   q: tuple                    # [..., heads, Tq, H], whatever the kernel's layout
   k: tuple                    # [..., heads, Tk, H]
   dtype_bytes: int
@@ -53,7 +56,7 @@ class Kernel:
   def reread_bytes(self):
     """Bytes streamed again for each extra block of the other sequence."""
     nbytes = lambda shape: math.prod(shape) * self.dtype_bytes
-    if self.phase == 'dkv':       # q and do, per kv block
+    if self.phase in ('dkv', 'fused_bwd'):   # q and do, per kv block
       tk = self.k[-2]
       return 2 * nbytes(self.q) * (-(-tk // self.blocks.get('block_kv_dkv', tk)) - 1)
     tq = self.q[-2]               # k and v, per q block
@@ -74,6 +77,14 @@ def _operands(chunk):
           for dtype, dims in SHAPE.findall(m.group(1))]
 
 
+def _gradient_results(chunk, rank):
+  """How many of a kernel's results are gradients: rank >= q's (the f32
+  accumulators a kernel also returns have one dimension fewer)."""
+  m = _RESULTS.search(chunk)
+  shapes = SHAPE.findall(m.group(1)) if m else []
+  return sum(len([d for d in dims.split(',') if d]) >= rank for _, dims in shapes)
+
+
 def parse(hlo_text):
   """The splash kernels of a compiled module's HLO text, once per call site."""
   kernels = []
@@ -92,8 +103,10 @@ def parse(hlo_text):
     blocks = json.loads(blocks.group(1).replace('\\"', '"')) if blocks else {}
     q, k = (_seq_major(shape, blocks.get(f'{x}_layout', HEAD_DIM_MINOR))
             for x, (_, shape) in zip('qk', qkv))
-    kernels.append(Kernel(name.group(1), name.group(2), q, k,
-                          DTYPE_BYTES[qkv[0][0]], blocks))
+    phase = name.group(2)
+    if phase == 'dkv' and _gradient_results(chunk, len(q)) == 3:   # dq, dk, dv
+      phase = 'fused_bwd'
+    kernels.append(Kernel(name.group(1), phase, q, k, DTYPE_BYTES[qkv[0][0]], blocks))
   return kernels
 
 

@@ -26,6 +26,9 @@ IMPLEMENTATIONS = ('xla', 'head_major', 'cudnn', 'splash')
 HEAD_MAJOR = ('head_major', 'splash')  # kernels that take [B, N, T, H]
 PLATFORMS = {'cudnn': 'gpu', 'splash': 'tpu'}   # kernels bound to one platform
 PROJECTION_NAMES = ('attn_q', 'attn_k', 'attn_v', 'attn_out')  # for remat policies
+# splash names its forward residuals (output and log-sum-exp) so that a remat
+# policy can keep them; then the backward never runs the forward kernel again.
+CONTEXT_NAME = 'attn_context'
 SPLASH_BLOCK = 128                     # splash tiles the sequence in blocks of this
 
 
@@ -101,7 +104,7 @@ def head_major_attention(q, k, v, causal):
   return jnp.einsum('bnqk,bnkh->bnqh', probs, v)
 
 
-def splash_attention(q, k, v, causal, interpret=False):
+def splash_attention(q, k, v, causal, interpret=False, fused_bwd=True):
   """q, k, v [B, N, T, H] -> [B, N, T, H] by the Pallas TPU kernel.
 
   The kernel tiles the sequence in SPLASH_BLOCK blocks, so T is padded up to a
@@ -109,14 +112,25 @@ def splash_attention(q, k, v, causal, interpret=False):
   never see. Under a mesh the kernel runs per shard (a Pallas call cannot be
   partitioned by GSPMD): batch over the mesh axes of 'batch', heads over those
   of 'act_heads'. `interpret` runs the kernel in the Pallas interpreter (CPU).
+  `fused_bwd=False` runs the backward as two kernels, dq and dkv (splash's
+  default, kept to compare against).
   """
   t = q.shape[2]
   padded = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - t), (0, 0)))
-  q, k, v = pad(q * q.shape[-1] ** -0.5), pad(k), pad(v)
+
+  def kernel_layout(x, name):
+    """[B, N, T, H] -> the kernel's [B, N, H, padded], named for remat: the
+    backward then reads the saved copy instead of padding and transposing again
+    (the kernel's own transpose to sequence-minor cancels against this one)."""
+    x = jnp.pad(jnp.swapaxes(x, -1, -2), ((0, 0), (0, 0), (0, 0), (0, padded - t)))
+    return checkpoint_name(x, name)
+
+  q, k, v = (kernel_layout(x, name) for x, name in
+             zip((q * q.shape[-1] ** -0.5, k, v), PROJECTION_NAMES))
   segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32),
                               (q.shape[0], padded))
-  run = functools.partial(_splash_local, causal=causal, interpret=interpret)
+  run = functools.partial(_splash_local, causal=causal, interpret=interpret,
+                          fused_bwd=fused_bwd)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
     batch, heads = (nn.logical_to_mesh_axes((name,))[0] for name in ('batch', 'act_heads'))
@@ -126,12 +140,15 @@ def splash_attention(q, k, v, causal, interpret=False):
   return run(q, k, v, segments)[:, :, :t]
 
 
-def _splash_local(q, k, v, segments, causal, interpret):
-  """The kernel over one shard's [b, n, T, H] (vmapped over b)."""
+def _splash_local(q, k, v, segments, causal, interpret, fused_bwd):
+  """The kernel over one shard's q, k, v [b, n, H, T] (vmapped over b)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-  n, t = q.shape[1], q.shape[2]
+  n, t = q.shape[1], q.shape[3]
   one = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
   block = min(512, t)
+  # The fused backward is one kernel for dq, dk and dv: q, k, v, do and the
+  # log-sum-exp stream from HBM once, not once for dq and again for dk/dv.
+  dq_blocks = {} if fused_bwd else dict(block_q_dq=block, block_kv_dq=block)
   # Sequence-minor q, k, v: [.., H, T] keeps the padded length (a multiple of
   # 128) in the TPU's 128 lanes; head_dim-minor would pad H=64 to 128 in HBM.
   seq_minor = splash.QKVLayout.SEQ_MINOR
@@ -140,10 +157,11 @@ def _splash_local(q, k, v, segments, causal, interpret):
       block_sizes=splash.BlockSizes(
           block_q=block, block_kv=block, block_kv_compute=block,
           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-          block_q_dq=block, block_kv_dq=block, use_fused_bwd_kernel=False,
+          use_fused_bwd_kernel=fused_bwd, **dq_blocks,
           q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor),
-      interpret=interpret)
+      residual_checkpoint_name=CONTEXT_NAME, interpret=interpret)
   ids = splash.SegmentIds(q=segments, kv=segments)
+  q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))   # logically [b, n, T, H]
   return jax.vmap(kernel)(q, k, v, segment_ids=ids)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mofi_jax.models.attention import PROJECTION_NAMES, Attention
+from mofi_jax.models.attention import CONTEXT_NAME, PROJECTION_NAMES, Attention
 
 Dtype = Any
 
@@ -87,10 +87,11 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Every projection's output by name, never attention scores or probabilities,
-    # whichever kernel computes them (a fused kernel's are not dots at all).
+    # Every projection's output by name, and splash's [B, N, T, H] output and
+    # [B, N, T] log-sum-exp; never attention scores or probabilities, whichever
+    # kernel computes them (a fused kernel's are not dots at all).
     'projections': jax.checkpoint_policies.save_only_these_names(
-        *PROJECTION_NAMES, 'mlp_hidden', 'mlp_out'),
+        *PROJECTION_NAMES, CONTEXT_NAME, 'mlp_hidden', 'mlp_out'),
 }
 
 
