@@ -133,6 +133,31 @@ def test_projections_policy_saves_no_attention_scores(implementation):
   assert f'[{B},{t},{N * H}]' in saved      # ... but it does keep the projections
 
 
+def test_projections_policy_keeps_splash_inputs_and_context():
+  """Under 'projections' the splash backward reads saved q/k/v in the kernel's
+  padded sequence-minor layout [B, N, H, 128] and the forward's [B, N, 128, H]
+  output (the kernel does not run again), and the gradient is unchanged."""
+  q, k, v = head_major(*random_qkv())
+  splash = lambda q, k, v: attention.splash_attention(q, k, v, False, interpret=True)
+  kept = jax.checkpoint(splash, policy=layers.REMAT_POLICIES['projections'])
+  (val, grads), (ref_val, ref_grads) = splash_and_reference_grads(q, k, v, False, kept)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-4)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(lambda *a: jnp.sum(kept(*a)), q, k, v)
+  saved = out.getvalue()
+  padded = attention.SPLASH_BLOCK
+  for name in attention.PROJECTION_NAMES[:3]:
+    assert f"[{B},{N},{H},{padded}] named '{name}'" in saved, saved
+  # The kernel's output and log-sum-exp (named inside its jit, so printed as
+  # its outputs).
+  assert f'f32[{B},{N},{padded},{H}] output of' in saved, saved
+  assert f'f32[{B},{N},{padded}] output of' in saved, saved
+  assert f',{padded},{padded}]' not in saved, saved
+
+
 def test_projections_policy_does_not_change_gradients():
   x = jax.random.normal(jax.random.key(1), (B, 7, N * H))
   enc = lambda remat: layers.Encoder(depth=2, num_heads=N, mlp_dim=32, scan=True,
