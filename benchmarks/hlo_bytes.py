@@ -86,6 +86,16 @@ def scope_key(op_name, depth):
   return f"{direction} {tower}: {'/'.join(parts[-depth:])}"
 
 
+def tower_totals(rows):
+  """{(tower, 'layers' | 'rest'): bytes}: a tower's encoder layers (at depth 1,
+  one layer's traffic) apart from its embedding, pooling and projection."""
+  totals = collections.Counter()
+  for _, _, nbytes, op_name in rows:
+    tower = next((t for t in ('image_tower', 'text_tower') if t in op_name), 'other')
+    totals[tower, 'layers' if '/encoder/' in op_name else 'rest'] += nbytes
+  return totals
+
+
 def main(argv):
   del argv
   config = config_files.load(FLAGS.config, FLAGS.set)
@@ -110,6 +120,8 @@ def main(argv):
         f'(step_analysis.Cost: {xla.bytes / 1e9:.2f} GB, {xla.flops:.3e} FLOP)')
   for key, nbytes in groups.most_common(FLAGS.top):
     print(f'{nbytes / 1e9:9.3f} GB  {100 * nbytes / total:5.1f}%  {key}')
+  print(' '.join(f'{tower}/{part} {nbytes / 1e9:.2f} GB' for (tower, part), nbytes
+                 in sorted(tower_totals(rows).items())))
 
 
 def define_flags():

@@ -34,3 +34,14 @@ def test_tuple_results_and_multi_line_instructions_are_one_row():
   rows = hlo_bytes.instructions(text)
   assert rows == [('k', 'custom-call', 4 * 8 * 4 * 2 + 2 * 3 * 2, 'jit(f)/tower/k')]
   assert hlo_bytes.scope_key(rows[0][3], 2) == 'fwd : tower/k'
+
+
+def test_tower_totals_split_layers_from_the_rest_of_each_tower():
+  rows = [('a', 'fusion', 10, 'jit(s)/Mofi.embed/image_tower/encoder/layers_0/mlp/fc1/dot'),
+          ('b', 'fusion', 3, 'jit(s)/Mofi.embed/image_tower/patch_embed/dot'),
+          ('c', 'custom-call', 7, 'jit(s)/transpose(jvp(Mofi))/text_tower/encoder/layers_0/attn/x'),
+          ('d', 'fusion', 5, 'jit(s)/entity_loss/while/body'),
+          ('e', 'copy-start', 2, '')]
+  assert hlo_bytes.tower_totals(rows) == {
+      ('image_tower', 'layers'): 10, ('image_tower', 'rest'): 3,
+      ('text_tower', 'layers'): 7, ('other', 'rest'): 7}
