@@ -68,6 +68,14 @@ def test_sharded_step_equals_single_device():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     flat, ref = (traverse_util.flatten_dict(s.params) for s in (state, ref_state))
     for k in ref:
+      if k[-2:] == ('k', 'bias'):
+        # Softmax over keys ignores q.b_k (the same for every key), so the key
+        # bias's gradient is zero up to rounding, and Adam turns that rounding
+        # into updates of ~lr * g / eps that differ with the summation order.
+        # Both must stay far below one real Adam step (~lr).
+        for p in (flat[k], ref[k]):
+          assert np.abs(p).max() < 1e-2 * c.optim.lr, (k, p)
+        continue
       np.testing.assert_allclose(flat[k], ref[k], rtol=2e-4, atol=2e-6,
                                  err_msg=str(k))
   assert ref_losses[-1] < ref_losses[0]
