@@ -75,13 +75,23 @@ def instructions(hlo_text):
   return rows
 
 
-def scope_key(op_name, depth):
-  """'fwd|bwd  <tower>: <last `depth` scope names>' (repeats dropped)."""
+def scope_parts(op_name):
+  """An op_name's module scopes, without jit/jvp/transpose wrappers or repeats."""
   parts = []
   for p in op_name.split('/'):
     if p and not p.startswith(('jit(', 'jvp(', 'transpose(')) and p not in parts:
       parts.append(p)
-  tower = next((p for p in parts if p.endswith('_tower')), '')
+  return parts
+
+
+def tower_of(parts):
+  return next((p for p in parts if p.endswith('_tower')), '')
+
+
+def scope_key(op_name, depth):
+  """'fwd|bwd  <tower>: <last `depth` scope names>' (repeats dropped)."""
+  parts = scope_parts(op_name)
+  tower = tower_of(parts)
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
   return f"{direction} {tower}: {'/'.join(parts[-depth:])}"
 
@@ -91,8 +101,8 @@ def tower_totals(rows):
   one layer's traffic) apart from its embedding, pooling and projection."""
   totals = collections.Counter()
   for _, _, nbytes, op_name in rows:
-    tower = next((t for t in ('image_tower', 'text_tower') if t in op_name), 'other')
-    totals[tower, 'layers' if '/encoder/' in op_name else 'rest'] += nbytes
+    parts = scope_parts(op_name)
+    totals[tower_of(parts) or 'other', 'layers' if 'encoder' in parts else 'rest'] += nbytes
   return totals
 
 

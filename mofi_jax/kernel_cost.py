@@ -69,8 +69,9 @@ def _seq_major(shape, layout):
   return shape if layout == HEAD_DIM_MINOR else shape[:-2] + shape[-1:] + shape[-2:-1]
 
 
-def _operands(chunk):
-  m = _OPERANDS.search(chunk)
+def _shapes(pattern, chunk):
+  """[(dtype, dims)] of the shapes in the part of `chunk` that `pattern` finds."""
+  m = pattern.search(chunk)
   if not m:
     return []
   return [(dtype, tuple(int(d) for d in dims.split(',') if d))
@@ -80,9 +81,7 @@ def _operands(chunk):
 def _gradient_results(chunk, rank):
   """How many of a kernel's results are gradients: rank >= q's (the f32
   accumulators a kernel also returns have one dimension fewer)."""
-  m = _RESULTS.search(chunk)
-  shapes = SHAPE.findall(m.group(1)) if m else []
-  return sum(len([d for d in dims.split(',') if d]) >= rank for _, dims in shapes)
+  return sum(len(dims) >= rank for _, dims in _shapes(_RESULTS, chunk))
 
 
 def parse(hlo_text):
@@ -95,7 +94,7 @@ def parse(hlo_text):
     if not name:
       continue
     # q, k, v are the first three floating operands of rank >= 3.
-    qkv = [(d, s) for d, s in _operands(chunk) if d[0] in 'bf' and len(s) >= 3][:3]
+    qkv = [(d, s) for d, s in _shapes(_OPERANDS, chunk) if d[0] in 'bf' and len(s) >= 3][:3]
     if len(qkv) < 3:
       raise ValueError(f'splash kernel {name.group(1)}: cannot find q, k, v among '
                        f'its operands in the compiled HLO')

@@ -126,7 +126,7 @@ def splash_attention(q, k, v, causal, interpret=False, fused_bwd=True):
     return checkpoint_name(x, name)
 
   q, k, v = (kernel_layout(x, name) for x, name in
-             zip((q * q.shape[-1] ** -0.5, k, v), PROJECTION_NAMES))
+             zip((q * q.shape[-1] ** -0.5, k, v), PROJECTION_NAMES[:3]))
   segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32),
                               (q.shape[0], padded))
   run = functools.partial(_splash_local, causal=causal, interpret=interpret,
