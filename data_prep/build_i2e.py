@@ -57,10 +57,10 @@ def load_config(spec, overrides=()):
 
 
 def check_inputs(args):
-  """Fails fast, naming the flag, before any worker starts (and before TF is imported)."""
-  if not args.overwrite and FileSystems.match([FileSystems.join(args.out, '*')])[0].metadata_list:
-    raise UsageError(f'--out {args.out}: output folder is not empty; choose another folder or '
-                     'pass --overwrite to replace it once the new corpus is complete.')
+  """Fails fast, naming the flag, before any worker starts."""
+  from data_prep.i2e import commit  # pylint: disable=import-outside-toplevel
+  commit.check_out_dir(args.out, args.overwrite, [('--kb', args.kb), ('--clip', args.clip)] +
+                       [('--pairs', p) for p in args.pairs])
   for pattern in args.pairs:
     if not FileSystems.match([pattern])[0].metadata_list:
       raise UsageError(f'--pairs {pattern}: matches no file.')

@@ -27,6 +27,10 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from mofi_jax import safe_outputs
+
+TOOL = 'data_prep.build_kb'
+
 LOCAL_DEFAULTS = ['--runner=DirectRunner', '--direct_num_workers=2',
                   '--direct_running_mode=multi_processing']
 
@@ -92,21 +96,30 @@ def _files_under(folder):
   return [m.path for m in FileSystems.match([FileSystems.join(folder, '*')])[0].metadata_list]
 
 
+def _older_kb(folder):
+  return FileSystems.exists(FileSystems.join(folder, 'kb.json'))
+
+
 def check_paths(args):
   for pattern in args.wikidata:
     if not FileSystems.match([pattern])[0].metadata_list:
       raise UsageError(f'--wikidata {pattern}: no such file')
-  if _files_under(args.out) and not args.overwrite:
-    raise UsageError(f'--out {args.out} exists and is not empty; pass --overwrite to replace it')
+  try:   # --overwrite replaces only an earlier KB (mofi_jax/safe_outputs.py)
+    safe_outputs.check_output(args.out, TOOL, args.overwrite, legacy=_older_kb,
+                              inputs=[('--wikidata', p) for p in args.wikidata])
+  except safe_outputs.OutputFolderError as e:
+    raise UsageError(str(e)) from e
 
 
 def move_into_place(staging, out):
-  """Replaces `out`'s files by the staging folder's; kb.json, the completeness marker, last."""
-  old = _files_under(out)
-  if old:
-    FileSystems.delete(old)
+  """Replaces `out`'s files by the staging folder's; kb.json, the completeness marker, last.
+  Our marker goes in first, so that a move cut short leaves a folder a rerun may replace."""
   if not FileSystems.exists(out):
     FileSystems.mkdirs(out)
+  safe_outputs.write_marker(out, TOOL)
+  old = [p for p in _files_under(out) if not p.endswith('/' + safe_outputs.MARKER)]
+  if old:
+    FileSystems.delete(old)
   new = sorted(_files_under(staging), key=lambda p: p.endswith('/kb.json'))
   dests = [FileSystems.join(out, p.rsplit('/', 1)[-1]) for p in new]
   for src, dst in zip(new, dests):   # one by one: kb.json must land after the tables

@@ -20,6 +20,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               'configs', 'i2e.py')
 
 
+TOOL = 'data_prep.train_ner'
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='data_prep.train_ner', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +43,8 @@ def check_args(args):
   """Fails fast, naming the flag."""
   from data_prep.i2e import commit  # pylint: disable=import-outside-toplevel
   try:
-    commit.check_out_dir(args.out, args.overwrite)
+    commit.check_out_dir(args.out, args.overwrite, tool=TOOL,
+                         inputs=[('--kb', args.kb)] + [('--pairs', p) for p in args.pairs])
   except commit.OutputExistsError as e:
     raise ValueError(f'--out {e}') from e
   if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -54,6 +58,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from data_prep.build_i2e import load_config  # pylint: disable=import-outside-toplevel
   from data_prep.i2e import commit, kb as kb_lib, ner_train  # pylint: disable=import-outside-toplevel
+  from mofi_jax import safe_outputs  # pylint: disable=import-outside-toplevel
   try:
     check_args(args)
     knowledge = kb_lib.KnowledgeBase.load(args.kb)
@@ -68,6 +73,7 @@ def main(argv=None):
                    epochs=args.epochs, seed=args.seed, kb=args.kb)
     scores = ner_train.train(labelled, staging, epochs=args.epochs, seed=args.seed,
                              meta={'i2e_weak_labels': summary})
+    safe_outputs.write_marker(staging, TOOL)   # --overwrite may replace only this
     commit.rename_into_place(staging, out, run_id)
   except (ValueError, OSError) as e:
     sys.exit(f'data_prep.train_ner: error: {e}')

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from data_prep.i2e import commit, kb as kb_lib, write
+from mofi_jax import safe_outputs
 from mofi_jax.data import schema
 from test_i2e_write import ENTITIES, make_pairs, run_write
 
@@ -15,7 +16,9 @@ gfile = tf.io.gfile
 
 
 def finished(tmp, run_id, num_shards):
-  """A finished temporary corpus folder: shards, a dead letter file and the manifest."""
+  """A finished temporary corpus folder, made as WriteCorpus makes it (our marker first):
+  shards, a dead letter file and the manifest."""
+  commit.make_temporary_dir(tmp)
   gfile.makedirs(f'{tmp}/dead_letter')
   for i in range(num_shards):
     with gfile.GFile(f'{tmp}/{schema.shard_name(i, num_shards)}', 'w') as f:
@@ -112,8 +115,20 @@ def test_stale_temporary_folders_are_removed_at_the_next_run(tmp_path, kb_dir):
     finished(commit.temporary_dir(out, run), run, 1)
   other = commit.temporary_dir(str(tmp_path / 'other'), 'x')
   finished(other, 'x', 1)
+  # Planted beside --out by someone who can write to its parent: a link to another
+  # folder, and a folder without our marker. Neither is ours to remove.
+  victim = tmp_path / 'victim'
+  victim.mkdir()
+  (victim / 'thesis.tex').write_text('years of work')
+  os.symlink(victim, commit.temporary_dir(out, '999'))
+  foreign = commit.temporary_dir(out, '888')
+  os.makedirs(foreign)
+  open(os.path.join(foreign, 'notes.txt'), 'w').close()
   run_write(out, make_pairs(4), kb_dir)
-  assert sorted(os.listdir(tmp_path)) == ['.other.tmp-x', 'corpus']   # only its own
+  assert (victim / 'thesis.tex').read_text() == 'years of work'
+  assert sorted(os.listdir(tmp_path)) == ['.corpus.tmp-888', '.corpus.tmp-999', '.other.tmp-x',
+                                          'corpus', 'victim']   # only its own were removed
+  assert os.path.islink(commit.temporary_dir(out, '999'))
   meta, _ = schema.validate_corpus(out)
   assert set(meta['commit']['files']) >= {schema.ENTITIES_FILE, schema.TOKENIZER_FILE} | {
       os.path.basename(p) for p in schema.list_shards(out)}
@@ -135,3 +150,48 @@ def test_validate_checks_the_manifest(tmp_path, kb_dir):
       out, write.metadata.FOLDER))[0]))
   with pytest.raises(schema.CorpusError, match='listed in .* commit.files but missing'):
     schema.validate_corpus(out)
+
+
+def test_overwrite_replaces_only_an_earlier_corpus(tmp_path):
+  out = tmp_path / 'corpus'
+  out.mkdir()
+  (out / 'precious.txt').write_text('keep me')
+  tmp = commit.temporary_dir(str(out), 'r')
+  finished(tmp, 'r', 1)
+  with pytest.raises(commit.OutputExistsError,
+                     match=r'replaces only an earlier output of data_prep.build_i2e.*no '
+                     r'\.mofi_jax-output.json marker'):
+    commit.commit(tmp, str(out), True, 'r')
+  assert os.listdir(out) == ['precious.txt']
+  # An earlier output of another of our tools is not a corpus either.
+  safe_outputs.write_marker(str(out), 'mofi_jax.export')
+  with pytest.raises(commit.OutputExistsError, match='holds an output of mofi_jax.export'):
+    commit.check_out_dir(str(out), True)
+  # A corpus of an older version (a corpus.json manifest, no marker) is recognised.
+  os.remove(out / safe_outputs.MARKER)
+  (out / schema.META_FILE).write_text(json.dumps(dict(commit=dict(run_id='old', files={}))))
+  commit.commit(tmp, str(out), True, 'r')
+  assert commit.committed_run(str(out)) == 'r' and not (out / 'precious.txt').exists()
+
+
+@pytest.mark.parametrize('where', ['same', 'contains', 'inside'])
+def test_out_may_not_overlap_an_input(tmp_path, where):
+  kb = tmp_path / 'data' / 'kb'
+  kb.mkdir(parents=True)
+  (kb / 'kb.json').write_text('{}')
+  out = {'same': kb, 'contains': tmp_path / 'data', 'inside': kb / 'corpus'}[where]
+  words = {'same': 'is the same folder as', 'contains': 'contains', 'inside': 'lies inside'}
+  for overwrite in (False, True):
+    with pytest.raises(commit.OutputExistsError, match=f'{words[where]} --kb'):
+      commit.check_out_dir(str(out), overwrite, [('--kb', str(kb))])
+  pattern = str(tmp_path / 'data' / 'raw' / '{00000..00009}.tar')
+  with pytest.raises(commit.OutputExistsError, match='contains --pairs'):
+    commit.check_out_dir(str(tmp_path / 'data'), True, [('--pairs', pattern)])
+  commit.check_out_dir(str(tmp_path / 'corpus'), False, [('--kb', str(kb)), ('--pairs', pattern)])
+
+
+def test_a_link_as_out_is_refused(tmp_path):
+  (tmp_path / 'real').mkdir()
+  os.symlink(tmp_path / 'real', tmp_path / 'out')
+  with pytest.raises(commit.OutputExistsError, match='is a symbolic link'):
+    commit.check_out_dir(str(tmp_path / 'out'), True)

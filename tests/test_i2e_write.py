@@ -223,18 +223,21 @@ def test_same_input_same_seed_gives_identical_shards(written, kb_dir, tmp_path):
       open(p, 'rb').read() for p in schema.list_shards(str(tmp_path / 'seed1'))]
 
 
-def test_non_empty_out_dir_is_refused_then_replaced_with_overwrite(written, kb_dir, tmp_path):
+def test_non_empty_out_dir_is_refused_and_only_a_corpus_is_replaced(written, kb_dir, tmp_path):
   out = tmp_path / 'taken'
   out.mkdir()
   (out / 'precious.txt').write_text('keep me')
   with pytest.raises(write.OutputExistsError, match='not empty'):
     write.WriteCorpus(str(out), kb_dir, stage_names=['select'])
-  assert (out / 'precious.txt').read_text() == 'keep me'
+  with pytest.raises(write.OutputExistsError, match='replaces only an earlier output'):
+    write.WriteCorpus(str(out), kb_dir, stage_names=['select'], overwrite=True)
+  assert os.listdir(out) == ['precious.txt']
   given = os.path.join(written[0], schema.TOKENIZER_FILE)
-  run_write(str(out), make_pairs(4), kb_dir, overwrite=True, tokenizer=given)
-  assert not (out / 'precious.txt').exists()
-  assert (out / schema.TOKENIZER_FILE).read_bytes() == open(given, 'rb').read()
-  schema.validate_corpus(str(out))
+  run_write(str(out / 'corpus'), make_pairs(2), kb_dir)
+  run_write(str(out / 'corpus'), make_pairs(4), kb_dir, overwrite=True, tokenizer=given)
+  assert (out / 'precious.txt').read_text() == 'keep me'
+  assert (out / 'corpus' / schema.TOKENIZER_FILE).read_bytes() == open(given, 'rb').read()
+  assert schema.validate_corpus(str(out / 'corpus'))[0]['num_train_examples'] == 4
 
 
 def test_pairs_corpus_has_no_entities(kb_dir, tmp_path):

@@ -22,6 +22,10 @@ before that repeats without harm (renames check what exists, copies overwrite).
 Temporary folders of earlier runs into the same `--out` (a crash, or a run where nothing
 survived, whose stats.json is kept for inspection) are removed when the next run starts
 (`remove_stale_temporaries`), so they never pile up. One run per `--out` at a time.
+
+What may be removed or replaced follows mofi_jax/safe_outputs.py: a temporary folder is
+made with our marker in it and removed only if it still holds it (never through a link);
+`--overwrite` replaces only an earlier corpus (our marker, or an older corpus.json manifest).
 """
 import json
 import os
@@ -30,24 +34,31 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
+from mofi_jax import safe_outputs
 from mofi_jax.data import schema
 
 TMP_INFIX = '.tmp-'
 STATS_FILE = 'stats.json'
+TOOL = 'data_prep.build_i2e'
 
 
-class OutputExistsError(FileExistsError):
-  """The output folder holds something and overwrite was not asked for."""
+class OutputExistsError(safe_outputs.OutputFolderError):
+  """The output folder holds something that this run may not replace."""
 
 
 def is_object_store(path):
   return '://' in path
 
 
-def check_out_dir(out_dir, overwrite):
-  if tf.io.gfile.isdir(out_dir) and tf.io.gfile.listdir(out_dir) and not overwrite:
-    raise OutputExistsError(f'{out_dir}: output folder is not empty; choose another folder or '
-                            'pass --overwrite to replace it once the new corpus is complete.')
+def check_out_dir(out_dir, overwrite, inputs=(), tool=TOOL):
+  """Refuses an `out_dir` that is not empty (unless `overwrite` and an earlier output of
+  `tool`), is a link, or overlaps an input ((flag, path) pairs)."""
+  try:
+    legacy = (lambda f: committed_run(f) is not None) if tool == TOOL else None
+    safe_outputs.check_output(out_dir, tool, overwrite, inputs=inputs, legacy=legacy)
+  except safe_outputs.OutputFolderError as e:
+    raise OutputExistsError(str(e).replace('folder is not empty', 'output folder is not '
+                                           'empty', 1)) from e
 
 
 def temporary_dir(out_dir, run_id):
@@ -55,18 +66,21 @@ def temporary_dir(out_dir, run_id):
   return os.path.join(parent, f'.{name}{TMP_INFIX}{run_id}')
 
 
-def remove_stale_temporaries(out_dir, keep=''):
-  """Deletes `.{name}.tmp-*` siblings of `out_dir` left by earlier runs (not `keep`)."""
+def make_temporary_dir(tmp, tool=TOOL):
+  """Creates this run's temporary folder, marked as ours (so a crash leaves it removable)."""
+  return safe_outputs.make_staging(tmp, tool)
+
+
+def remove_stale_temporaries(out_dir, keep='', tool=TOOL):
+  """Deletes `.{name}.tmp-*` siblings of `out_dir` left by earlier runs (not `keep`): only
+  folders that hold our marker, never a link or what it points to."""
   parent, name = os.path.split(out_dir)
   if not tf.io.gfile.isdir(parent or '.'):
     return []
-  removed = []
-  for path in tf.io.gfile.glob(os.path.join(parent, f'.{name}{TMP_INFIX}*')):
-    path = path.rstrip('/')
-    if path != keep.rstrip('/'):
-      logging.info('build_i2e: removing the temporary folder of an earlier run: %s', path)
-      tf.io.gfile.rmtree(path)
-      removed.append(path)
+  removed = safe_outputs.remove_stale(os.path.join(parent, f'.{name}{TMP_INFIX}*'), tool,
+                                      keep=[keep] if keep else ())
+  for path in removed:
+    logging.info('build_i2e: removed the temporary folder of an earlier run: %s', path)
   return removed
 
 
@@ -88,9 +102,12 @@ def committed_run(out_dir):
     return None
   try:
     with tf.io.gfile.GFile(path) as f:
-      return (json.loads(f.read()).get('commit') or {}).get('run_id')
-  except (ValueError, AttributeError):
+      meta = json.loads(f.read())
+  except (ValueError, tf.errors.OpError):
     return None
+  entry = meta.get('commit') if isinstance(meta, dict) else None
+  run_id = entry.get('run_id') if isinstance(entry, dict) else None
+  return run_id if isinstance(run_id, str) else None
 
 
 def commit(tmp, out_dir, overwrite, run_id, by_copy=None):

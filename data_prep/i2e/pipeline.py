@@ -71,7 +71,8 @@ def build_i2e(p, *, pairs, out_dir, config, kb_dir='', clip='', pairs_only=False
   workdir or HF CLIP folder (select.py); clip_loader: optional `() -> Encoder` instead.
   """
   config = plain_config(config)
-  write_lib.check_out_dir(out_dir, overwrite)  # Before any work: never replace silently.
+  inputs = [('--kb', kb_dir), ('--clip', clip)] + [('--pairs', p) for p in pairs]
+  write_lib.check_out_dir(out_dir, overwrite, inputs)  # Before any work: never replace silently.
   if not pairs_only and not (kb_dir and (clip or clip_loader)):
     raise ValueError('build_i2e: an I2E corpus needs --kb and --clip (or --pairs_only).')
   reader = read_lib.ReadPairs(pairs, **config['read'], text_check=functools.partial(

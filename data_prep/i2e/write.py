@@ -314,8 +314,9 @@ class WriteCorpus(beam.PTransform):
     check_out_dir(out_dir, overwrite)
     commit_lib.remove_stale_temporaries(out_dir)
     run_id = uuid.uuid4().hex[:12]
+    tmp_dir = commit_lib.make_temporary_dir(commit_lib.temporary_dir(out_dir, run_id))
     self.settings = Settings(
-        run_id=run_id, tmp_dir=commit_lib.temporary_dir(out_dir, run_id), out_dir=out_dir,
+        run_id=run_id, tmp_dir=tmp_dir, out_dir=out_dir,
         overwrite=overwrite, kind=kind, text_len=text_len,
         stage_names=tuple(stage_names) + (STAGE,), meta=dict(meta or {}))
     self._kb_dir, self._vocab_size = kb_dir, vocab_size

@@ -1,0 +1,214 @@
+"""The one rule for every step that removes or replaces files: only what we wrote.
+
+Every command that writes an output folder (build_i2e, build_kb, train_ner, export)
+follows it, through these functions:
+- **Ours by marker.** An output folder carries `.mofi_jax-output.json` ({"tool": ...}),
+  written first into its staging folder, so that a folder cut short is still recognised.
+  `--overwrite` replaces a non-empty folder only when its marker names the same tool
+  (outputs of earlier versions are recognised by their own manifest: `legacy`).
+- **Never through a link.** Local paths are checked with `os.lstat` and removed with
+  `shutil.rmtree`, which refuses a link and never follows one inside the tree. Object
+  stores have no links; there a path is removed only when it carries our marker.
+- **Apart from the inputs.** `--out` may not equal, contain or sit inside an input
+  (`--workdir`, `--kb`, `--pairs`, ...): replacing it would delete what the run reads.
+
+Imports nothing heavy (TensorFlow only for object-store paths), so that commands refuse a
+bad `--out` before their slow imports.
+"""
+import glob
+import json
+import logging
+import os
+import shutil
+import stat
+
+MARKER = '.mofi_jax-output.json'
+_GLOB_CHARS = '*?[{'
+
+
+class OutputFolderError(ValueError):
+  """--out cannot be written or replaced as asked."""
+
+
+def is_object_store(path):
+  return '://' in str(path)
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.io.gfile
+
+
+def canonical(path):
+  """Local: the real absolute path (links resolved); object stores: no trailing '/'."""
+  path = os.fspath(path)
+  return path.rstrip('/') if is_object_store(path) else os.path.realpath(path)
+
+
+def pattern_root(pattern):
+  """The folder a file pattern can only match inside: the part before its first glob
+  character, up to the last separator ('raw/*.tar' -> 'raw')."""
+  pattern = os.fspath(pattern)
+  cut = min([pattern.find(c) for c in _GLOB_CHARS if c in pattern] or [len(pattern)])
+  if cut == len(pattern):
+    return pattern
+  return pattern[:cut].rsplit('/', 1)[0] if '/' in pattern[:cut] else '.'
+
+
+def _inside(child, parent):
+  return child == parent or child.startswith(parent.rstrip('/') + '/')
+
+
+def check_apart(out, inputs, flag='--out'):
+  """Refuses an `out` that equals, contains or lies inside any input.
+
+  inputs: (flag, path or file pattern) pairs; empty paths are skipped.
+  """
+  target = canonical(out)
+  for name, path in inputs:
+    if not path:
+      continue
+    src = canonical(pattern_root(path))
+    if src == target:
+      raise OutputFolderError(f'{flag} {out}: is the same folder as {name} {path}; write '
+                              'the output somewhere else.')
+    if _inside(src, target):
+      raise OutputFolderError(f'{flag} {out}: contains {name} {path}; replacing it would '
+                              'delete the input. Write the output somewhere else.')
+    if _inside(target, src):
+      raise OutputFolderError(f'{flag} {out}: lies inside {name} {path}; write the output '
+                              'outside the inputs.')
+
+
+def read_marker(folder):
+  """The marker's dict, or None (no marker, or one that is not ours to trust)."""
+  path = os.path.join(os.fspath(folder), MARKER)
+  try:
+    if is_object_store(path):
+      if not _gfile().exists(path):
+        return None
+      with _gfile().GFile(path) as f:
+        text = f.read()
+    else:
+      if os.path.islink(path) or not os.path.isfile(path):
+        return None
+      with open(path, encoding='utf-8') as f:
+        text = f.read(65536)
+    marker = json.loads(text)
+  except (OSError, ValueError):
+    return None
+  return marker if isinstance(marker, dict) and isinstance(marker.get('tool'), str) else None
+
+
+def write_marker(folder, tool):
+  text = json.dumps(dict(tool=tool), sort_keys=True)
+  path = os.path.join(os.fspath(folder), MARKER)
+  if is_object_store(path):
+    with _gfile().GFile(path, 'w') as f:
+      f.write(text)
+  else:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(text)
+
+
+def make_staging(folder, tool):
+  """Creates the new staging folder `folder` with our marker in it (first, so that a
+  folder left by a crash is recognised as ours and removed by the next run)."""
+  if is_object_store(folder):
+    _gfile().makedirs(folder)
+  else:
+    os.makedirs(folder)
+  write_marker(folder, tool)
+  return folder
+
+
+def owned_by(folder, tool, legacy=None):
+  """Whether `folder` is an output of `tool`: its marker says so, or `legacy(folder)`."""
+  marker = read_marker(folder)
+  if marker is not None:
+    return marker['tool'] == tool
+  return bool(legacy and legacy(folder))
+
+
+def _lstat(path):
+  try:
+    return os.lstat(path)
+  except FileNotFoundError:
+    return None
+
+
+def _listing(folder):
+  if is_object_store(folder):
+    gfile = _gfile()
+    return gfile.listdir(folder) if gfile.isdir(folder) else []
+  st = _lstat(folder)
+  return os.listdir(folder) if st is not None and stat.S_ISDIR(st.st_mode) else []
+
+
+def check_output(out, tool, overwrite, *, inputs=(), legacy=None, flag='--out'):
+  """Before any work: `out` may be written by `tool` (module docstring).
+
+  A missing or empty folder is fine; a non-empty one needs `overwrite` and must be an
+  earlier output of the same tool.
+  """
+  out = os.fspath(out)
+  check_apart(out, inputs, flag)
+  if not is_object_store(out):
+    st = _lstat(out)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+      raise OutputFolderError(f'{flag} {out}: is a symbolic link; give the folder itself '
+                              f'({os.path.realpath(out)}).')
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+      raise OutputFolderError(f'{flag} {out}: exists and is not a folder.')
+  if not _listing(out):
+    return
+  if not overwrite:
+    raise OutputFolderError(f'{flag} {out}: folder is not empty; choose another folder or '
+                            'pass --overwrite to replace it once the new output is complete.')
+  if not owned_by(out, tool, legacy):
+    found = read_marker(out)
+    whose = f'an output of {found["tool"]}' if found else f'no {MARKER} marker'
+    raise OutputFolderError(f'{flag} {out}: --overwrite replaces only an earlier output of '
+                            f'{tool}, and this folder holds {whose}; remove it yourself or '
+                            'choose another folder.')
+
+
+def remove_tree(path, tool, legacy=None):
+  """Removes the folder `path`, only if it is `tool`'s and not a link; else raises."""
+  path = os.fspath(path).rstrip('/')
+  if is_object_store(path):
+    if not owned_by(path, tool, legacy):
+      raise OutputFolderError(f'{path}: holds no {MARKER} of {tool}; not removing it.')
+    _gfile().rmtree(path)
+    return
+  st = _lstat(path)
+  if st is None:
+    return
+  if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+    raise OutputFolderError(f'{path}: is {"a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"}; '
+                            'not removing it (nor what it points to).')
+  if not owned_by(path, tool, legacy):
+    raise OutputFolderError(f'{path}: holds no {MARKER} of {tool}; not removing it.')
+  if not shutil.rmtree.avoids_symlink_attacks:   # pragma: no cover (Linux has it)
+    raise OutputFolderError(f'{path}: this platform cannot remove a tree without following '
+                            'links; remove it yourself.')
+  shutil.rmtree(path)
+
+
+def remove_stale(pattern, tool, keep=()):
+  """Removes the folders matching `pattern` that are `tool`'s (temporaries of earlier
+  runs); anything else that matches (a link, a folder without our marker) is left alone
+  with a warning. Returns the removed paths."""
+  keep = {os.fspath(k).rstrip('/') for k in keep}
+  paths = _gfile().glob(pattern) if is_object_store(pattern) else glob.glob(pattern)
+  removed = []
+  for path in sorted(p.rstrip('/') for p in paths):
+    if path in keep:
+      continue
+    try:
+      remove_tree(path, tool)
+    except OutputFolderError as e:
+      logging.warning('%s: leaving it alone: %s', tool, e)
+      continue
+    removed.append(path)
+  return removed
