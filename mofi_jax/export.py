@@ -10,11 +10,13 @@ savedmodel: the image and text encoders as a TF SavedModel (jax2tf), batch size
 polymorphic (mofi_jax/interop/savedmodel.py).
 
 OUT is written to a temporary sibling and renamed when complete; a non-empty OUT
-is refused unless --overwrite. Errors exit non-zero with one line.
+is refused unless --overwrite, which replaces only an earlier export (never the
+workdir, its corpus, or a folder that contains them). Errors exit non-zero with one line.
 """
 import argparse
 import sys
 
+from mofi_jax import cli_errors
 from mofi_jax.interop import outputs
 
 FORMATS = ('hf', 'savedmodel')
@@ -34,23 +36,27 @@ def parse_args(argv):
 
 
 def export(args):
-  outputs.check_output_folder(args.out, args.overwrite)   # before the slow imports
+  inputs = [('--workdir', args.workdir)]
+  outputs.check_output_folder(args.out, args.overwrite, inputs)   # before the slow imports
   # Imported here so that --help and a bad --out are answered at once.
   from mofi_jax import inference  # pylint: disable=g-import-not-at-top
   from mofi_jax.interop import hf_export, savedmodel  # pylint: disable=g-import-not-at-top
   encoder = inference.load(args.workdir, args.step)
+  inputs.append(('the corpus', encoder.config.input.data_dir))
   if args.format == 'hf':
-    return hf_export.export_hf(encoder, args.out, overwrite=args.overwrite)
+    return hf_export.export_hf(encoder, args.out, overwrite=args.overwrite, inputs=inputs)
   return savedmodel.export_savedmodel(encoder, args.out, overwrite=args.overwrite,
-                                      platforms=tuple(args.platforms.split(',')))
+                                      platforms=tuple(args.platforms.split(',')),
+                                      inputs=inputs)
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     out = export(args)
-  except (OSError, ValueError) as e:
-    sys.exit(f'mofi_jax.export: error: {" ".join(str(e).split())}')   # one line
+  except cli_errors.INPUT_ERRORS as e:
+    message = str(e) if isinstance(e, (OSError, ValueError)) else cli_errors.one_line(e)
+    sys.exit(f'mofi_jax.export: error: {" ".join(message.split())}')   # one line
   print(out)
   return out
 

@@ -49,7 +49,7 @@ def pattern_root(pattern):
   """The folder a file pattern can only match inside: the part before its first glob
   character, up to the last separator ('raw/*.tar' -> 'raw')."""
   pattern = os.fspath(pattern)
-  cut = min([pattern.find(c) for c in _GLOB_CHARS if c in pattern] or [len(pattern)])
+  cut = _first_glob(pattern)
   if cut == len(pattern):
     return pattern
   return pattern[:cut].rsplit('/', 1)[0] if '/' in pattern[:cut] else '.'
@@ -57,6 +57,22 @@ def pattern_root(pattern):
 
 def _inside(child, parent):
   return child == parent or child.startswith(parent.rstrip('/') + '/')
+
+
+def _first_glob(pattern):
+  return min([pattern.find(c) for c in _GLOB_CHARS if c in pattern] or [len(pattern)])
+
+
+def _may_match_inside(path):
+  """Whether input `path` reaches into folders below its root: a plain folder does, and so
+  does a pattern with wildcards in folder names; 'raw/*.tar' matches only files directly in
+  'raw', so an output folder below 'raw' is apart from it."""
+  path = os.fspath(path)
+  cut = _first_glob(path)
+  if cut == len(path):
+    return True
+  tail = path[path.rfind('/', 0, cut) + 1:]
+  return '/' in tail or '**' in tail
 
 
 def check_apart(out, inputs, flag='--out'):
@@ -75,7 +91,7 @@ def check_apart(out, inputs, flag='--out'):
     if _inside(src, target):
       raise OutputFolderError(f'{flag} {out}: contains {name} {path}; replacing it would '
                               'delete the input. Write the output somewhere else.')
-    if _inside(target, src):
+    if _inside(target, src) and _may_match_inside(path):
       raise OutputFolderError(f'{flag} {out}: lies inside {name} {path}; write the output '
                               'outside the inputs.')
 

@@ -200,8 +200,8 @@ def test_cli_refuses_a_non_empty_out_in_one_line(workdir, tmp_path):
       env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3'))
   assert proc.returncode != 0
   errors = [l for l in proc.stderr.splitlines() if l.startswith('mofi_jax.export')]
-  assert errors == [f'mofi_jax.export: error: {out}: folder is not empty; pass '
-                    '--overwrite to replace it.']
+  assert errors == [f'mofi_jax.export: error: --out {out}: folder is not empty; choose another '
+                    'folder or pass --overwrite to replace it once the new output is complete.']
   assert 'Traceback' not in proc.stderr
   assert _listing(out) == {'keep.txt': 8}
 
@@ -223,3 +223,26 @@ def test_failed_overwrite_keeps_the_old_folder_and_a_good_one_replaces_it(
   assert sorted(os.listdir(tmp_path)) == ['copy']   # no temporary folders left
   with open(os.path.join(out, hf_export.INFO_FILE)) as f:
     assert json.load(f)['step'] == STEP
+
+
+def test_overwrite_never_replaces_the_workdir_its_corpus_or_a_foreign_folder(workdir, tmp_path):
+  """--overwrite replaces an earlier export only: not the workdir (W became the HF folder
+  before), nor a folder that contains it, nor a non-export folder, nor through a link."""
+  before = _listing(workdir)
+  home = tmp_path / 'home'
+  home.mkdir()
+  (home / 'thesis.tex').write_text('years of work')
+  os.symlink(tmp_path / 'home', tmp_path / 'link')
+  corpus = inference.read_config(workdir).input.data_dir
+  for out, message in [
+      (workdir, 'is the same folder as --workdir'),
+      (os.path.dirname(workdir), 'contains --workdir'),
+      (os.path.join(workdir, 'hf'), 'lies inside --workdir'),
+      (str(home), 'replaces only an earlier output of mofi_jax.export'),
+      (str(tmp_path / 'link'), 'is a symbolic link'),
+      (os.path.join(corpus, 'hf'), 'lies inside the corpus'),
+  ]:
+    with pytest.raises(SystemExit, match=message):
+      export.main(['--workdir', workdir, '--format', 'hf', '--out', out, '--overwrite'])
+  assert _listing(workdir) == before
+  assert os.listdir(home) == ['thesis.tex'] and sorted(os.listdir(tmp_path)) == ['home', 'link']

@@ -54,15 +54,16 @@ from mofi_jax.interop import clip_config, clip_files, clip_params, clip_tokenize
 from mofi_jax.interop.clip_config import InteropError
 
 HEAD_FILE = 'entity_head.safetensors'
-INFO_FILE = 'export_info.json'
+INFO_FILE = outputs.INFO_FILE
 PIL_BILINEAR = 2
 
 
-def export_hf(encoder, out, overwrite=False):
+def export_hf(encoder, out, overwrite=False, inputs=()):
   """Writes `encoder` as a CLIPModel folder at `out` (see the module docstring).
 
   The tokenizer and entity table come from the model's corpus folder
-  (config.input.data_dir). `out` appears only once complete.
+  (config.input.data_dir). `out` appears only once complete; it may not overlap
+  `inputs` ((flag, path) pairs; outputs.check_output_folder).
   """
   config = encoder.config
   clip_config.check_exportable(config)
@@ -74,7 +75,7 @@ def export_hf(encoder, out, overwrite=False):
       clip_params.to_hf(_effective_params(encoder), config.model), ids.swap)
   import transformers  # pylint: disable=g-import-not-at-top  (slow; only here)
   hf_config = transformers.CLIPConfig(**clip_config.to_clip_config(config, ids.hf_config_ids()))
-  with outputs.staged_folder(out, overwrite) as tmp:
+  with outputs.staged_folder(out, overwrite, inputs) as tmp:
     hf_config.to_json_file(os.path.join(tmp, 'config.json'))
     clip_files.write_safetensors(os.path.join(tmp, clip_files.WEIGHTS_FILE), tensors)
     hf_tok = clip_tokenizer.swapped_tokenizer(tok, ids.swap)

@@ -1,44 +1,56 @@
 """Output folders that are never half-written and never overwrite good data.
 
-Imports nothing heavy, so that the export command refuses a bad --out at once.
+What may be replaced follows mofi_jax/safe_outputs.py: `--overwrite` replaces only an
+earlier export (our marker, or the export info file of older exports), never a folder that
+overlaps the workdir, never through a link. Imports nothing heavy, so that the export
+command refuses a bad --out at once.
 """
 import contextlib
+import json
 import os
-import shutil
+
+from mofi_jax import safe_outputs
+
+TOOL = 'mofi_jax.export'
+INFO_FILE = 'export_info.json'   # written by every export; older ones have no marker
+OutputFolderError = safe_outputs.OutputFolderError
 
 
-class OutputFolderError(ValueError):
-  """--out cannot be written as asked."""
+def _older_export(folder):
+  try:
+    with open(os.path.join(folder, INFO_FILE), encoding='utf-8') as f:
+      return isinstance(json.load(f), dict)
+  except (OSError, ValueError):
+    return False
 
 
-def check_output_folder(out, overwrite):
-  """Refuses a non-empty `out` unless `overwrite` (before any slow work)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise OutputFolderError(f'{out}: exists and is not a folder.')
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise OutputFolderError(f'{out}: folder is not empty; pass --overwrite to replace it.')
+def check_output_folder(out, overwrite, inputs=()):
+  """Refuses a non-empty `out` unless `overwrite` and an earlier export; an `out` that
+  overlaps an input ((flag, path) pairs); a link (before any slow work)."""
+  safe_outputs.check_output(out, TOOL, overwrite, inputs=inputs, legacy=_older_export)
 
 
 @contextlib.contextmanager
-def staged_folder(out, overwrite=False):
+def staged_folder(out, overwrite=False, inputs=()):
   """Yields a temporary sibling of `out` to fill; renames it to `out` on success.
 
   A failure leaves `out` as it was (the partial folder is removed); with
   `overwrite`, the old `out` is replaced only once the new one is complete.
   """
   out = os.path.abspath(out)
-  check_output_folder(out, overwrite)
+  check_output_folder(out, overwrite, inputs)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = f'{out}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  safe_outputs.remove_tree(tmp, TOOL)   # ours from an earlier crash, else it raises
+  safe_outputs.make_staging(tmp, TOOL)
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    safe_outputs.remove_tree(tmp, TOOL)
     raise
   old = f'{out}.old-{os.getpid()}'
   if os.path.isdir(out):
     os.rename(out, old)
   os.rename(tmp, out)
-  shutil.rmtree(old, ignore_errors=True)
+  if os.path.isdir(old):
+    safe_outputs.remove_tree(old, TOOL, legacy=_older_export)

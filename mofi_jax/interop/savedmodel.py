@@ -25,7 +25,7 @@ from mofi_jax.interop.clip_config import InteropError
 from mofi_jax.models import mofi
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-INFO_FILE = 'export_info.json'
+INFO_FILE = outputs.INFO_FILE
 TOWER_PARAMS = ('image_tower', 'text_tower', 'log_logit_scale')
 
 
@@ -49,7 +49,7 @@ def _signature(tf, jax_fn, params, spec, poly, platforms):
   return serve
 
 
-def export_savedmodel(encoder, out, overwrite=False, platforms=PLATFORMS):
+def export_savedmodel(encoder, out, overwrite=False, platforms=PLATFORMS, inputs=()):
   """Writes the encoders of `encoder` as a SavedModel folder at `out`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = encoder.config
@@ -70,7 +70,7 @@ def export_savedmodel(encoder, out, overwrite=False, platforms=PLATFORMS):
   signatures['serving_default'] = signatures['embed_images']
   for name, fn in signatures.items():
     setattr(module, name, fn)
-  with outputs.staged_folder(out, overwrite) as tmp:
+  with outputs.staged_folder(out, overwrite, inputs) as tmp:
     try:
       tf.saved_model.save(module, tmp, signatures=signatures)
     except Exception as e:  # pylint: disable=broad-except  (TF's many error types)
