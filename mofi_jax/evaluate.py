@@ -11,7 +11,8 @@ r"""Evaluates a checkpoint (or a features file); prints JSON and writes it besid
 `--hf_clip FOLDER` (a Hugging Face CLIP folder) may replace `--workdir W [--step N]`.
 `--dataset` is a TFDS name (read from --data_dir, never downloaded) or `folder`, an image
 folder in the GPR1200 layout with a categories.json (the demo's held-out set).
-Results go to `<workdir>/eval/<eval>_<dataset>_step<N>.json` (see evals/results.py).
+Results go to `<workdir>/eval/<eval>_<dataset>_step<N>.json` (see evals/results.py), or for
+--hf_clip to `./eval_results/<folder name>/` (an imported folder is never written into).
 `gpr1200 --features` scores [12000, D] features in the official order (row i has
 category i // 10) and prints `all` and the six domains.
 Bad input exits non-zero with one line naming the file, field or dataset at fault.
@@ -21,16 +22,19 @@ import json
 import os
 import sys
 
-import ml_collections
+# Before TensorFlow loads: its C++ INFO/WARNING lines would bury the one-line error.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 import tensorflow as tf
 
-from mofi_jax import inference
+from mofi_jax import cli_errors, inference
 from mofi_jax.data import eval_transform
 from mofi_jax.evals import (entities, gpr1200, knn, linear_probe, results, zeroshot)
 from mofi_jax.evals.embedding import Towers
 
-USER_ERRORS = (OSError, ValueError, tf.errors.OpError)
+USER_ERRORS = cli_errors.INPUT_ERRORS + (tf.errors.OpError,)
 
 
 def _model_flags(parser):
@@ -38,7 +42,8 @@ def _model_flags(parser):
   model.add_argument('--workdir', help='training workdir (config.json + checkpoints/)')
   model.add_argument('--hf_clip', help='Hugging Face CLIP folder instead of a workdir')
   parser.add_argument('--step', type=int, help='checkpoint step (default: newest)')
-  parser.add_argument('--results_dir', help='default: <workdir or hf_clip>/eval')
+  parser.add_argument('--results_dir', help='default: <workdir>/eval, or '
+                      './eval_results/<folder name> for --hf_clip')
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--image_size', type=int, help='crop size; must be the model\'s')
   parser.add_argument('--resize', type=int,
@@ -125,7 +130,15 @@ def _encoder_and_evaluator(args, build):
 
 
 def _results_dir(args):
-  return args.results_dir or os.path.join(args.workdir or args.hf_clip, 'eval')
+  """--results_dir; else <workdir>/eval for our own runs, and ./eval_results/<folder name>
+  for an imported --hf_clip folder, which is never written into (it may be read-only, or
+  someone else's)."""
+  if args.results_dir:
+    return args.results_dir
+  if args.workdir:
+    return os.path.join(args.workdir, 'eval')
+  return os.path.abspath(os.path.join('eval_results', os.path.basename(
+      os.path.normpath(args.hf_clip))))
 
 
 def _report(args, encoder, dataset, options, metrics, *, show=True):
@@ -195,7 +208,7 @@ def run_entities(args):
     image_bytes = f.read()
   encoder, _ = _encoder_and_evaluator(args, lambda preprocessing: None)
   try:
-    ranked = entities.rank_entities(encoder, image_bytes, args.k, cache_dir=_results_dir(args))
+    ranked = entities.rank_entities(encoder, image_bytes, args.k, cache=True)
   except tf.errors.InvalidArgumentError as e:
     raise ValueError(f'{args.image}: unreadable image ({e.message.splitlines()[0]}).') from e
   stem = os.path.splitext(os.path.basename(args.image))[0]
@@ -217,7 +230,7 @@ def main(argv=None):
   try:
     return COMMANDS[args.eval](args)
   except USER_ERRORS as e:
-    message = (getattr(e, 'message', None) or str(e) or repr(e)).splitlines()[0]
+    message = cli_errors.one_line(e)
     where = args.features if args.eval == 'gpr1200' and args.features else ''
     prefix = f'{where}: ' if where and where not in message else ''
     sys.exit(f'mofi_jax.evaluate: error: {prefix}{message}')

@@ -1,10 +1,13 @@
 """Test setup: 8 simulated CPU devices, before JAX is imported anywhere."""
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The user cache (mofi_jax/user_cache.py) of this test session, never the developer's own.
+os.environ.setdefault('MOFI_JAX_CACHE', tempfile.mkdtemp(prefix='mofi_jax_cache-'))
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mofi_jax import evaluate, inference, trainer
+from mofi_jax import evaluate, inference, trainer, user_cache
 from mofi_jax.data import pipeline
 from mofi_jax.evals import embedding, entities
 from mofi_jax.models import mofi
@@ -98,6 +98,7 @@ def test_format_table_puts_both_rankings_side_by_side():
 def test_command_prints_table_writes_json_and_caches_entity_texts(workdir, encoder, image,
                                                                   tmp_path, monkeypatch, capsys):
   path, image_bytes = image
+  monkeypatch.setenv('MOFI_JAX_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setattr(evaluate.inference, 'load', lambda w, step=None: encoder)  # loaded once
   out = evaluate.main(['entities', '--workdir', workdir, '--image', path, '--k', '3'])
   printed = capsys.readouterr().out.splitlines()
@@ -109,13 +110,27 @@ def test_command_prints_table_writes_json_and_caches_entity_texts(workdir, encod
   with open(out['results_file']) as f:
     written = json.load(f)
   assert written['step'] == STEP and written['metrics'] == expected
-  cache = os.path.join(workdir, 'eval', f'entity_texts_step{STEP}.npy')
+  cached_files = os.listdir(tmp_path / 'cache' / 'entity_texts')
+  assert len(cached_files) == 1 and not os.path.exists(os.path.join(workdir, 'eval',
+                                                                    cached_files[0]))
+  cache = tmp_path / 'cache' / 'entity_texts' / cached_files[0]
   assert np.load(cache).shape == (len(encoder.entities), encoder.config.model.embed_dim)
+  assert os.stat(tmp_path / 'cache').st_mode & 0o777 == 0o700
   # A second run reads the cached entity embeddings instead of running the text tower.
+  real_embed = embedding.embed_in_batches
   monkeypatch.setattr(embedding, 'embed_in_batches',
                       lambda *a, **k: pytest.fail('entity texts embedded again'))
-  cached = entities.rank_entities(encoder, image_bytes, k=3, cache_dir=os.path.dirname(cache))
+  cached = entities.rank_entities(encoder, image_bytes, k=3, cache=True)
   assert cached == expected
+  # Another template is another key: never the stale numbers of the same length.
+  monkeypatch.setattr(embedding, 'embed_in_batches', real_embed)
+  other = inference.Encoder.__new__(inference.Encoder)
+  other.__dict__.update(encoder.__dict__, config=encoder.config.copy_and_resolve_references())
+  with other.config.unlocked():
+    other.config.input.entity_template = 'a photo of {name}'
+  again = entities.entity_text_embeddings(other, cache=True)
+  assert len(os.listdir(tmp_path / 'cache' / 'entity_texts')) == 2
+  assert not np.allclose(again, np.load(cache), atol=1e-3)
   bad = tmp_path / 'bad.jpg'
   bad.write_bytes(b'not a jpeg')
   command = ['entities', '--workdir', workdir, '--image']
@@ -128,3 +143,21 @@ def test_without_an_entity_table_the_error_says_so(encoder, image):
   bare.__dict__.update(encoder.__dict__, entities=None)
   with pytest.raises(ValueError, match=r'no entity table \(entities.jsonl'):
     entities.rank_entities(bare, image[1])
+
+
+def test_a_cache_file_shipped_in_a_model_folder_is_never_read(workdir, encoder, image, tmp_path,
+                                                            monkeypatch):
+  """A folder you receive could ship eval/entity_texts_step<N>.npy of the right shape; the
+  cache lives in the user's own folder, under a key of the weights and texts."""
+  monkeypatch.setenv('MOFI_JAX_CACHE', str(tmp_path / 'cache'))
+  planted = np.full((len(encoder.entities), encoder.config.model.embed_dim), 7, np.float32)
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  np.save(os.path.join(workdir, 'eval', f'entity_texts_step{STEP}.npy'), planted)
+  got = entities.entity_text_embeddings(encoder, cache=True)
+  np.testing.assert_allclose(got, entities.entity_text_embeddings(encoder), atol=1e-6)
+  assert not np.allclose(got, 7)
+  # A cache folder that is a link, or someone else's, is refused with a clear error.
+  os.symlink(tmp_path, tmp_path / 'link')
+  monkeypatch.setenv('MOFI_JAX_CACHE', str(tmp_path / 'link'))
+  with pytest.raises(user_cache.CacheError, match='link'):
+    entities.entity_text_embeddings(encoder, cache=True)

@@ -228,10 +228,13 @@ def test_hf_clip_goes_through_the_interop_loader(tiny_run, encoder, heldout, tmp
   monkeypatch.setattr(hf_import, 'load_encoder',
                       lambda folder: loaded.append(folder) or encoder)
   hf_folder = str(tmp_path / 'hf')
+  monkeypatch.chdir(tmp_path / 'elsewhere' if (tmp_path / 'elsewhere').mkdir() else tmp_path)
   out = run_cli(capsys, 'gpr1200', '--hf_clip', hf_folder, '--images', heldout[0])
   assert loaded == [hf_folder]
-  assert out['results_file'] == os.path.join(hf_folder, 'eval',
-                                             f'gpr1200_retrieval_step{STEP}.json')
+  # Results go beside us, never into the imported folder (it may be read-only or shared).
+  assert out['results_file'] == str(tmp_path / 'elsewhere' / 'eval_results' / 'hf' /
+                                    f'gpr1200_retrieval_step{STEP}.json')
+  assert not os.path.exists(hf_folder)
 
 
 @pytest.mark.parametrize('case', ['unknown_dataset', 'missing_data_dir', 'empty_data_dir',

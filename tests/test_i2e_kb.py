@@ -236,3 +236,58 @@ def test_dump_chunks_build_the_same_kb_as_the_whole_dump(tmp_path):
   ka, kb_b = kb.KnowledgeBase.load(a_dir), kb.KnowledgeBase.load(b_dir)
   assert ka.ids() == kb_b.ids() and [ka.entity(q) for q in ka.ids()] == [
       kb_b.entity(q) for q in kb_b.ids()]
+
+
+def test_overwrite_replaces_a_kb_but_never_another_folder(tmp_path, capsys):
+  dump = write_dump(tmp_path / 'latest-all.json.gz')
+  home = tmp_path / 'home'
+  home.mkdir()
+  (home / 'thesis.tex').write_text('years of work')
+  args = ['--wikidata', dump, '--num_shards', '1', '--overwrite'] + IN_MEMORY
+  assert build_kb.main(args + ['--out', str(home)]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'replaces only an earlier output of data_prep.build_kb' in err
+  assert os.listdir(home) == ['thesis.tex']
+  assert build_kb.main(args + ['--out', str(tmp_path)]) == 1   # contains the dump
+  assert 'contains --wikidata' in capsys.readouterr().err
+  out = tmp_path / 'kb'
+  assert build_kb.main(args + ['--out', str(out)]) == 0
+  first = sorted(os.listdir(out))
+  assert build_kb.main(args + ['--out', str(out)]) == 0         # an earlier KB: replaced
+  assert json.loads((out / 'kb.json').read_text())['num_entities'] == 3
+  assert sorted(os.listdir(out)) == first and '.mofi_jax-output.json' in first
+
+
+class _FakeRemote:
+  """FileSystems for 'gs://b/...' paths served from a local folder (size and mtime too)."""
+
+  def __init__(self, folder):
+    self.folder = folder
+
+  def _local(self, path):
+    return os.path.join(self.folder, path[len('gs://b/'):])
+
+  def match(self, patterns):
+    import types as pytypes  # pylint: disable=import-outside-toplevel
+    st = os.stat(self._local(patterns[0]))
+    meta = pytypes.SimpleNamespace(size_in_bytes=st.st_size, last_updated_in_seconds=st.st_mtime)
+    return [pytypes.SimpleNamespace(metadata_list=[meta])]
+
+  def open(self, path):
+    return open(self._local(path), 'rb')
+
+
+def test_remote_index_files_are_cached_privately_and_never_stale(tmp_path, monkeypatch):
+  from data_prep.i2e import kb_index  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('MOFI_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(kb_index, 'FileSystems', _FakeRemote(str(tmp_path)))
+  (tmp_path / 'surface-0.marisa').write_bytes(b'first build')
+  # Someone else plants a file where the old code would have looked (a fixed /tmp path).
+  first = kb_index.local_copy('gs://b/surface-0.marisa')
+  assert open(first, 'rb').read() == b'first build'
+  assert os.path.dirname(first) == str(tmp_path / 'cache' / 'kb')
+  assert os.stat(tmp_path / 'cache' / 'kb').st_mode & 0o777 == 0o700
+  assert kb_index.local_copy('gs://b/surface-0.marisa') == first   # made once
+  (tmp_path / 'surface-0.marisa').write_bytes(b'rebuilt KB, same path')
+  second = kb_index.local_copy('gs://b/surface-0.marisa')
+  assert second != first and open(second, 'rb').read() == b'rebuilt KB, same path'

@@ -29,6 +29,7 @@ import marisa_trie
 from apache_beam.io.filesystems import FileSystems
 
 from data_prep.i2e import types
+from mofi_jax import user_cache
 
 KINDS = ('entities', 'aliases', 'surface')
 SEP = '\x1f'   # joins the tokens of a surface key; spaCy tokens never contain it
@@ -122,20 +123,25 @@ _LOCAL_LOCK = threading.Lock()
 
 
 def local_copy(path, cache_dir=None):
-  """`path` itself when local; else a copy in a per-machine cache, made once (atomic rename),
-  so that every process of a worker VM maps the same file."""
+  """`path` itself when local; else a copy in the user's private cache (user_cache.py), made
+  once per content, so that every process of a worker VM maps the same file. The copy's
+  name hashes the remote path, size and modification time: a rebuilt KB at the same path is
+  a new copy, never a stale one; and no other user can plant the file that gets mapped."""
   if '://' not in path:
     return path
-  cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), 'mofi_kb_cache')
-  local = os.path.join(cache_dir, f'{zlib.crc32(path.encode()):08x}-{os.path.basename(path)}')
+  meta = FileSystems.match([path])[0].metadata_list
+  if not meta:
+    raise FileNotFoundError(f'{path}: KB index file not found.')
+  key = user_cache.content_key(path, meta[0].size_in_bytes, meta[0].last_updated_in_seconds)
+  folder = cache_dir or user_cache.folder('kb')
+  local = os.path.join(folder, f'{key[:24]}-{os.path.basename(path)}')
   with _LOCAL_LOCK:
     if not os.path.exists(local):
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f'{local}.tmp-{os.getpid()}'
-      with FileSystems.open(path) as src, open(tmp, 'wb') as dst:
-        while chunk := src.read(1 << 24):
-          dst.write(chunk)
-      os.replace(tmp, local)
+      def copy(dst):
+        with FileSystems.open(path) as src:
+          while chunk := src.read(1 << 24):
+            dst.write(chunk)
+      user_cache.write_atomic(local, copy)
   return local
 
 

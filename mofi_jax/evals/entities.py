@@ -6,14 +6,16 @@
   learned scale multiplies every logit alike, so it does not change the ranking).
 - Text tower: cosine similarity between the image embedding and each entity's text,
   `input.entity_template` ('{name}, {description}') filled from the corpus entity table.
-  Entity text embeddings are cached per checkpoint in the results folder, since a 2M-entity
-  table takes a while to embed.
+  Entity text embeddings are cached in the user's cache (user_cache.py), keyed by the
+  weights, config and token ids, since a 2M-entity table takes a while to embed.
 """
 import os
 
+import jax
 import numpy as np
-import tensorflow as tf
+from flax import traverse_util
 
+from mofi_jax import user_cache
 from mofi_jax.data import pipeline
 from mofi_jax.evals import embedding
 
@@ -38,29 +40,35 @@ def head_scores(raw_embedding, kernel, bias, kind):
   raise ValueError(f'Unknown head kind {kind!r}; expected linear or cosine.')
 
 
-def entity_text_embeddings(encoder, cache_dir=None, batch_size=1024):
-  """[C, D] text embeddings of every entity, cached as entity_texts_step<N>.npy."""
+def text_cache_key(encoder, texts):
+  """What the entity text embeddings depend on: the weights, the model config, and the
+  token ids of every entity text (so the entity table, template and tokenizer too)."""
+  params = traverse_util.flatten_dict(jax.device_get(encoder.params), sep='/')
+  return user_cache.content_key(sorted(params.items()), encoder.config.model.to_json(),
+                                encoder.tokenize(list(texts)))
+
+
+def entity_text_embeddings(encoder, cache=False, batch_size=1024):
+  """[C, D] text embeddings of every entity; with `cache`, kept in the user's cache
+  (user_cache.py) under a key of everything they depend on, never beside the model."""
   table = encoder.entities
   texts = pipeline.entity_texts(table, encoder.config.input.get('entity_template',
                                                                 pipeline.DEFAULT_ENTITY_TEMPLATE))
-  path = cache_dir and os.path.join(cache_dir, f'entity_texts_step{encoder.step}.npy')
-  if path and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      cached = np.load(f, allow_pickle=False)
-    if cached.shape[0] == len(texts):
+  path = None
+  if cache:
+    key = text_cache_key(encoder, texts)
+    path = os.path.join(user_cache.folder('entity_texts'), f'{key}.npy')
+    cached = user_cache.load_array(path)
+    if cached is not None and cached.shape[0] == len(texts):
       return cached
   emb = embedding.embed_in_batches(encoder.embed_texts, texts, min(batch_size, len(texts)),
                                    desc='entity texts')
   if path:
-    tf.io.gfile.makedirs(cache_dir)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with tf.io.gfile.GFile(tmp, 'wb') as f:
-      np.save(f, emb)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    user_cache.save_array(path, emb)
   return emb
 
 
-def rank_entities(encoder, image_bytes, k=10, cache_dir=None):
+def rank_entities(encoder, image_bytes, k=10, cache=False):
   """{'head': [...], 'text': [...]}, each a list of {rank, index, id, name, description,
   score} (or None where the model has no head / no text tower)."""
   if encoder.entities is None:
@@ -74,7 +82,7 @@ def rank_entities(encoder, image_bytes, k=10, cache_dir=None):
                                  bias, kind)
   if encoder.has_text and encoder.tokenize is not None:
     image = encoder.embed_images(images)[0]
-    ranked['text'] = entity_text_embeddings(encoder, cache_dir) @ image
+    ranked['text'] = entity_text_embeddings(encoder, cache) @ image
   if ranked['head'] is None and ranked['text'] is None:
     raise ValueError(f'{encoder.source}: the model has neither an entity head nor a usable '
                      'text tower (with a tokenizer) to rank entities with.')
