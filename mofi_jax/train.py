@@ -19,7 +19,7 @@ from clu import metric_writers, periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
-from mofi_jax import (checkpoint_checks, checkpointing, inference,
+from mofi_jax import (checkpoint_checks, checkpointing, cli_errors, inference,
                       periodic_evals, run_setup, sharding, trainer)
 from mofi_jax.data import device_feed, pipeline
 from mofi_jax.models import mofi
@@ -40,6 +40,9 @@ flags.DEFINE_integer('num_processes', None, 'For jax.distributed.')
 flags.DEFINE_integer('process_id', None, 'For jax.distributed.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                   'with auto-detection (TPU pods).')
+flags.DEFINE_string('job_id', '', 'Names this job in <workdir>/train.lock. A restart '
+                    'of the same job (same id, e.g. the pod job name) takes over its '
+                    'lock at once; another run using the workdir is refused.')
 flags.DEFINE_bool('fresh_run', False, 'When the checkpoints in --workdir '
                   'cannot be resumed (another model config or tree, or all '
                   'corrupt), move them to <workdir>/superseded-<time>/ (never '
@@ -69,7 +72,13 @@ class _Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config, workdir, fresh_run=False):
+def train_and_evaluate(config, workdir, fresh_run=False, job_id=''):
+  """Trains and evaluates in `workdir`, which no other run may use meanwhile."""
+  with run_setup.workdir_locked(workdir, job_id):
+    return _train_and_evaluate(config, workdir, fresh_run)
+
+
+def _train_and_evaluate(config, workdir, fresh_run):
   preemption = _Preemption()
   # ---------------------------------------------------------------- config
   run_setup.validate_config(config)
@@ -194,10 +203,11 @@ def main(argv):
   if FLAGS.workdir is None:
     sys.exit('mofi_jax.train: error: --workdir is required')
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir, fresh_run=FLAGS.fresh_run)
-  except run_setup.USER_ERRORS as e:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, fresh_run=FLAGS.fresh_run,
+                       job_id=FLAGS.job_id)
+  except run_setup.USER_ERRORS + cli_errors.INPUT_ERRORS as e:
     logging.error('%s', e)
-    sys.exit(f'mofi_jax.train: error: {e}')
+    cli_errors.exit_with('mofi_jax.train', e)
 
 
 def parse_flags(argv):
