@@ -1,5 +1,6 @@
 """Small pieces of the training entry point: config checks, processes, paths,
 finite checks. Kept here so that train.py reads like a table of contents."""
+import contextlib
 import faulthandler
 import importlib
 import os
@@ -8,10 +9,11 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from flax import traverse_util
 
-from mofi_jax import checkpoint_checks, inference, sharding
+from mofi_jax import checkpoint_checks, inference, sharding, workdir_lock
 from mofi_jax.data import pipeline, schema
 from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.models import attention, mofi
@@ -27,7 +29,7 @@ class NonFiniteError(RuntimeError):
 
 USER_ERRORS = (ConfigError, NonFiniteError, schema.CorpusError,
                sharding.ShardingError, inference.LoadError,
-               checkpoint_checks.CheckpointError)
+               checkpoint_checks.CheckpointError, workdir_lock.WorkdirLockedError)
 
 
 class _DropLibraryInfo(logging.logging.Filter):
@@ -138,6 +140,32 @@ def enable_compile_cache(cache_cfg, workdir):
                     float(cache_cfg.min_compile_secs))
   logging.info('Persistent compilation cache: %s', path)
   return path
+
+
+@contextlib.contextmanager
+def workdir_locked(workdir, job_id=''):
+  """Holds <workdir>/train.lock for the run (workdir_lock.py). Process 0 takes it; every
+  process of the job learns whether it did, so all stop together when it is held."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(workdir)
+    try:
+      lock = workdir_lock.WorkdirLock(workdir, job_id).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is None and not int(held):
+      error = workdir_lock.WorkdirLockedError(
+          f'{workdir}: process 0 could not take the workdir lock (its log names the holder).')
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def on_process_zero(fn, name):
