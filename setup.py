@@ -35,7 +35,8 @@ EXTRAS = {
     # nbclient/ipykernel execute notebooks; pytest-timeout fails a hung test (conftest.py).
     'test': ['pytest>=8', 'pytest-xdist>=3.5', 'pytest-timeout>=2.3,<3', 'scikit-learn>=1.5',
              'torchvision==0.29.1',
-             'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8'],
+             'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8',
+             'hypothesis>=6'],
 }
 
 setup(

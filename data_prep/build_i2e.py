@@ -20,7 +20,7 @@ import sys
 
 from apache_beam.io.filesystems import FileSystems
 
-from mofi_jax import config_files
+from mofi_jax import cli_errors, config_files
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'configs', 'i2e.py')
@@ -88,8 +88,8 @@ def main(argv=None):
     import apache_beam as beam  # pylint: disable=import-outside-toplevel
     from data_prep.i2e import pipeline, runs, write  # pylint: disable=import-outside-toplevel
     options = pipeline.pipeline_options(beam_args)
-  except (ValueError, OSError) as e:
-    sys.exit(f'data_prep.build_i2e: error: {e}')
+  except cli_errors.INPUT_ERRORS as e:
+    cli_errors.exit_with('data_prep.build_i2e', e)
   try:
     p = beam.Pipeline(options=options)
     pipeline.build_i2e(p, pairs=args.pairs, out_dir=args.out, config=config, kb_dir=args.kb,

@@ -21,6 +21,7 @@ from absl import logging
 
 from data_prep import demo_world
 from data_prep.demo_world import web
+from mofi_jax import cli_errors
 from mofi_jax.data import schema
 
 
@@ -82,8 +83,8 @@ def main(argv=None):
   start = time.time()
   try:
     corpus_dir = demo_world.ensure_corpus(out, cfg, overwrite=overwrite)
-  except (ValueError, RuntimeError, OSError) as e:
-    sys.exit(f'make_demo_corpus: error: {e}')
+  except (RuntimeError,) + cli_errors.INPUT_ERRORS as e:
+    cli_errors.exit_with('make_demo_corpus', e)
   print(f'ready in {time.time() - start:.1f}s')
   print(summary(corpus_dir))
 

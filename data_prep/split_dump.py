@@ -22,6 +22,8 @@ import os
 import shutil
 import sys
 
+from mofi_jax import cli_errors
+
 MANIFEST = 'chunks.json'
 
 
@@ -77,8 +79,8 @@ def main(argv=None):
     parser.error(f'--out {args.out} exists; choose a new folder')
   try:
     manifest = split(args.dump, args.out, args.lines)
-  except (OSError, EOFError) as e:
-    sys.exit(f'split_dump: error: {args.dump}: {e}')
+  except (EOFError,) + cli_errors.INPUT_ERRORS as e:   # a truncated or corrupt dump
+    sys.exit(f'split_dump: error: {args.dump}: {cli_errors.one_line(e)}')
   print(f'split_dump: {manifest["total_lines"]} lines -> {len(manifest["chunks"])} chunks in '
         f'{args.out}')
   return 0

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from mofi_jax import cli_errors
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'configs', 'i2e.py')
 
@@ -75,8 +77,8 @@ def main(argv=None):
                              meta={'i2e_weak_labels': summary})
     safe_outputs.write_marker(staging, TOOL)   # --overwrite may replace only this
     commit.rename_into_place(staging, out, run_id)
-  except (ValueError, OSError) as e:
-    sys.exit(f'data_prep.train_ner: error: {e}')
+  except cli_errors.INPUT_ERRORS as e:
+    cli_errors.exit_with('data_prep.train_ner', e)
   print(f'{args.out}: NER trained on {len(texts)} alt-texts ({summary["entity_spans"]} entity '
         f'spans, {len(common)} common surface forms); dev F1 on the weak labels '
         f'{scores.get("ents_f", 0):.3f}.')

@@ -24,7 +24,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax
 from absl import app, flags
 
-from mofi_jax import config_files, run_setup, sharding, step_analysis, tpu_specs
+from mofi_jax import (cli_errors, config_files, run_setup, sharding, step_analysis,
+                      tpu_specs)
 from mofi_jax.models import layers, mofi
 
 FLAGS = flags.FLAGS
@@ -178,6 +179,9 @@ def main(argv):
   except (AotError, config_files.ConfigFileError, tpu_specs.TopologyError,
           sharding.ShardingError) as e:
     print(f'mofi_jax.aot: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except cli_errors.INPUT_ERRORS as e:   # a config file's get_config() failing otherwise
+    print(f'mofi_jax.aot: error: {cli_errors.one_line(e)}', file=sys.stderr)
     sys.exit(2)
   print(format_report(report))
   if FLAGS.json:

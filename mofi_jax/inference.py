@@ -59,7 +59,27 @@ def read_config(workdir):
     raise LoadError(f'{path} not found: {workdir} is not a mofi_jax training workdir '
                     '(train.py writes config.json when a run starts).')
   with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      raw = json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise LoadError(f'{path}: not valid JSON ({e}).') from e
+  _check_config_fields(raw, path)
+  return ml_collections.ConfigDict(raw)
+
+
+def _check_config_fields(raw, path):
+  """The fields every reader of a workdir's config.json relies on, with their types."""
+  if not isinstance(raw, dict):
+    raise LoadError(f'{path}: expected a JSON object (a training config), got '
+                    f'{type(raw).__name__}.')
+  for section in ('model', 'input'):
+    if not isinstance(raw.get(section), dict):
+      raise LoadError(f'{path}: field {section!r} must be an object, got '
+                      f'{type(raw.get(section)).__name__}.')
+  size = raw['input'].get('image_size')
+  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    raise LoadError(f'{path}: field input.image_size must be a positive integer, got '
+                    f'{size!r}.')
 
 
 @dataclasses.dataclass

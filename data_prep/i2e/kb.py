@@ -10,6 +10,7 @@ Files, in KB_DIR:
                                    without it is an interrupted build, refused by `load`.
 """
 import json
+import posixpath
 import re
 import threading
 import unicodedata
@@ -191,11 +192,33 @@ def _read_meta(kb_dir):
     raise KBError(f'{path} not found: {kb_dir} is not a finished knowledge base '
                   '(python -m data_prep.build_kb writes kb.json last).')
   with FileSystems.open(path) as f:
-    meta = json.loads(f.read().decode('utf-8'))
+    try:
+      meta = json.loads(f.read().decode('utf-8'))
+    except ValueError as e:   # JSON or UTF-8
+      raise KBError(f'{path}: not valid JSON ({e}).') from e
+  if not isinstance(meta, dict):
+    raise KBError(f'{path}: expected a JSON object, got {type(meta).__name__}.')
   for key in ('entity_files', 'alias_files', 'language'):
     if key not in meta:
       raise KBError(f'{path}: missing key {key!r}; rebuild the KB with data_prep.build_kb.')
+  if 'index_files' in meta:
+    _check_index_fields(meta, path)
   return meta
+
+
+def _check_index_fields(meta, path):
+  """index_files {kind: [one plain file name per shard]}, index_shards a positive int: the
+  names are joined to the KB folder, so none may lead out of it."""
+  shards, files = meta.get('index_shards'), meta['index_files']
+  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+    raise KBError(f'{path}: field index_shards must be a positive integer, got {shards!r}.')
+  for kind in kb_index.KINDS:
+    names = files.get(kind) if isinstance(files, dict) else None
+    if not (isinstance(names, list) and len(names) == shards and all(
+        isinstance(n, str) and n and posixpath.basename(n) == n and n not in ('.', '..')
+        for n in names)):
+      raise KBError(f'{path}: field index_files.{kind} must list {shards} file names '
+                    f'inside the KB folder, got {names!r}.')
 
 
 def check_kb_dir(kb_dir):

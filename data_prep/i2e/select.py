@@ -88,9 +88,13 @@ def _read_json(folder, expected):
     raise ValueError(f'select.clip: {path} not found; expected {expected}.')
   with FileSystems.open(path) as f:
     try:
-      return json.loads(f.read().decode('utf-8'))
-    except ValueError as e:
+      config = json.loads(f.read().decode('utf-8'))
+    except ValueError as e:   # UnicodeDecodeError is one too
       raise ValueError(f'select.clip: {path} is not valid JSON ({e}).') from e
+  if not isinstance(config, dict):
+    raise ValueError(f'select.clip: {path} must hold a JSON object, got '
+                     f'{type(config).__name__}; expected {expected}.')
+  return config
 
 
 def load_encoder(clip):

@@ -24,6 +24,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from mofi_jax.data import corpus_meta
 from mofi_jax.data import tokenizer as tokenizer_lib
 
 SCHEMA_VERSION = 1
@@ -34,7 +35,7 @@ SHARD_GLOB = 'train-*-of-*.tfrecord'
 SHARD_RE = re.compile(r'^train-(\d{5})-of-(\d{5})\.tfrecord$')
 REQUIRED_META_KEYS = ('schema_version', 'num_entities', 'num_train_examples', 'num_shards',
                       'text_len')
-ENTITY_KEYS = ('index', 'id', 'name', 'description', 'count')
+ENTITY_KEYS = tuple(corpus_meta.ENTITY_TYPES)   # ('index', 'id', 'name', 'description', 'count')
 CORPUS_KINDS = ('i2e', 'pairs')
 DEFAULT_KIND = 'i2e'  # Corpora written before "kind" existed are I2E corpora.
 
@@ -238,9 +239,7 @@ def _parse_entity_line(line, path, line_no, expected_index):
     row = json.loads(line)
   except json.JSONDecodeError as e:
     raise CorpusError(f'{path}:{line_no}: not valid JSON ({e}).') from e
-  missing = [k for k in ENTITY_KEYS if k not in row]
-  if missing:
-    raise CorpusError(f'{path}:{line_no}: missing field(s) {missing}.')
+  corpus_meta.check_entity_row(row, f'{path}:{line_no}', CorpusError)
   if row['index'] != expected_index:
     raise CorpusError(f'{path}:{line_no}: field \'index\' is {row["index"]}, expected '
                       f'{expected_index} (indices must be 0..C-1 in order, no gaps).')
@@ -274,11 +273,9 @@ def load_corpus_meta(corpus_dir):
   with tf.io.gfile.GFile(path, 'r') as f:
     try:
       meta = json.loads(f.read())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CorpusError(f'{path}: not valid JSON ({e}).') from e
-  missing = [k for k in REQUIRED_META_KEYS if k not in meta]
-  if missing:
-    raise CorpusError(f'{path}: missing field(s) {missing}.')
+  corpus_meta.check_meta(meta, path, REQUIRED_META_KEYS, CorpusError)
   if meta['schema_version'] != SCHEMA_VERSION:
     raise CorpusError(f'{path}: field \'schema_version\' is {meta["schema_version"]}, '
                       f'this code reads version {SCHEMA_VERSION}.')

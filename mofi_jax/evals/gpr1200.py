@@ -22,6 +22,7 @@ positive's rank by binary search; ranks are exact integer counts, with no tolera
 this on the host rather than in JAX so that it takes no accelerator memory from the training state,
 compiles nothing, and handles categories of any size without padding.
 """
+import os
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from mofi_jax.evals import embedding, image_folder
 
 GPR1200_SIZE = 12000
 GPR1200_IMAGES_PER_CATEGORY = 10
+MAX_FEATURE_DIM = 1 << 16   # features files wider than this are a corrupt header, not a model
 GPR1200_DOMAINS = {
     'landmarks': slice(0, 2000),
     'inat': slice(2000, 4000),
@@ -185,13 +187,46 @@ def chance_map(categories, num_trials=0, seed=0, dim=32):
   return float(total / len(categories))
 
 
+class FeaturesFileError(ValueError):
+  """A features file is not a [12000, D] numeric .npy array."""
+
+
+def _npy_header(path):
+  """(shape, dtype, data offset) from an .npy header; nothing of the array is read yet."""
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  with open(path, 'rb') as f:
+    try:
+      version = np.lib.format.read_magic(f)
+      if version not in readers:
+        raise ValueError(f'.npy format version {version}, this reads {sorted(readers)}')
+      shape, _, dtype = readers[version](f)
+    except ValueError as e:   # .npz (a zip), pickles, text, truncated headers
+      raise FeaturesFileError(f'{path}: not an .npy array file ({e}); expected GPR1200 '
+                              f'features [{GPR1200_SIZE}, D] saved by np.save.') from e
+    return shape, dtype, f.tell()
+
+
+def read_features_file(path):
+  """[12000, D] features of an .npy, checked from its header before anything is allocated:
+  a header claiming more data than the file holds, or a D past MAX_FEATURE_DIM, is refused."""
+  path = str(path)
+  shape, dtype, offset = _npy_header(path)
+  if len(shape) != 2 or shape[0] != GPR1200_SIZE or not 0 < shape[1] <= MAX_FEATURE_DIM:
+    raise FeaturesFileError(f'{path}: expected GPR1200 features [{GPR1200_SIZE}, D] in the '
+                            f'official order (0 < D <= {MAX_FEATURE_DIM}), got shape {shape}.')
+  if dtype.kind not in 'fiu':
+    raise FeaturesFileError(f'{path}: expected real-valued features, got dtype {dtype}.')
+  declared, actual = shape[0] * shape[1] * dtype.itemsize, os.path.getsize(path) - offset
+  if declared != actual:
+    raise FeaturesFileError(f'{path}: its header declares {shape} {dtype} ({declared} bytes) '
+                            f'but the file holds {actual} bytes of data; truncated or corrupt.')
+  return np.load(path, allow_pickle=False)
+
+
 def score_features_file(path):
   """Scores an .npy of [12000, D] features in the official GPR1200 order: {'all': ..., <domain>: ...}."""
-  features = np.load(path, allow_pickle=False)
-  if features.ndim != 2 or features.shape[0] != GPR1200_SIZE:
-    raise ValueError(f'{path}: expected GPR1200 features [{GPR1200_SIZE}, D] in the official order, '
-                     f'got shape {features.shape}.')
-  return mean_average_precision(features, gpr1200_categories())
+  return mean_average_precision(read_features_file(path), gpr1200_categories())
 
 
 class Evaluator:

@@ -64,9 +64,20 @@ def list_images(folder, *, official=False):
   if not rows:
     raise FolderError(f'{folder}: no images named {{category}}_{{name}}.jpg.')
   rows.sort()
+  _check_category_range(folder, rows)
   categories = np.array([c for c, _ in rows], np.int64)
   _check_layout(folder, categories, official)
   return [os.path.join(folder, n) for _, n in rows], categories
+
+
+def _check_category_range(folder, rows):
+  """Categories run 0..R-1 with R <= the number of images: a larger one (a timestamp such as
+  20240101123000_photo.png) is refused here, before any array is sized by it."""
+  category, name = rows[-1]
+  if category >= len(rows):
+    raise FolderError(f'{os.path.join(folder, name)}: category {category} in the file name, '
+                      f'but the folder has {len(rows)} images (expected categories '
+                      f'0..R-1 with {IMAGES_PER_CATEGORY} images each).')
 
 
 def _check_layout(folder, categories, official):

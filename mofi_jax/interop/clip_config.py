@@ -93,8 +93,11 @@ def read_clip_config(folder):
       raw = json.load(f)
   except (OSError, ValueError) as e:
     raise InteropError(f'{path}: not a readable JSON file ({e}).') from e
+  if not isinstance(raw, dict):
+    raise InteropError(f'{path}: expected a JSON object, got {type(raw).__name__}.')
   archs = raw.get('architectures') or [ARCHITECTURE]
-  if raw.get('model_type') != MODEL_TYPE or any(a != ARCHITECTURE for a in archs):
+  if raw.get('model_type') != MODEL_TYPE or not isinstance(archs, list) or any(
+      a != ARCHITECTURE for a in archs):
     raise InteropError(
         f'{path}: unknown architecture (model_type={raw.get("model_type")!r}, '
         f'architectures={raw.get("architectures")}); only {MODEL_TYPE!r} '

@@ -71,15 +71,25 @@ def weight_files(folder):
 def _indexed_files(folder, index):
   try:
     with open(index, encoding='utf-8') as f:
-      weight_map = json.load(f)['weight_map']
-  except (OSError, ValueError, KeyError, TypeError) as e:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
     raise InteropError(f'{index}: not a safetensors index with a weight_map ({e}).') from e
-  files = sorted(set(weight_map.values()))
-  for name in files:
-    if os.path.basename(name) != name or not name.endswith('.safetensors'):
-      raise InteropError(f'{index}: weight file {name!r} is not a .safetensors file '
-                         'inside the folder.')
-  return [os.path.join(folder, n) for n in files]
+  return [os.path.join(folder, n) for n in index_weight_files(raw, index)]
+
+
+def index_weight_files(raw, index):
+  """Sorted file names of a parsed model.safetensors.index.json: its weight_map must map
+  tensor names to .safetensors files inside the folder."""
+  weight_map = raw.get('weight_map') if isinstance(raw, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise InteropError(f'{index}: field weight_map must be a non-empty object of tensor '
+                       f'name: file, got {type(weight_map).__name__}.')
+  for name in weight_map.values():
+    if (not isinstance(name, str) or os.path.basename(name) != name
+        or not name.endswith('.safetensors')):
+      raise InteropError(f'{index}: weight_map names weight file {name!r}, which is not a '
+                         '.safetensors file inside the folder.')
+  return sorted(set(weight_map.values()))
 
 
 def read_weights(folder):

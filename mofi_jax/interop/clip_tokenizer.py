@@ -24,6 +24,10 @@ from mofi_jax.data import tokenizer as tokenizer_lib
 from mofi_jax.interop.clip_config import LEGACY_EOS_ID, InteropError
 from mofi_jax.models import text as text_lib
 
+# Byte-level BPE tokenizers as CLIP and the released MOFI folders save them (transformers 5
+# saves a PreTrainedTokenizerFast as TokenizersBackend).
+SUPPORTED_TOKENIZERS = ('CLIPTokenizer', 'CLIPTokenizerFast', 'GPT2Tokenizer',
+                        'GPT2TokenizerFast', 'PreTrainedTokenizerFast', 'TokenizersBackend')
 PROBE_TEXTS = ('a', 'a photo of a cat', 'Lequyl, a cyan star', 'x' * 40, '')
 
 
@@ -118,6 +122,34 @@ def tokenizer_config(tok, ids, text_len):
 # Import.
 
 
+def check_tokenizer_config(folder):
+  """Refuses a tokenizer_config.json naming a class outside SUPPORTED_TOKENIZERS, or custom
+  code (auto_map), before transformers sees the folder: AutoTokenizer would otherwise
+  import whatever class the file names."""
+  path = os.path.join(folder, 'tokenizer_config.json')
+  if not os.path.isfile(path):
+    return   # transformers then picks the tokenizer of config.json's model_type (clip)
+  try:
+    with open(path, encoding='utf-8') as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InteropError(f'{path}: not a readable JSON file ({e}).') from e
+  check_tokenizer_fields(raw, path)
+
+
+def check_tokenizer_fields(raw, path):
+  """The checks of `check_tokenizer_config` on a parsed tokenizer_config.json."""
+  if not isinstance(raw, dict):
+    raise InteropError(f'{path}: expected a JSON object, got {type(raw).__name__}.')
+  name = raw.get('tokenizer_class')
+  if name is not None and name not in SUPPORTED_TOKENIZERS:
+    raise InteropError(f'{path}: field tokenizer_class is {name!r}; mofi_jax loads only '
+                       f'{", ".join(SUPPORTED_TOKENIZERS)}.')
+  if 'auto_map' in raw:
+    raise InteropError(f'{path}: field auto_map names custom tokenizer code; mofi_jax never '
+                       'runs code from a model folder.')
+
+
 def load_folder_tokenizer(folder):
   """A folder's tokenizer as a `tokenizers.Tokenizer`, or None if it has none."""
   path = os.path.join(folder, 'tokenizer.json')
@@ -128,7 +160,9 @@ def load_folder_tokenizer(folder):
       raise InteropError(f'{path}: not a valid tokenizers JSON file ({e}).') from e
   elif all(os.path.isfile(os.path.join(folder, n)) for n in ('vocab.json', 'merges.txt')):
     import transformers  # pylint: disable=g-import-not-at-top
-    tok = transformers.AutoTokenizer.from_pretrained(folder).backend_tokenizer
+    check_tokenizer_config(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(
+        folder, trust_remote_code=False).backend_tokenizer
   else:
     return None
   tok.no_padding()
@@ -151,8 +185,9 @@ def load_auto_tokenizer(folder):
   except ImportError as e:
     raise InteropError(f'{folder}: reading its tokenizer needs transformers '
                        '(pip install -e ".[export]").') from e
+  check_tokenizer_config(folder)
   try:
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
   except Exception as e:  # pylint: disable=broad-except  # tokenizers raises bare Exception
     raise InteropError(f'{folder}: transformers cannot load its tokenizer '
                        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}).'

@@ -20,7 +20,6 @@ consumer that feeds CLIP-normalised images gets the folder's embeddings.
 training parameter tree (config.init.hf_clip).
 """
 import json
-import math
 import os
 
 import flax.linen as nn
@@ -32,7 +31,8 @@ from flax import traverse_util
 
 from mofi_jax import inference, trainer
 from mofi_jax.data import preprocess, schema
-from mofi_jax.interop import clip_config, clip_files, clip_params, clip_tokenizer
+from mofi_jax.interop import (clip_config, clip_files, clip_params, clip_tokenizer,
+                              preprocessor_file)
 from mofi_jax.interop.clip_config import InteropError
 from mofi_jax.interop.hf_export import HEAD_FILE
 from mofi_jax.models import mofi
@@ -146,32 +146,15 @@ def _read_preprocessor(folder, image_size):
   (preprocess 'mofi'), with which those models were scored.
   """
   path = os.path.join(folder, PREPROCESSOR_FILE)
-  cfg = {}
-  method = 'tf' if os.path.isfile(path) else 'mofi'
-  if os.path.isfile(path):
-    try:
-      with open(path, encoding='utf-8') as f:
-        cfg = json.load(f)
-    except (OSError, ValueError) as e:
-      raise InteropError(f'{path}: not a readable JSON file ({e}).') from e
-  if not cfg.get('do_rescale', True) or not math.isclose(
-      float(cfg.get('rescale_factor', 1 / 255)), 1 / 255, rel_tol=1e-6):
-    raise InteropError(f'{path}: images must be rescaled by 1/255 (as ours are), got '
-                       f'do_rescale={cfg.get("do_rescale")}, '
-                       f'rescale_factor={cfg.get("rescale_factor")}.')
-  crop = cfg.get('crop_size', image_size) if cfg.get('do_center_crop', True) else image_size
-  crop = crop.get('height', image_size) if isinstance(crop, dict) else crop
-  if int(crop) != image_size:
-    raise InteropError(f'{path}: crop_size {crop} differs from the model\'s image_size '
-                       f'{image_size} (config.json vision_config).')
-  size = cfg.get('size', {})
-  resize = size.get('shortest_edge', image_size) if isinstance(size, dict) else size
-  if not cfg.get('do_normalize', True):
-    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-  else:
-    mean = cfg.get('image_mean', preprocess.CLIP_MEAN)
-    std = cfg.get('image_std', preprocess.CLIP_STD)
-  return dict(resize=int(resize), mean=mean, std=std, preprocess=method)
+  if not os.path.isfile(path):
+    return dict(resize=image_size, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
+                preprocess='mofi')
+  try:
+    with open(path, encoding='utf-8') as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InteropError(f'{path}: not a readable JSON file ({e}).') from e
+  return dict(preprocessor_file.parse(cfg, path, image_size), preprocess='tf')
 
 
 def _folder_tokenize(tok, config, folder):
@@ -190,9 +173,13 @@ def _text_len(folder, context):
   path = os.path.join(folder, 'tokenizer_config.json')
   try:
     with open(path, encoding='utf-8') as f:
-      return min(context, int(json.load(f).get('model_max_length', context)))
-  except (OSError, ValueError, TypeError, OverflowError):
-    return context
+      raw = json.load(f)
+  except (OSError, ValueError):
+    return context   # no file; a broken one is refused by the tokenizer check
+  limit = raw.get('model_max_length', context) if isinstance(raw, dict) else context
+  # transformers writes a huge float (1e30) for "no limit".
+  ok = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 1
+  return min(context, int(limit)) if ok and limit < context else context
 
 
 def _encoder_config(model_cfg, folder, image_size, text_len, images):

@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from mofi_jax import inference, run_setup, train
+from mofi_jax import cli_errors, inference, run_setup, train
 from mofi_jax.study import arms, data, heldout, plots, report
 
 HEADLINE = ['retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1']
@@ -101,6 +101,14 @@ def _cache_compiles(root):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    study(args)
+  except cli_errors.INPUT_ERRORS as e:
+    cli_errors.exit_with('mofi_jax.study', e)
+
+
+def study(args):
+  """The three stages; results.md (printed at the end) and its figures under --workdir."""
   run_setup.quiet_libraries()
   logging.set_verbosity(logging.WARNING)
   root = os.path.abspath(args.workdir)
@@ -119,7 +127,8 @@ def main(argv=None):
   header = data.describe(corpora, runs, time.time() - t0)
   write_outputs(root, rows, corpora, header)
   say(f'done in {(time.time() - t0) / 60:.1f} min: {os.path.join(root, "results.md")}')
-  print(open(os.path.join(root, 'results.md')).read())
+  with open(os.path.join(root, 'results.md')) as f:
+    print(f.read())
 
 
 if __name__ == '__main__':
