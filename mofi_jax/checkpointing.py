@@ -2,7 +2,8 @@
 
 Layout under `workdir`:
   checkpoints/<step>/{state,meta}   Orbax CheckpointManager (async, keeps N);
-                                    meta holds the config and array checksums
+                                    meta holds the config, array checksums and
+                                    each process's input-state sha256
   input_state/<step>/process_<i>*   each process's input position
 
 Restoring (`restore_latest`) is one decision for all processes: process 0
@@ -12,7 +13,7 @@ outcomes are gathered. Then, by the worst outcome (checkpoint_checks.classify):
   * incompatible (another tree, shapes or model config): stop with the
     differing keys, touching nothing (`start_fresh` moves the run aside);
   * corrupt anywhere (checksum mismatch, truncated or missing files, a missing
-    input state): every process drops the step together; process 0 renames
+    input state or one whose sha256 differs): every process drops the step together; process 0 renames
     it to `<step>.corrupt-<time>` (kept, never deleted); the previous step is
     tried next;
   * transient storage errors: retried with backoff, then fatal;
@@ -51,6 +52,27 @@ def _broadcast_int(value):
     return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _gather_digests(digest):
+  """Every process's 32-byte digest, as hex, in process order."""
+  if jax.process_count() == 1:
+    return [digest.hex()]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  rows = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
+  return [bytes(r.astype(np.uint8)).hex() for r in rows.reshape(jax.process_count(), -1)]
+
+
+def input_state_digest(path):
+  """sha256 over this process's input-state files (names and bytes): the checkpoint's
+  record of them, since a valid tf.data state of another step or run restores silently."""
+  h = hashlib.sha256()
+  for name in sorted(tf.io.gfile.glob(path + '.*')):
+    with tf.io.gfile.GFile(name, 'rb') as f:
+      data = f.read()
+    h.update(f'{os.path.basename(name)}:{len(data)}:'.encode())
+    h.update(data)
+  return h.digest()
 
 
 def _gather_int(value):
@@ -98,7 +120,8 @@ class Checkpointer:
       return False  # already saved (e.g. the final step coincides with one).
     data_iter.save(self._input_path(step))
     meta = dict(meta, step=int(step), saved_at=time.time(),
-                process_count=jax.process_count(), checksums=checks.checksums(state))
+                process_count=jax.process_count(), checksums=checks.checksums(state),
+                input_checksums=_gather_digests(input_state_digest(self._input_path(step))))
     saved = self.mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                            force=True)
@@ -263,6 +286,13 @@ class Checkpointer:
     for suffix in ('.index', '.data-*'):
       if not tf.io.gfile.glob(input_path + suffix):
         raise FileNotFoundError(f'input state {input_path}{suffix} is missing')
+    recorded = meta.get('input_checksums')
+    if recorded is not None:
+      if (not isinstance(recorded, list) or len(recorded) != jax.process_count() or
+          recorded[jax.process_index()] != input_state_digest(input_path).hex()):
+        raise checks.CorruptCheckpointError(
+            f'input state {input_path}: its files differ from the sha256 the checkpoint '
+            'recorded when it saved them')
     return meta
 
   def _state_dir(self, step):

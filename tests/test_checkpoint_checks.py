@@ -13,6 +13,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +243,20 @@ def test_bit_flip_in_array_data_falls_back_to_previous_step(saved_run, caplog):
   assert any(n.startswith('3.corrupt-') for n in names)
   assert any(n.startswith('3.corrupt-') for n in os.listdir(
       os.path.join(saved_run, 'input_state')))
+
+
+def test_input_state_of_another_step_is_caught_by_its_checksum(saved_run, caplog):
+  """Step 2's input state copied over step 3's is a valid tf.data state (its own CRCs
+  pass) at the wrong position: only the sha256 recorded at save time tells."""
+  folder = os.path.join(saved_run, 'input_state')
+  for name in os.listdir(os.path.join(folder, '2')):
+    shutil.copyfile(os.path.join(folder, '2', name), os.path.join(folder, '3', name))
+  data = _Input()
+  step, _, _ = checkpointing.Checkpointer(saved_run, ckpt_cfg()).restore_latest(
+      abstract_of(state_at(0)), data, CONFIG)
+  assert step == 2 and int(data.position.numpy()) == 20
+  assert 'differ from the sha256 the checkpoint recorded' in caplog.text
+  assert any(n.startswith('3.corrupt-') for n in os.listdir(folder))
 
 
 def test_failed_read_leaves_no_read_running(tmp_path):
