@@ -138,3 +138,75 @@ def test_images_below_the_minimum_size_are_filtered_before_decoding():
   assert clean.image_size(tiny) == (1, 1) and clean.image_size(b'not an image') is None
   with pytest.raises(ValueError, match='min_image_size must be >= 1'):
     clean.CleanPairs(min_image_size=0)
+
+
+# ----------------------------------------------------------------------------- size caps
+
+
+def test_images_over_the_pixel_or_aspect_cap_are_dead_lettered_before_decoding():
+  from test_image_limits import blank_png  # pylint: disable=import-outside-toplevel
+  # 13000x13000 and 10000x10000 are under PIL's error threshold (179 Mpx): PIL only warns,
+  # and these were decoded and stored.
+  huge, big, line = blank_png(13000, 13000), blank_png(10000, 10000), blank_png(40, 2000, 'RGB')
+  ok = blank_png(40, 1280, 'RGB')  # 32:1, the most the cap allows
+  pairs = [types.Pair('huge', huge, 'a poster', 's'), types.Pair('big', big, 'a map', 's'),
+           types.Pair('line', line, 'a divider', 's'), types.Pair('ok', ok, 'a banner', 's')]
+  run_stage(clean.CleanPairs(), pairs, [('ok', digest(ok), 'a banner')],
+            [('image_too_large', 'huge'), ('image_too_large', 'big'),
+             ('extreme_aspect_ratio', 'line')], [])
+  _, (_, detail) = clean.verify_image(line)
+  assert '40x2000' in detail and '32:1' in detail
+
+
+def web_images():
+  """Web oddities, encoded: {member name: bytes}."""
+  out = {}
+  frames = [Image.fromarray(np.full((40, 48, 3), c, np.uint8)) for c in (30, 120, 250)]
+  for name, fmt, extra in (('anim_webp.webp', 'WEBP', dict(lossless=True)),
+                           ('anim_gif.gif', 'GIF', {})):
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0,
+                   **extra)
+    out[name] = buf.getvalue()
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees to display.
+  rgb, cmyk = (np.random.default_rng(5).integers(0, 256, (40, 64, n), dtype=np.uint8)
+               for n in (3, 4))
+  buf = io.BytesIO()
+  Image.fromarray(rgb).save(buf, 'JPEG', exif=exif.tobytes())
+  out['rotated.jpg'] = buf.getvalue()
+  buf = io.BytesIO()
+  Image.fromarray(cmyk, 'CMYK').save(buf, 'JPEG')
+  out['cmyk.jpg'] = buf.getvalue()
+  out['page.jpg'] = b'<!DOCTYPE html><html><body>403 Forbidden</body></html>'
+  return out
+
+
+def test_web_oddities_in_a_tar_end_as_pairs_training_decodes_or_dead_letters(tmp_path):
+  from test_i2e_read import write_tar  # pylint: disable=import-outside-toplevel
+  from data_prep.i2e import read  # pylint: disable=import-outside-toplevel
+  images = web_images()
+  members = []
+  for name, data in images.items():
+    key = name.split('.')[0]
+    members += [(name, data), (f'{key}.txt', f'caption of {key}'.encode())]
+  pairs = list(read.read_tar(str(write_tar(tmp_path / 'web.tar', members)), ('txt',)))
+  assert [p.key for p in pairs] == [n.split('.')[0] for n in images]
+  outcome = {}
+  for pair in pairs:
+    out, error = clean.verify_image(pair.image)
+    if error:
+      outcome[pair.key] = error[0]
+      continue
+    pixels = tf_decodes(out)  # What training will read: it must decode.
+    assert pixels is not None, pair.key
+    first = np.asarray(Image.open(io.BytesIO(pair.image)).convert('RGB'))  # frame 0, unrotated
+    assert pixels.shape == first.shape, pair.key
+    if pair.key.startswith('anim'):
+      np.testing.assert_array_equal(pixels, first)
+    outcome[pair.key] = 'kept' if out == pair.image else 'first frame as PNG'
+  assert outcome == {'anim_webp': 'first frame as PNG', 'anim_gif': 'first frame as PNG',
+                     'rotated': 'kept', 'cmyk': 'kept', 'page': 'corrupt_image'}
+  run_stage(clean.CleanPairs(min_image_size=8), pairs,
+            [(p.key, digest(clean.verify_image(p.image)[0]), p.text) for p in pairs
+             if p.key != 'page'], [('corrupt_image', 'page')], [])

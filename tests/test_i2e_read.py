@@ -267,3 +267,52 @@ def test_tfrecord_records_bad_records_and_a_corrupt_file(tmp_path):
 def test_read_pairs_needs_a_pattern():
   with pytest.raises(ValueError, match='no file pattern'):
     read.ReadPairs([])
+
+
+# ----------------------------------------------------------------------------- bounded samples
+
+
+def test_members_a_pair_does_not_use_are_skipped_unread(tmp_path):
+  # One key with 300 junk members of 1 MiB: the reader held 314 MB for it.
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  img = image_bytes(0)
+  junk = bytes(1 << 20)
+  path = write_tar(tmp_path / 'junk.tar', [('k.jpg', img)] + [
+      (f'k.junk{i}', junk) for i in range(300)] + [('k.txt', b'the caption')])
+  tracemalloc.start()
+  try:
+    items = list(read.read_tar(str(path), ('txt',)))
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert [(p.key, p.image, p.text) for p in items] == [('k', img, 'the caption')]
+  assert peak < 16 << 20, f'peak {peak / 2**20:.0f} MiB while reading'
+
+
+def test_junk_members_through_the_pipeline(tmp_path):
+  img = [image_bytes(i) for i in range(2)]
+  path = write_tar(tmp_path / 'j.tar', [
+      ('a.jpg', img[0]), ('a.seg.png', img[1]), ('a.cls', b'3'), ('a.txt', b'A'),
+      ('b.cls', b'only junk'), ('b.npy', b'\0' * 100),   # no image: still one dead letter
+      ('c.jpg', img[1]), ('c.txt', b'C')])
+  check_read([str(path)], [('a', img[0], 'A', 'j.tar'), ('c', img[1], 'C', 'j.tar')],
+             [('missing_field', 'b', 'j.tar', 1)])
+  dead = [x for x in read.read_tar(str(path), ('txt',)) if x.key == 'b']
+  assert 'and 2 other member(s)' in dead[0].detail
+
+
+def test_a_key_over_the_sample_cap_is_dead_lettered_and_the_rest_skipped(tmp_path, monkeypatch):
+  # Each member is within its own limit; together they are not.
+  monkeypatch.setattr(read, 'MAX_SAMPLE_BYTES', 3000)
+  big, small, caption = image_bytes(0, fmt='PNG', size=30), image_bytes(1), b'x' * 1000
+  assert 2000 < len(big) <= 3000 and len(small) + len(caption) <= 3000
+  path = write_tar(tmp_path / 'cap.tar', [
+      ('a.png', big), ('a.txt', caption), ('a.json', b'{}' * 5000),   # over at a.txt
+      ('b.jpg', small), ('b.txt', caption),                           # under
+      ('c.png', big), ('c.jpg', big)])                                # two images, over
+  check_read([str(path)], [('b', small, 'x' * 1000, 'cap.tar')],
+             [('sample_too_large', 'a', 'cap.tar', 1), ('sample_too_large', 'c', 'cap.tar', 1)])
+  items = list(read.read_tar(str(path), ('txt',)))
+  assert [getattr(x, 'reason', 'pair') for x in items] == ['sample_too_large', 'pair',
+                                                           'sample_too_large']
+  assert '3000 bytes' in items[0].detail

@@ -51,6 +51,35 @@ def encoded(height, width, mode='RGB', fmt='JPEG', seed=0):
   return buf.getvalue()
 
 
+def reference_mofi_image(image_bytes, size=224, resize=None):
+  """The transform as it was, whole: every output pixel of torchvision's resize, in float64
+  from taps computed here, then CenterCrop. Large images cost GBs; the oracle for the
+  crop-only code on images that fit."""
+  resize = resize or size
+  image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert('RGB'))
+  image = (image.astype(np.float32) / np.float32(255)).astype(np.float64)
+  height, width = mofi_transform.resized_size(image.shape[0], image.shape[1], resize)
+
+  def taps(n_in, n_out):  # ATen's upsample_bilinear2d source index, float32 as x86-64 fuses it
+    if n_in == n_out:
+      return np.arange(n_out), np.arange(n_out), np.zeros(n_out)
+    ratio = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = np.maximum((ratio * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32), 0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, np.minimum(i0 + 1, n_in - 1), lam.astype(np.float64)
+
+  h0, h1, a = taps(image.shape[0], height)
+  w0, w1, b = taps(image.shape[1], width)
+  a0, b0 = (np.float32(1) - a.astype(np.float32)).astype(np.float64), \
+      (np.float32(1) - b.astype(np.float32)).astype(np.float64)
+  rows = a0[:, None, None] * image[h0] + a[:, None, None] * image[h1]
+  full = (b0[None, :, None] * rows[:, w0] + b[None, :, None] * rows[:, w1]).astype(np.float32)
+  top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+  crop = full[top:top + size, left:left + size]
+  return (crop - np.float32(preprocess.CLIP_MEAN)) / np.float32(preprocess.CLIP_STD)
+
+
 AWKWARD = [
     (301, 457, 'RGB', 'JPEG'),    # odd sizes, landscape
     (640, 223, 'RGB', 'PNG'),     # portrait, shorter side just under 224: upsampled
@@ -72,6 +101,19 @@ def test_matches_torchvision_within_1e6(height, width, mode, fmt):
   ours = mofi_transform.mofi_image(data)
   assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
   np.testing.assert_allclose(ours, torchvision_image(data), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('height,width,mode,fmt', AWKWARD + [(64, 2000, 'RGB', 'PNG')])
+def test_crop_only_is_bit_identical_to_the_whole_resize(height, width, mode, fmt):
+  data = encoded(height, width, mode, fmt)
+  np.testing.assert_array_equal(mofi_transform.mofi_image(data), reference_mofi_image(data))
+
+
+def test_a_window_of_the_resize_is_that_part_of_the_whole():
+  pixels = np.random.default_rng(1).integers(0, 256, (41, 67, 3), dtype=np.uint8)
+  whole = mofi_transform.bilinear_resize(pixels, 90, 130)
+  part = mofi_transform.bilinear_resize(pixels, 90, 130, (13, 50, 20, 31))
+  np.testing.assert_array_equal(part, whole[13:33, 50:81])
 
 
 def test_resize_then_a_smaller_crop_matches_torchvision():

@@ -14,11 +14,15 @@ Image: smaller than `min_image_size` pixels on its short side (read from the hea
 before decoding) -> filtered 'image_too_small' (a 1x1 tracking pixel, an icon). Then opened
 with PIL and decoded (JPEGs in draft mode, at 1/8 scale: enough to reach
 the end of the entropy-coded data, so truncation is caught, at a fraction of the cost).
-Not an image, corrupt or truncated -> dead letter 'corrupt_image'; over PIL's
-decompression-bomb limit -> 'image_too_large'. Formats that TensorFlow's decode_image
+Not an image, corrupt or truncated -> dead letter 'corrupt_image'; over
+image_limits.MAX_PIXELS (PIL's decompression-bomb threshold, where PIL itself only warns)
+-> 'image_too_large'; longer than image_limits.MAX_ASPECT_RATIO times its short side ->
+'extreme_aspect_ratio' (both read from the header, before decoding; the eval transforms
+refuse the same images). Formats that TensorFlow's decode_image
 reads (JPEG, PNG, GIF, BMP, WebP) are kept byte for byte; others (TIFF, ...), and PNG/GIF
 files that decode but lack their end marker (PIL accepts them, TensorFlow does not), are
-re-encoded as PNG, so that every written image decodes in the training pipeline.
+re-encoded as PNG, so that every written image decodes in the training pipeline; so is the
+first frame of an animated WebP or GIF.
 
 Exact duplicate images (and keys) are removed before this stage, by dedup.py, on small
 records; `text_passes` is the text check it applies to choose among the copies of an
@@ -33,6 +37,7 @@ import unicodedata
 import apache_beam as beam
 
 from data_prep.i2e import types
+from mofi_jax.data import image_limits
 
 STAGE = 'clean'
 TF_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP', 'WEBP')
@@ -70,30 +75,31 @@ def _complete(data, fmt):
 
 
 def image_size(data):
-  """(width, height) from the image's header, or None when PIL cannot identify it."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      return image.size
-  except Exception:  # pylint: disable=broad-except  # verify_image names the problem
-    return None
+  """(width, height) from the image's header, or None when PIL cannot identify it or
+  refuses it as a decompression bomb (verify_image names the problem)."""
+  return image_limits.header_size(data, check=False)
 
 
 def verify_image(data):
   """Encoded image -> (bytes to store, None) or (None, (reason, detail))."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with image_limits.open_image(data) as image:
       fmt = image.format
       if fmt in ('JPEG', 'MPO'):
         image.draft('RGB', (1, 1))  # Smallest DCT scale; still reads all the data.
       image.load()
-      if fmt in TF_FORMATS and _complete(data, fmt):
+      # An animated WebP fails TF's 3-channel decode; an animated GIF is decoded whole, every
+      # frame, to return the first: both keep only their first frame (as PNG).
+      animated = fmt in ('GIF', 'WEBP') and getattr(image, 'is_animated', False)
+      if fmt in TF_FORMATS and _complete(data, fmt) and not animated:
         return data, None
       out = io.BytesIO()  # Decodable pixels in a file TF would reject: re-encode them.
       image.convert('RGBA' if 'A' in image.getbands() else 'RGB').save(out, 'PNG')
       return out.getvalue(), None
-  except Image.DecompressionBombError as e:
+  except image_limits.ImageLimitError as e:
+    return None, (e.reason, str(e))
+  except Image.DecompressionBombError as e:  # Raised while loading some formats' frames.
     return None, ('image_too_large', str(e))
   except UnidentifiedImageError:
     return None, ('corrupt_image', 'not an image (PIL cannot identify the format)')

@@ -16,7 +16,6 @@ small, e.g. GPR1200's 12,000 images).
 Only (entity_id, count) pairs and the class list travel to one worker: side inputs
 sized by the entity count.
 """
-import io
 import re
 
 import apache_beam as beam
@@ -24,6 +23,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from data_prep.i2e import types
+from mofi_jax.data import image_limits
 
 STAGE = 'global'
 EVAL_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.gif', '.bmp')
@@ -60,8 +60,8 @@ def drop_rare(selected, kept_ids):
 def phash64(image_bytes):
   """64-bit perceptual hash (imagehash.phash, 8x8 DCT) as a Python int."""
   import imagehash  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  with Image.open(io.BytesIO(image_bytes)) as image:
+  # The eval folders' images have not been through clean: the same caps as the eval transforms.
+  with image_limits.open_image(image_bytes) as image:
     bits = imagehash.phash(image.convert('RGB')).hash.flatten()
   return int(''.join('1' if b else '0' for b in bits), 2)
 

@@ -31,7 +31,10 @@ records it held is unknown), 'no_match' (a pattern matched no file), 'unknown_fo
 'missing_field' (no image or no text; for a Parquet file without the column: one dead
 letter whose count is the file's row count), 'not_utf8', 'bad_record' (a TFRecord record
 that is not a tf.train.Example), 'text_too_long' / 'image_too_large' (payload over
-MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it).
+MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it), 'sample_too_large' (a
+WebDataset key whose members add up to over MAX_SAMPLE_BYTES: its remaining members are
+skipped unread). A tar member that is neither an image, a caption key nor `json` is
+skipped unread: a sample never holds more than MAX_SAMPLE_BYTES, whatever else it carries.
 
 The output is an index: one dedup.Copy per good record (key, file, position, SHA-256 of the
 image, whether the text passes `text_check`), no image bytes. dedup.DedupPairs decides on
@@ -52,6 +55,7 @@ from data_prep.i2e import dedup, download_status, types
 STAGE = 'read'
 MAX_TEXT_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 64 << 20
+MAX_SAMPLE_BYTES = 64 << 20  # All the members of one WebDataset key that are read.
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'gif', 'bmp', 'tif', 'tiff')
 _TOO_BIG = object()  # Stands for a member skipped for its size.
 _PARQUET_BATCH = 256
@@ -116,12 +120,15 @@ def _caption(key, members, source, caption_keys):
                      f'among members {sorted(members)}'), meta
 
 
-def sample_to_pair(key, members, source, caption_keys):
-  """{extension: bytes} of one WebDataset sample -> Pair or DeadLetter."""
+def sample_to_pair(key, members, source, caption_keys, skipped=0):
+  """{extension: bytes} of one WebDataset sample -> Pair or DeadLetter; `skipped` members
+  were left unread (of no use to a pair)."""
   image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
   if image_ext is None:
+    others = f' and {skipped} other member(s)' if skipped else ''
     return _dead('missing_field', key, source,
-                 f'no image member ({"/".join(IMAGE_EXTENSIONS)}); got {sorted(members)}')
+                 f'no image member ({"/".join(IMAGE_EXTENSIONS)}); got {sorted(members)}'
+                 f'{others}')
   if members[image_ext] is _TOO_BIG:
     return _dead('image_too_large', key, source, f'{key}.{image_ext} is over '
                  f'{MAX_IMAGE_BYTES} bytes')
@@ -133,25 +140,57 @@ def sample_to_pair(key, members, source, caption_keys):
                             url=url if isinstance(url, str) else '')
 
 
+def _used(ext, caption_keys):
+  """Whether a member with this extension is read: images, caption keys and json."""
+  return ext in IMAGE_EXTENSIONS or ext in caption_keys or ext == 'json'
+
+
+class _Sample:
+  """The members of one WebDataset key read so far, and their bytes."""
+
+  def __init__(self, key):
+    self.key, self.members, self.skipped, self.held, self.over = key, {}, 0, 0, False
+
+  def add(self, tar, member, ext, caption_keys):
+    """Reads `member` if the sample uses it and it fits; an unread member is skipped by
+    tarfile's stream mode when the next one is requested."""
+    if self.over or not _used(ext, caption_keys):
+      self.skipped += 1
+      return
+    limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_BYTES
+    if member.size > limit:
+      self.members[ext] = _TOO_BIG
+    elif self.held + member.size > MAX_SAMPLE_BYTES:
+      self.over, self.members = True, {}
+    else:
+      self.members[ext] = tar.extractfile(member).read()
+      self.held += member.size
+
+  def result(self, source, caption_keys):
+    if self.over:
+      return _dead('sample_too_large', self.key, source, f'members of {self.key} add up to '
+                   f'over {MAX_SAMPLE_BYTES} bytes; the rest were skipped unread')
+    return sample_to_pair(self.key, self.members, source, caption_keys, self.skipped)
+
+
 def read_tar(path, caption_keys):
   """Yields Pair or DeadLetter per sample; raises if the tar is corrupt or cut short."""
   import tarfile  # pylint: disable=import-outside-toplevel
+  caption_keys = tuple(caption_keys)
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     with tarfile.open(fileobj=f, mode='r|*') as tar:
-      key, members = None, {}
+      sample = None
       for member in tar:
         if not member.isfile():
           continue
         member_key, ext = split_member_name(member.name)
-        if member_key != key:
-          if key is not None:
-            yield sample_to_pair(key, members, path, caption_keys)
-          key, members = member_key, {}
-        limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_BYTES
-        # In stream mode an unread member is skipped when the next one is requested.
-        members[ext] = _TOO_BIG if member.size > limit else tar.extractfile(member).read()
-      if key is not None:
-        yield sample_to_pair(key, members, path, caption_keys)
+        if sample is None or member_key != sample.key:
+          if sample is not None:
+            yield sample.result(path, caption_keys)
+          sample = _Sample(member_key)
+        sample.add(tar, member, ext, caption_keys)
+      if sample is not None:
+        yield sample.result(path, caption_keys)
 
 
 # ------------------------------------------------------------------------- Parquet

@@ -3,9 +3,13 @@
 Images are decoded to float32 in [0, 1], then normalised with CLIP's mean/std, the
 convention of the released MOFI and OpenAI CLIP checkpoints.
 Evaluators choose between this eval path and ml-mofi's by name: eval_transform.py.
+Eval images may be anything found in a folder, so the eval path refuses images over
+image_limits' caps before decoding them, and computes only the centre crop.
 """
+import numpy as np
 import tensorflow as tf
 
+from mofi_jax.data import image_limits
 from mofi_jax.data.pixels import CLIP_MEAN, CLIP_STD  # pylint: disable=unused-import
 
 
@@ -35,17 +39,62 @@ def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
   return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
 
 
+def _header_hw(image_bytes):
+  """int32 [2]: (height, width) read from the header on the host by PIL, which raises (an
+  InvalidArgumentError in the graph) for images over image_limits' caps; (-1, -1) for a
+  format PIL does not identify, left to TF's decoder and `_check_decoded`."""
+  def read(data):  # bytes in a graph, a 0-d object array eagerly
+    size = image_limits.header_size(data.item() if isinstance(data, np.ndarray) else data)
+    return np.array(size[::-1] if size else (-1, -1), np.int32)
+  # stateful: only a control input uses it, and Grappler prunes such a stateless op.
+  hw = tf.numpy_function(read, [image_bytes], tf.int32, stateful=True)
+  hw.set_shape([2])
+  return hw
+
+
+def _check_decoded(image):
+  """The decoded size against image_limits too: the header check passes what PIL cannot
+  read, and TF's decoders accept up to 2**29 pixels."""
+  hw = tf.cast(tf.shape(image)[:2], tf.int64)
+  pixels_ok = hw[0] * hw[1] <= image_limits.MAX_PIXELS
+  aspect_ok = tf.reduce_max(hw) <= image_limits.MAX_ASPECT_RATIO * tf.reduce_min(hw)
+  checks = [
+      tf.debugging.Assert(pixels_ok, [
+          f'image is over the limit of {image_limits.MAX_PIXELS:,} pixels; (height, width) =',
+          hw]),
+      tf.debugging.Assert(aspect_ok, [
+          f'image has an aspect ratio over the limit of {image_limits.MAX_ASPECT_RATIO}:1; '
+          '(height, width) =', hw])]
+  with tf.control_dependencies(checks):
+    return tf.identity(image)
+
+
+def decode_bounded(image_bytes):
+  """`decode` for images of any origin: float32 [H, W, 3] in [0, 1], or an
+  InvalidArgumentError naming the size and the limit it is over."""
+  with tf.control_dependencies([_header_hw(image_bytes)]):
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  return tf.image.convert_image_dtype(_check_decoded(image), tf.float32)
+
+
 def eval_image(image_bytes, size, resize=None):
-  """Resize the shorter side to `resize` (default `size`), then centre-crop `size`."""
-  image = decode(image_bytes)
+  """Resize the shorter side to `resize` (default `size`), then centre-crop `size`.
+
+  tf.image.resize(antialias=True) is ScaleAndTranslate with the 'triangle' kernel, scale
+  new_hw / hw and translation 0; translated by minus the crop's offset, the same op
+  computes only the crop (equal to resize-then-crop up to float rounding of the sampling
+  positions), so a 1x100000 image costs no 22,400,000-column intermediate.
+  """
+  image = decode_bounded(image_bytes)
   resize = resize or size
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = resize / tf.reduce_min(hw)
   new_hw = tf.cast(tf.math.round(hw * scale), tf.int32)
   new_hw = tf.maximum(new_hw, size)
-  image = tf.image.resize(image, new_hw, method='bilinear', antialias=True)
-  top = (new_hw[0] - size) // 2
-  left = (new_hw[1] - size) // 2
-  image = tf.image.crop_to_bounding_box(image, top, left, size, size)
+  offset = (new_hw - size) // 2
+  image = tf.raw_ops.ScaleAndTranslate(
+      images=image[None], size=tf.constant([size, size], tf.int32),
+      scale=tf.cast(new_hw, tf.float32) / hw, translation=-tf.cast(offset, tf.float32),
+      kernel_type='triangle', antialias=True)[0]
+  image.set_shape([size, size, 3])
   return normalize(tf.clip_by_value(image, 0.0, 1.0))
-

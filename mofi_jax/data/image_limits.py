@@ -1,0 +1,90 @@
+"""Bounds on the images we decode, read from the header before any pixel is: one place for
+the eval transforms (preprocess.py, mofi_transform.py) and the I2E cleaner (clean.py).
+
+MAX_PIXELS is PIL's default decompression-bomb threshold, Image.MAX_IMAGE_PIXELS
+(1024**3 // 4 // 3): the size at which PIL starts warning. PIL raises only at twice that
+(179 Mpx) and merely warns in between, so the warning counts as an error here, and the size
+is checked explicitly too (PIL's threshold is a global that any caller may change).
+
+MAX_ASPECT_RATIO is 32:1. Real wide images sit well inside it: web banners are at most about
+11:1 (970x90), phone panoramas about 10:1, long infographics 10-20:1. Past it are lines,
+dividers and spacers, whose centre crop shows a sliver of nothing, and whose resized long
+side (shorter side to `resize` first) grows without bound: 1x100000 resized to 224 is
+22,400,000 px long. With the cap, the resized long side stays under 32 x resize.
+"""
+import io
+import threading
+import warnings
+
+from PIL import Image
+
+MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # 89,478,485: PIL's default MAX_IMAGE_PIXELS.
+MAX_ASPECT_RATIO = 32
+# warnings.catch_warnings swaps a process-wide filter list; two threads interleaving it
+# (tf.data runs the 'mofi' transform in parallel) could leave the 'error' filter installed
+# for good. Only Image.open runs under the lock: it reads the header, decoding runs outside.
+_OPEN_LOCK = threading.Lock()
+
+
+class ImageLimitError(ValueError):
+  """An image over MAX_PIXELS or MAX_ASPECT_RATIO; `reason` is its dead-letter reason."""
+  reason = 'image_too_large'
+
+
+class TooManyPixels(ImageLimitError):
+  reason = 'image_too_large'
+
+
+class ExtremeAspectRatio(ImageLimitError):
+  reason = 'extreme_aspect_ratio'
+
+
+def check_size(width, height):
+  """Raises TooManyPixels / ExtremeAspectRatio, naming the size and the limit."""
+  if width * height > MAX_PIXELS:
+    raise TooManyPixels(f'image is {width}x{height} = {width * height:,} pixels, over the '
+                        f'limit of {MAX_PIXELS:,}')
+  if width < 1 or height < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    ratio = max(width, height) / max(min(width, height), 1)
+    raise ExtremeAspectRatio(f'image is {width}x{height}: aspect ratio {ratio:,.1f}:1 is over '
+                             f'the limit of {MAX_ASPECT_RATIO}:1')
+
+
+def _open(data):
+  """Image.open with PIL's DecompressionBombWarning as an error (TooManyPixels)."""
+  with _OPEN_LOCK, warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+      return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+      raise TooManyPixels(str(e)) from e  # PIL names the pixel count and its limit.
+
+
+def open_image(data):
+  """`data` opened by PIL, its header checked against the limits, nothing decoded yet.
+
+  Use it as `with open_image(data) as image:`. Raises ImageLimitError (also for PIL's
+  DecompressionBombWarning and DecompressionBombError), or what Image.open raises.
+  """
+  image = _open(data)
+  try:
+    check_size(*image.size)
+  except ImageLimitError:
+    image.close()
+    raise
+  return image
+
+
+def header_size(data, check=True):
+  """(width, height) from the header; None when PIL cannot identify the format (the
+  decoder that follows then names the problem). check=True: raises ImageLimitError for
+  an image over the limits; check=False: the size of any image PIL opens."""
+  try:
+    with (open_image if check else _open)(data) as image:
+      return image.size
+  except ImageLimitError:
+    if check:
+      raise
+    return None
+  except Exception:  # pylint: disable=broad-except  # PIL raises many kinds on junk.
+    return None
