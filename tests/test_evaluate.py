@@ -228,7 +228,8 @@ def test_hf_clip_goes_through_the_interop_loader(tiny_run, encoder, heldout, tmp
   monkeypatch.setattr(hf_import, 'load_encoder',
                       lambda folder: loaded.append(folder) or encoder)
   hf_folder = str(tmp_path / 'hf')
-  monkeypatch.chdir(tmp_path / 'elsewhere' if (tmp_path / 'elsewhere').mkdir() else tmp_path)
+  (tmp_path / 'elsewhere').mkdir()
+  monkeypatch.chdir(tmp_path / 'elsewhere')
   out = run_cli(capsys, 'gpr1200', '--hf_clip', hf_folder, '--images', heldout[0])
   assert loaded == [hf_folder]
   # Results go beside us, never into the imported folder (it may be read-only or shared).

@@ -154,7 +154,8 @@ def apple_gpr1200_features(model_dir, images_dir):
   return names, np.stack(out)
 
 
-def test_evaluate_gpr1200_on_a_released_folder_embeds_as_ml_mofi_does(tmp_path):
+def test_evaluate_gpr1200_on_a_released_folder_embeds_as_ml_mofi_does(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # results go to ./eval_results/<folder>, never into it
   folder, images = str(tmp_path / 'mofi-hf'), str(tmp_path / 'images')
   write_released_folder(folder, 'custom specials at the end', seed=1)
   gpr1200_folder(images)
@@ -171,6 +172,8 @@ def test_evaluate_gpr1200_on_a_released_folder_embeds_as_ml_mofi_does(tmp_path):
   categories = np.array([int(n.split('_')[0]) for n in names])
   expected = gpr1200.mean_average_precision(theirs, categories)['all']
   assert out['metrics']['map'] == pytest.approx(expected, abs=1e-6)
+  assert out['results_file'].startswith(str(tmp_path / 'eval_results' / 'mofi-hf') + '/')
+  assert not os.path.exists(os.path.join(folder, 'eval'))
 
 
 def test_ours_equal_apples_image_features_for_each_image(tmp_path):
@@ -234,7 +237,8 @@ def apple_cifar100_predictions(folder, images, labels_text=tuple(ML_MOFI_CIFAR_L
   return logits.argmax(-1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
 
 
-def test_zeroshot_cifar100_predicts_what_ml_mofis_script_predicts(tmp_path):
+def test_zeroshot_cifar100_predicts_what_ml_mofis_script_predicts(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
   from mofi_jax.evals import templates   # pylint: disable=g-import-not-at-top
   import tensorflow as tf   # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
