@@ -88,7 +88,7 @@ def main(argv=None):
     import apache_beam as beam  # pylint: disable=import-outside-toplevel
     from data_prep.i2e import pipeline, runs, write  # pylint: disable=import-outside-toplevel
     options = pipeline.pipeline_options(beam_args)
-  except cli_errors.INPUT_ERRORS as e:
+  except cli_errors.input_errors() as e:
     cli_errors.exit_with('data_prep.build_i2e', e)
   try:
     p = beam.Pipeline(options=options)

@@ -142,6 +142,9 @@ def run(args, beam_args):
   from apache_beam.options.pipeline_options import PipelineOptions
   from data_prep.i2e import kb, runs, wikidata
   staging = f'{args.out.rstrip("/")}.staging-{uuid.uuid4().hex[:8]}'
+  # Earlier builds' leftovers (a crash) are removed; ours only, never through a link.
+  safe_outputs.remove_stale(f'{args.out.rstrip("/")}.staging-*', TOOL)
+  safe_outputs.make_staging(staging, TOOL)
   try:
     p = beam.Pipeline(options=PipelineOptions(beam_args))
     wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,

@@ -83,7 +83,7 @@ def main(argv=None):
   start = time.time()
   try:
     corpus_dir = demo_world.ensure_corpus(out, cfg, overwrite=overwrite)
-  except (RuntimeError,) + cli_errors.INPUT_ERRORS as e:
+  except (RuntimeError,) + cli_errors.input_errors() as e:
     cli_errors.exit_with('make_demo_corpus', e)
   print(f'ready in {time.time() - start:.1f}s')
   print(summary(corpus_dir))

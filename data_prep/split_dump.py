@@ -79,7 +79,7 @@ def main(argv=None):
     parser.error(f'--out {args.out} exists; choose a new folder')
   try:
     manifest = split(args.dump, args.out, args.lines)
-  except (EOFError,) + cli_errors.INPUT_ERRORS as e:   # a truncated or corrupt dump
+  except (EOFError,) + cli_errors.input_errors() as e:   # a truncated or corrupt dump
     sys.exit(f'split_dump: error: {args.dump}: {cli_errors.one_line(e)}')
   print(f'split_dump: {manifest["total_lines"]} lines -> {len(manifest["chunks"])} chunks in '
         f'{args.out}')

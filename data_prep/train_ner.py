@@ -15,6 +15,7 @@ Reads like a table of contents: flags -> texts -> weak labels -> training -> mov
 import argparse
 import os
 import sys
+import uuid
 
 from mofi_jax import cli_errors
 
@@ -44,11 +45,8 @@ def parse_args(argv):
 def check_args(args):
   """Fails fast, naming the flag."""
   from data_prep.i2e import commit  # pylint: disable=import-outside-toplevel
-  try:
-    commit.check_out_dir(args.out, args.overwrite, tool=TOOL,
-                         inputs=[('--kb', args.kb)] + [('--pairs', p) for p in args.pairs])
-  except commit.OutputExistsError as e:
-    raise ValueError(f'--out {e}') from e
+  commit.check_out_dir(args.out, args.overwrite, tool=TOOL,
+                       inputs=[('--kb', args.kb)] + [('--pairs', p) for p in args.pairs])
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise ValueError(f'--out {args.out}: exists and is not a folder')
   if args.epochs < 1 or args.max_texts < 0:
@@ -60,24 +58,23 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from data_prep.build_i2e import load_config  # pylint: disable=import-outside-toplevel
   from data_prep.i2e import commit, kb as kb_lib, ner_train  # pylint: disable=import-outside-toplevel
-  from mofi_jax import safe_outputs  # pylint: disable=import-outside-toplevel
   try:
     check_args(args)
     knowledge = kb_lib.KnowledgeBase.load(args.kb)
     read_config = dict(load_config(args.config).read)
     texts = ner_train.read_texts(args.pairs, read_config, args.max_texts)
     labelled, common = ner_train.weak_labels(texts, knowledge)
-    out, run_id = os.path.abspath(args.out), str(os.getpid())
-    staging = commit.temporary_dir(out, run_id)
+    out, run_id = os.path.abspath(args.out), uuid.uuid4().hex[:12]
+    commit.remove_stale_temporaries(out, tool=TOOL)   # ours only, never through a link
+    staging = commit.make_temporary_dir(commit.temporary_dir(out, run_id), tool=TOOL)
     summary = dict(texts=len(texts), entity_spans=sum(len(e.entities) for e in labelled),
                    missing_spans=sum(len(e.missing) for e in labelled),
                    common_forms=len(common), common_examples=sorted(common)[:50],
                    epochs=args.epochs, seed=args.seed, kb=args.kb)
     scores = ner_train.train(labelled, staging, epochs=args.epochs, seed=args.seed,
                              meta={'i2e_weak_labels': summary})
-    safe_outputs.write_marker(staging, TOOL)   # --overwrite may replace only this
-    commit.rename_into_place(staging, out, run_id)
-  except cli_errors.INPUT_ERRORS as e:
+    commit.rename_into_place(staging, out, run_id, tool=TOOL)
+  except cli_errors.input_errors() as e:
     cli_errors.exit_with('data_prep.train_ner', e)
   print(f'{args.out}: NER trained on {len(texts)} alt-texts ({summary["entity_spans"]} entity '
         f'spans, {len(common)} common surface forms); dev F1 on the weak labels '

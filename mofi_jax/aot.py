@@ -180,7 +180,7 @@ def main(argv):
           sharding.ShardingError) as e:
     print(f'mofi_jax.aot: error: {e}', file=sys.stderr)
     sys.exit(2)
-  except cli_errors.INPUT_ERRORS as e:   # a config file's get_config() failing otherwise
+  except cli_errors.input_errors() as e:   # a config file's get_config() failing otherwise
     print(f'mofi_jax.aot: error: {cli_errors.one_line(e)}', file=sys.stderr)
     sys.exit(2)
   print(format_report(report))

@@ -11,6 +11,15 @@ import sys
 INPUT_ERRORS = (OSError, ValueError, MemoryError, TypeError, KeyError)
 
 
+def input_errors():
+  """INPUT_ERRORS, plus TensorFlow's OpError once TensorFlow is loaded (tf.io.gfile's
+  errors are not OSErrors). An `except input_errors():` clause is evaluated when an error
+  arrives, so commands that never load TensorFlow never import it for this."""
+  tf = sys.modules.get('tensorflow')
+  errors = getattr(tf, 'errors', None)
+  return INPUT_ERRORS + ((errors.OpError,) if errors is not None else ())
+
+
 def one_line(error):
   """The first non-empty line of `error`'s message, with its type where the message alone
   would not say what went wrong (KeyError 'x', an empty MemoryError)."""

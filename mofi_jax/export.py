@@ -54,7 +54,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     out = export(args)
-  except cli_errors.INPUT_ERRORS as e:
+  except cli_errors.input_errors() as e:
     message = str(e) if isinstance(e, (OSError, ValueError)) else cli_errors.one_line(e)
     sys.exit(f'mofi_jax.export: error: {" ".join(message.split())}')   # one line
   print(out)

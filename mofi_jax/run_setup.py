@@ -148,10 +148,10 @@ def workdir_locked(workdir, job_id=''):
   process of the job learns whether it did, so all stop together when it is held."""
   lock, error = None, None
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(workdir)
-    try:
+    try:   # any failure: the other processes must learn it, not wait in the broadcast
+      tf.io.gfile.makedirs(workdir)
       lock = workdir_lock.WorkdirLock(workdir, job_id).acquire()
-    except workdir_lock.WorkdirLockedError as e:
+    except Exception as e:  # pylint: disable=broad-except
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

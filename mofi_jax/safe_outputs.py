@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 
 MARKER = '.mofi_jax-output.json'
@@ -116,8 +117,8 @@ def read_marker(folder):
   return marker if isinstance(marker, dict) and isinstance(marker.get('tool'), str) else None
 
 
-def write_marker(folder, tool):
-  text = json.dumps(dict(tool=tool), sort_keys=True)
+def write_marker(folder, tool, **fields):
+  text = json.dumps(dict(fields, tool=tool), sort_keys=True)
   path = os.path.join(os.fspath(folder), MARKER)
   if is_object_store(path):
     with _gfile().GFile(path, 'w') as f:
@@ -134,8 +135,25 @@ def make_staging(folder, tool):
     _gfile().makedirs(folder)
   else:
     os.makedirs(folder)
-  write_marker(folder, tool)
+  write_marker(folder, tool, host=socket.gethostname(), pid=os.getpid())
   return folder
+
+
+def _in_use(marker):
+  """Whether a staging folder's marker names a live process on this host (another run
+  into the same output, still writing): never removed as stale."""
+  pid = marker.get('pid') if marker else None
+  if marker is None or marker.get('host') != socket.gethostname() or not isinstance(pid, int):
+    return False
+  if pid == os.getpid():
+    return False   # this process's own leftover (an earlier call that failed)
+  try:
+    os.kill(pid, 0)
+  except PermissionError:
+    return True
+  except (OSError, OverflowError, ValueError):
+    return False
+  return True
 
 
 def owned_by(folder, tool, legacy=None):
@@ -193,6 +211,8 @@ def remove_tree(path, tool, legacy=None):
   """Removes the folder `path`, only if it is `tool`'s and not a link; else raises."""
   path = os.fspath(path).rstrip('/')
   if is_object_store(path):
+    if not _gfile().exists(path):
+      return
     if not owned_by(path, tool, legacy):
       raise OutputFolderError(f'{path}: holds no {MARKER} of {tool}; not removing it.')
     _gfile().rmtree(path)
@@ -211,15 +231,35 @@ def remove_tree(path, tool, legacy=None):
   shutil.rmtree(path)
 
 
+def swap_into_place(tmp, out, tool, old, legacy=None):
+  """Local folders: the finished `tmp` becomes `out`. An existing `out` (checked by
+  check_output before the run) is renamed to `old` first and removed only after, so a
+  reader sees the old output or the new one. An empty `out` is simply replaced."""
+  if os.path.isdir(out) and not os.path.islink(out):
+    os.rename(out, old)
+  os.rename(tmp, out)
+  st = _lstat(old)
+  if st is None:
+    return
+  if stat.S_ISDIR(st.st_mode) and not os.listdir(old):
+    os.rmdir(old)
+  else:
+    remove_tree(old, tool, legacy)
+
+
 def remove_stale(pattern, tool, keep=()):
   """Removes the folders matching `pattern` that are `tool`'s (temporaries of earlier
   runs); anything else that matches (a link, a folder without our marker) is left alone
   with a warning. Returns the removed paths."""
   keep = {os.fspath(k).rstrip('/') for k in keep}
-  paths = _gfile().glob(pattern) if is_object_store(pattern) else glob.glob(pattern)
+  if is_object_store(pattern):
+    paths = _gfile().glob(pattern)
+  else:   # the folder part literally: '--out exp[1]' must not match 'exp1'
+    folder, name = os.path.split(pattern)
+    paths = glob.glob(os.path.join(glob.escape(folder), name))
   removed = []
   for path in sorted(p.rstrip('/') for p in paths):
-    if path in keep:
+    if path in keep or _in_use(read_marker(path)):
       continue
     try:
       remove_tree(path, tool)

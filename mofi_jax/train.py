@@ -205,7 +205,7 @@ def main(argv):
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir, fresh_run=FLAGS.fresh_run,
                        job_id=FLAGS.job_id)
-  except run_setup.USER_ERRORS + cli_errors.INPUT_ERRORS as e:
+  except run_setup.USER_ERRORS + cli_errors.input_errors() as e:
     logging.error('%s', e)
     cli_errors.exit_with('mofi_jax.train', e)
 

@@ -101,9 +101,11 @@ def write_atomic(path, write):
 
 
 def load_array(path):
-  """The array cached at `path`, or None (absent, or not a plain .npy we can trust)."""
+  """The array cached at `path`, or None (absent, not ours, or not a plain .npy)."""
   try:
     with _open_existing(path) as f:
+      if os.fstat(f.fileno()).st_uid != os.getuid():
+        return None   # placed before the folder was made private: not ours to trust
       return np.load(io.BytesIO(f.read()), allow_pickle=False)
   except (OSError, ValueError):
     return None

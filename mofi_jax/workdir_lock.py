@@ -4,10 +4,11 @@
 takes it before anything is written and releases it at exit; the other processes of the
 same `jax.distributed` job share it (they learn process 0's answer, so every process
 stops together). A second run that finds the lock stops with a message naming the holder,
-unless the lock is its own job's (`--job_id`, the same on every restart of a pod job,
-which may come back on other hosts before the lock goes stale) or is stale:
-- same host, and the holder's pid is gone (or is another process than the one that took
-  the lock: its start time differs);
+unless the lock is its own job's (`--job_id`, else $MOFI_JAX_JOB_ID, $SLURM_JOB_ID or
+$JOBSET_NAME: the same on every restart of a pod job, which may come back on other hosts
+before the lock goes stale) or is stale:
+- same host, boot and pid namespace, and the holder's pid is gone (or is another process
+  than the one that took the lock: its start time differs);
 - any host, and the holder's heartbeat, refreshed every HEARTBEAT_SECONDS, is older than
   STALE_SECONDS (a host that died cannot clean up after itself).
 Locally the lock is created with O_CREAT | O_EXCL | O_NOFOLLOW, so two runs cannot both
@@ -21,6 +22,8 @@ import threading
 import time
 
 LOCK_FILE = 'train.lock'
+# Read when --job_id is not given: a pod job restarted on new hosts keeps its name.
+JOB_ID_ENV = ('MOFI_JAX_JOB_ID', 'SLURM_JOB_ID', 'JOBSET_NAME')
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
 
@@ -45,11 +48,30 @@ def _process_start(pid):
 def _alive(pid):
   try:
     os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
   except PermissionError:
     return True
+  except (OSError, OverflowError, ValueError):
+    return False
   return True
+
+
+def _machine():
+  """What makes a pid comparable: the boot and the pid namespace (two containers on one
+  host share a hostname but not their pids)."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+      boot = f.read().strip()
+    return f'{boot}:{os.readlink("/proc/self/ns/pid")}'
+  except OSError:
+    return None
+
+
+def default_job_id():
+  """The job's name from its scheduler, the same on every restart of the job."""
+  for name in JOB_ID_ENV:
+    if os.environ.get(name):
+      return f'{name}={os.environ[name]}'
+  return ''
 
 
 def describe(record):
@@ -59,19 +81,22 @@ def describe(record):
 
 
 def is_stale(record, now=None):
-  """Whether the holder described by `record` is gone (module docstring)."""
+  """Whether the holder described by `record` is gone (module docstring). A record that
+  is not what we write (a crash mid-write, or junk) is stale."""
   now = time.time() if now is None else now
-  if not isinstance(record, dict):
-    return True   # unreadable: a crash while writing it
-  if now - float(record.get('heartbeat', record.get('start', 0)) or 0) > STALE_SECONDS:
+  try:
+    if now - float(record.get('heartbeat', record.get('start'))) > STALE_SECONDS:
+      return True
+    if (record.get('host') != socket.gethostname() or
+        record.get('machine') != _machine() or _machine() is None):
+      return False   # its pid means nothing here: only the heartbeat tells
+    pid = record['pid']
+    if not isinstance(pid, int) or isinstance(pid, bool) or not _alive(pid):
+      return True
+    started = record.get('proc_start')
+    return started is not None and _process_start(pid) not in (None, started)
+  except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
     return True
-  if record.get('host') != socket.gethostname():
-    return False
-  pid = record.get('pid')
-  if not isinstance(pid, int) or not _alive(pid):
-    return True
-  started = record.get('proc_start')
-  return started is not None and _process_start(pid) not in (None, started)
 
 
 class WorkdirLock:
@@ -80,7 +105,8 @@ class WorkdirLock:
   def __init__(self, workdir, job_id):
     self.path = os.path.join(workdir, LOCK_FILE)
     self.record = dict(host=socket.gethostname(), pid=os.getpid(), start=time.time(),
-                       job_id=job_id, proc_start=_process_start(os.getpid()))
+                       job_id=job_id or default_job_id(), machine=_machine(),
+                       proc_start=_process_start(os.getpid()))
     self._stop = threading.Event()
     self._thread = None
 

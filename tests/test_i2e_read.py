@@ -316,3 +316,33 @@ def test_a_key_over_the_sample_cap_is_dead_lettered_and_the_rest_skipped(tmp_pat
   assert [getattr(x, 'reason', 'pair') for x in items] == ['sample_too_large', 'pair',
                                                            'sample_too_large']
   assert '3000 bytes' in items[0].detail
+
+
+def test_many_headers_and_a_huge_extended_header_stay_bounded(tmp_path):
+  """Stream mode kept every member header (tar.members) and read a PAX or long-name header
+  whole: a small .tar.gz could declare gigabytes of either."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  img = image_bytes(1)
+  members = [('k.jpg', img)] + [(f'k.x{i}', b'') for i in range(50000)] + [('k.txt', b'cap')]
+  many = write_tar(tmp_path / 'many.tar.gz', members, mode='w:gz')
+  tracemalloc.start()
+  try:
+    items = list(read.read_tar(str(many), ('txt',)))
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert [(p.key, p.image, p.text) for p in items] == [('k', img, 'cap')]
+  # Every header kept: ~24 MiB here, growing with the member count; now a constant ~3 MiB.
+  assert peak < 6 << 20, f'peak {peak / 2**20:.1f} MiB for 50,000 empty members'
+  huge = tmp_path / 'pax.tar.gz'
+  with tarfile.open(huge, 'w:gz', format=tarfile.PAX_FORMAT) as tar:
+    for name, data in [('a.jpg', img), ('a.txt', b'A')]:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+    info = tarfile.TarInfo('b.txt')
+    info.pax_headers = {'comment': 'x' * (3 << 20)}   # 3 MiB, a few KB gzipped
+    tar.addfile(info, io.BytesIO(b''))
+  assert os.path.getsize(huge) < 64 << 10
+  with pytest.raises(tarfile.ReadError, match='extended header, over the limit'):
+    list(read.read_tar(str(huge), ('txt',)))

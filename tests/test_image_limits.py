@@ -98,7 +98,7 @@ _CHILD = textwrap.dedent('''
             else:
               ds = tf.data.Dataset.from_tensors(data).map(transform)
               image = next(iter(ds)).numpy()
-          except (image_limits.ImageLimitError, tf.errors.InvalidArgumentError) as e:
+          except (ValueError, tf.errors.InvalidArgumentError) as e:  # incl. ImageLimitError
             line = (getattr(e, 'message', None) or str(e)).strip().splitlines()[0]
             print(f'{path}|{method}|{mode}|error|{line}')
             continue
@@ -171,3 +171,37 @@ def test_image_folders_name_the_refused_file(tmp_path, method):
   with pytest.raises(image_folder.FolderError, match=r'0_2\.png: unreadable image \(.*100000000 '
                      r'pixels.*89478485'):
     list(image_folder.image_batches([paths[0], paths[2]], [0, 0], transform, 2))
+
+
+def animated_gif(width, height, frames):
+  """A GIF of `frames` uniform frames, alternating colours (PIL drops repeated frames):
+  a few KB a frame on disk, width x height pixels each when decoded."""
+  out = io.BytesIO()
+  images = [Image.new('P', (width, height), i % 2) for i in range(frames)]
+  images[0].save(out, 'GIF', save_all=True, append_images=images[1:], duration=40)
+  return out.getvalue()
+
+
+def test_a_gif_counts_every_frame_tf_would_decode(tmp_path):
+  """TF's GIF decoder decodes every frame even when it keeps the first; 50 frames of
+  2000x1000 are 100 Mpx to decode from a file of a few hundred KB. PIL (the 'mofi' path)
+  decodes only the first frame, so that path still gives the image."""
+  data = animated_gif(2000, 1000, 50)
+  assert len(data) < 2_000_000
+  with pytest.raises(image_limits.TooManyPixels, match=r'animated GIF of 50 frames of 2000x1000'):
+    image_limits.header_size(data, all_frames=True)
+  assert image_limits.header_size(data) == (2000, 1000)
+  results = run_limited(tmp_path, 32, {'anim.gif': data, 'short.gif': animated_gif(64, 48, 3)})
+  for mode in ('eager', 'graph'):
+    outcome, line = results[('anim.gif', 'tf', mode)]
+    assert outcome == 'error' and 'animated GIF of 50 frames' in line, line
+    assert results[('anim.gif', 'mofi', mode)][0] == 'ok'
+    for method in ('tf', 'mofi'):
+      assert results[('short.gif', method, mode)][0] == 'ok'
+
+
+def test_bytes_pil_cannot_identify_are_refused_before_tf_decodes_them(tmp_path):
+  results = run_limited(tmp_path, 32, {'page.jpg': b'<html><body>404</body></html>'})
+  for mode in ('eager', 'graph'):
+    outcome, line = results[('page.jpg', 'tf', mode)]
+    assert outcome == 'error' and 'PIL cannot identify' in line, line

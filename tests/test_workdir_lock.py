@@ -10,15 +10,14 @@ import time
 
 import pytest
 
-from configs import demo
-from mofi_jax import train, workdir_lock
+from mofi_jax import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def plant(workdir, **record):
   base = dict(host=socket.gethostname(), pid=os.getpid(), start=time.time(),
-              heartbeat=time.time(), job_id='')
+              heartbeat=time.time(), job_id='', machine=workdir_lock._machine())
   (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(dict(base, **record)))
 
 
@@ -39,10 +38,17 @@ def test_a_second_run_is_refused_with_the_holder_named(tmp_path):
   workdir_lock.WorkdirLock(str(tmp_path), 'job-b').acquire().release()
 
 
-@pytest.mark.parametrize('case', ['dead_pid', 'old_heartbeat', 'garbage', 'same_job'])
+@pytest.mark.parametrize('case', ['dead_pid', 'old_heartbeat', 'garbage', 'same_job',
+                                  'huge_pid', 'text_heartbeat', 'not_an_object'])
 def test_stale_or_own_job_lock_is_taken_over(tmp_path, case):
   if case == 'dead_pid':
     plant(tmp_path, pid=finished_pid())
+  elif case == 'huge_pid':        # os.kill raises OverflowError on it
+    plant(tmp_path, pid=2 ** 70)
+  elif case == 'text_heartbeat':
+    plant(tmp_path, heartbeat='soon')
+  elif case == 'not_an_object':
+    (tmp_path / workdir_lock.LOCK_FILE).write_text('[1, 2]')
   elif case == 'old_heartbeat':   # a host that died: its pid means nothing here
     plant(tmp_path, host='tpu-vm-17', heartbeat=time.time() - 2 * workdir_lock.STALE_SECONDS)
   elif case == 'garbage':         # a crash while writing it
@@ -55,14 +61,16 @@ def test_stale_or_own_job_lock_is_taken_over(tmp_path, case):
   lock.release()
 
 
-@pytest.mark.parametrize('case', ['live_pid', 'other_host_fresh'])
+@pytest.mark.parametrize('case', ['live_pid', 'other_host_fresh', 'other_container'])
 def test_a_live_holder_is_never_taken_over(tmp_path, case):
   sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
   try:
     if case == 'live_pid':
       plant(tmp_path, pid=sleeper.pid)
-    else:
+    elif case == 'other_host_fresh':
       plant(tmp_path, host='tpu-vm-17', pid=1)
+    else:   # same hostname, another pid namespace: its pid is not ours to check
+      plant(tmp_path, pid=finished_pid(), machine='another-boot:pid:[4026531836]')
     before = (tmp_path / workdir_lock.LOCK_FILE).read_text()
     with pytest.raises(workdir_lock.WorkdirLockedError, match='in use'):
       workdir_lock.WorkdirLock(str(tmp_path), 'other').acquire()
@@ -102,13 +110,30 @@ def test_training_refuses_a_workdir_in_use_before_any_work(tmp_path):
           time.sleep(120)''')], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'locked'
-    config = demo.get_config()
-    with pytest.raises(workdir_lock.WorkdirLockedError, match='job first-run'):
-      train.train_and_evaluate(config, str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'mofi_jax.train', '--config', 'configs/demo.py', '--workdir',
+         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=False, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3'))
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('mofi_jax.train: error')]
+    assert len(errors) == 1 and 'in use by another training run' in errors[0], proc.stderr
+    assert f'pid {holder.pid}' in errors[0] and 'job first-run' in errors[0]
+    assert 'Traceback' not in proc.stderr
     assert os.listdir(tmp_path) == [workdir_lock.LOCK_FILE]   # nothing written
   finally:
     holder.kill()
     holder.wait()
   # The holder was killed (SIGKILL: no clean-up); its lock is stale, and is taken over.
   lock = workdir_lock.WorkdirLock(str(tmp_path), 'second-run').acquire()
+  lock.release()
+
+
+def test_the_job_id_defaults_to_the_schedulers_name(tmp_path, monkeypatch):
+  for name in workdir_lock.JOB_ID_ENV:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('SLURM_JOB_ID', '4242')
+  plant(tmp_path, host='node-7', job_id='SLURM_JOB_ID=4242')   # the same job, restarted
+  lock = workdir_lock.WorkdirLock(str(tmp_path), '').acquire()
+  assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())['job_id'] == (
+      'SLURM_JOB_ID=4242')
   lock.release()

@@ -29,7 +29,6 @@ made with our marker in it and removed only if it still holds it (never through 
 """
 import json
 import os
-import shutil
 
 import tensorflow as tf
 from absl import logging
@@ -114,8 +113,7 @@ def commit(tmp, out_dir, overwrite, run_id, by_copy=None):
   """Makes the finished corpus in `tmp` the content of `out_dir` (module docstring);
   `by_copy` (default: for object stores) picks the copy-and-manifest path."""
   if committed_run(out_dir) == run_id:   # A retry of a commit that completed.
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
+    safe_outputs.remove_tree(tmp, TOOL)
     return
   check_out_dir(out_dir, overwrite)
   if not tf.io.gfile.isdir(tmp):
@@ -126,13 +124,10 @@ def commit(tmp, out_dir, overwrite, run_id, by_copy=None):
     rename_into_place(tmp, out_dir, run_id)
 
 
-def rename_into_place(tmp, out_dir, run_id):
+def rename_into_place(tmp, out_dir, run_id, tool=TOOL):
   """Local folders: `tmp` becomes `out_dir`; an old `out_dir` is removed only after."""
-  old = f'{out_dir}.old-{run_id}'
-  if os.path.isdir(out_dir):
-    os.rename(out_dir, old)
-  os.rename(tmp, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
+  legacy = (lambda f: committed_run(f) is not None) if tool == TOOL else None
+  safe_outputs.swap_into_place(tmp, out_dir, tool, f'{out_dir}.old-{run_id}', legacy)
 
 
 def _commit_by_copy(tmp, out_dir):
@@ -154,4 +149,4 @@ def _commit_by_copy(tmp, out_dir):
       if path not in new and path != meta:
         tf.io.gfile.remove(path)   # A stale file of an earlier run.
   tf.io.gfile.copy(os.path.join(tmp, schema.META_FILE), meta, overwrite=True)  # The commit.
-  tf.io.gfile.rmtree(tmp)
+  safe_outputs.remove_tree(tmp, TOOL)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from data_prep.i2e import kb_index, types
+from mofi_jax import user_cache
 
 KB_FILE = 'kb.json'
 DEAD_LETTER_FILE = 'dead_letter.jsonl'
@@ -145,7 +146,9 @@ class KnowledgeBase:
         if not FileSystems.exists(FileSystems.join(kb_dir, name)):
           raise KBError(f'{FileSystems.join(kb_dir, name)}: listed in kb.json but missing; the '
                         'KB folder is incomplete.')
-    kb = cls(kb_index.Index.open(kb_dir, meta['index_files'], meta['index_shards']), meta)
+    index = kb_index.Index.open(kb_dir, meta['index_files'], meta['index_shards'],
+                                version=user_cache.content_key(meta))
+    kb = cls(index, meta)
     for what, kind, expected in (('entities', 'entities', meta.get('num_entities')),
                                  ('aliases', 'aliases', meta.get('num_aliases'))):
       n = kb._index.count(kind)  # pylint: disable=protected-access

@@ -122,17 +122,20 @@ def save_trie(trie, path):
 _LOCAL_LOCK = threading.Lock()
 
 
-def local_copy(path, cache_dir=None):
+def local_copy(path, cache_dir=None, version=''):
   """`path` itself when local; else a copy in the user's private cache (user_cache.py), made
   once per content, so that every process of a worker VM maps the same file. The copy's
-  name hashes the remote path, size and modification time: a rebuilt KB at the same path is
-  a new copy, never a stale one; and no other user can plant the file that gets mapped."""
+  name hashes the remote path, size, modification time and `version` (the KB passes a hash
+  of its kb.json, written last by every build, for filesystems that report no time): a
+  rebuilt KB at the same path is a new copy, never a stale one; and no other user can
+  plant the file that gets mapped."""
   if '://' not in path:
     return path
   meta = FileSystems.match([path])[0].metadata_list
   if not meta:
     raise FileNotFoundError(f'{path}: KB index file not found.')
-  key = user_cache.content_key(path, meta[0].size_in_bytes, meta[0].last_updated_in_seconds)
+  key = user_cache.content_key(path, meta[0].size_in_bytes, meta[0].last_updated_in_seconds,
+                               version)
   folder = cache_dir or user_cache.folder('kb')
   local = os.path.join(folder, f'{key[:24]}-{os.path.basename(path)}')
   with _LOCAL_LOCK:
@@ -152,11 +155,12 @@ class Index:
     self._tries, self.num_shards = tries, num_shards   # {kind: [trie per shard]}
 
   @classmethod
-  def open(cls, kb_dir, files, num_shards):
-    """files: {kind: [file name per shard]} as kb.json lists them."""
+  def open(cls, kb_dir, files, num_shards, version=''):
+    """files: {kind: [file name per shard]} as kb.json lists them; version: local_copy's."""
     tries = {}
     for kind in KINDS:
-      tries[kind] = [_TRIE_TYPE[kind]().mmap(local_copy(FileSystems.join(kb_dir, name)))
+      tries[kind] = [_TRIE_TYPE[kind]().mmap(local_copy(FileSystems.join(kb_dir, name),
+                                                        version=version))
                      for name in files[kind]]
     return cls(tries, num_shards)
 

@@ -56,6 +56,7 @@ STAGE = 'read'
 MAX_TEXT_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 64 << 20
 MAX_SAMPLE_BYTES = 64 << 20  # All the members of one WebDataset key that are read.
+MAX_HEADER_BYTES = 1 << 20  # A long-name or PAX header: names and a few fields, never MBs.
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'gif', 'bmp', 'tif', 'tiff')
 _TOO_BIG = object()  # Stands for a member skipped for its size.
 _PARQUET_BATCH = 256
@@ -173,14 +174,33 @@ class _Sample:
     return sample_to_pair(self.key, self.members, source, caption_keys, self.skipped)
 
 
+def _bounded_tarinfo():
+  import tarfile  # pylint: disable=import-outside-toplevel
+
+  class BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a long-name or PAX header over MAX_HEADER_BYTES: tarfile reads such a
+    header whole into memory, and a small .tar.gz can declare gigabytes of it."""
+    _LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tar):
+      if self.type in self._LONG and self.size > MAX_HEADER_BYTES:
+        raise tarfile.SubsequentHeaderError(
+            f'{self.name}: a {self.size:,}-byte extended header, over the limit of '
+            f'{MAX_HEADER_BYTES:,}')
+      return super()._proc_member(tar)
+  return BoundedTarInfo
+
+
 def read_tar(path, caption_keys):
   """Yields Pair or DeadLetter per sample; raises if the tar is corrupt or cut short."""
   import tarfile  # pylint: disable=import-outside-toplevel
   caption_keys = tuple(caption_keys)
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-    with tarfile.open(fileobj=f, mode='r|*') as tar:
+    with tarfile.open(fileobj=f, mode='r|*', tarinfo=_bounded_tarinfo()) as tar:
       sample = None
-      for member in tar:
+      while (member := tar.next()) is not None:
+        tar.members.clear()   # stream mode keeps every header it read; we need none
         if not member.isfile():
           continue
         member_key, ext = split_member_name(member.name)

@@ -60,27 +60,41 @@ def _open(data):
       raise TooManyPixels(str(e)) from e  # PIL names the pixel count and its limit.
 
 
-def open_image(data):
+def _check_frames(image):
+  """TF's GIF decoder decodes every frame, even when it keeps only the first: a small
+  LZW-compressed GIF of many large frames would cost frames x width x height."""
+  if image.format == 'GIF':
+    frames, (width, height) = getattr(image, 'n_frames', 1), image.size
+    if frames * width * height > MAX_PIXELS:
+      raise TooManyPixels(f'animated GIF of {frames} frames of {width}x{height} = '
+                          f'{frames * width * height:,} pixels to decode, over the limit of '
+                          f'{MAX_PIXELS:,}')
+
+
+def open_image(data, all_frames=False):
   """`data` opened by PIL, its header checked against the limits, nothing decoded yet.
 
   Use it as `with open_image(data) as image:`. Raises ImageLimitError (also for PIL's
   DecompressionBombWarning and DecompressionBombError), or what Image.open raises.
+  all_frames: the caller's decoder decodes every frame of a GIF (TF's does); count them.
   """
   image = _open(data)
   try:
     check_size(*image.size)
+    if all_frames:
+      _check_frames(image)
   except ImageLimitError:
     image.close()
     raise
   return image
 
 
-def header_size(data, check=True):
+def header_size(data, check=True, all_frames=False):
   """(width, height) from the header; None when PIL cannot identify the format (the
   decoder that follows then names the problem). check=True: raises ImageLimitError for
   an image over the limits; check=False: the size of any image PIL opens."""
   try:
-    with (open_image if check else _open)(data) as image:
+    with (open_image(data, all_frames) if check else _open(data)) as image:
       return image.size
   except ImageLimitError:
     if check:

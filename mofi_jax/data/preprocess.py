@@ -41,11 +41,15 @@ def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
 
 def _header_hw(image_bytes):
   """int32 [2]: (height, width) read from the header on the host by PIL, which raises (an
-  InvalidArgumentError in the graph) for images over image_limits' caps; (-1, -1) for a
-  format PIL does not identify, left to TF's decoder and `_check_decoded`."""
+  InvalidArgumentError in the graph) for images over image_limits' caps (every frame of a
+  GIF counted: TF decodes them all) and for bytes it cannot identify, which TF's decoders
+  would otherwise decode up to 2**29 pixels before `_check_decoded` saw them."""
   def read(data):  # bytes in a graph, a 0-d object array eagerly
-    size = image_limits.header_size(data.item() if isinstance(data, np.ndarray) else data)
-    return np.array(size[::-1] if size else (-1, -1), np.int32)
+    size = image_limits.header_size(data.item() if isinstance(data, np.ndarray) else data,
+                                    all_frames=True)
+    if size is None:
+      raise ValueError('not an image: PIL cannot identify its format')
+    return np.array(size[::-1], np.int32)
   # stateful: only a control input uses it, and Grappler prunes such a stateless op.
   hw = tf.numpy_function(read, [image_bytes], tf.int32, stateful=True)
   hw.set_shape([2])

@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from mofi_jax import user_cache
@@ -48,16 +49,25 @@ def text_cache_key(encoder, texts):
                                 encoder.tokenize(list(texts)))
 
 
+def _cache_path(encoder, texts):
+  """Where the embeddings of `texts` are cached; None (with a warning) when the cache
+  folder is not usable (a read-only home, someone else's folder): they are computed."""
+  try:
+    folder = user_cache.folder('entity_texts')
+  except OSError as e:
+    logging.warning('entity texts are not cached: %s', e)
+    return None
+  return os.path.join(folder, f'{text_cache_key(encoder, texts)}.npy')
+
+
 def entity_text_embeddings(encoder, cache=False, batch_size=1024):
   """[C, D] text embeddings of every entity; with `cache`, kept in the user's cache
   (user_cache.py) under a key of everything they depend on, never beside the model."""
   table = encoder.entities
   texts = pipeline.entity_texts(table, encoder.config.input.get('entity_template',
                                                                 pipeline.DEFAULT_ENTITY_TEMPLATE))
-  path = None
-  if cache:
-    key = text_cache_key(encoder, texts)
-    path = os.path.join(user_cache.folder('entity_texts'), f'{key}.npy')
+  path = _cache_path(encoder, texts) if cache else None
+  if path:
     cached = user_cache.load_array(path)
     if cached is not None and cached.shape[0] == len(texts):
       return cached

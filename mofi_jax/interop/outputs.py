@@ -41,16 +41,12 @@ def staged_folder(out, overwrite=False, inputs=()):
   check_output_folder(out, overwrite, inputs)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = f'{out}.tmp-{os.getpid()}'
-  safe_outputs.remove_tree(tmp, TOOL)   # ours from an earlier crash, else it raises
+  # Earlier exports' leftovers (a crash): ours and not in use; never a link or another's.
+  safe_outputs.remove_stale(f'{out}.tmp-*', TOOL)
   safe_outputs.make_staging(tmp, TOOL)
   try:
     yield tmp
   except BaseException:
     safe_outputs.remove_tree(tmp, TOOL)
     raise
-  old = f'{out}.old-{os.getpid()}'
-  if os.path.isdir(out):
-    os.rename(out, old)
-  os.rename(tmp, out)
-  if os.path.isdir(old):
-    safe_outputs.remove_tree(old, TOOL, legacy=_older_export)
+  safe_outputs.swap_into_place(tmp, out, TOOL, f'{out}.old-{os.getpid()}', _older_export)

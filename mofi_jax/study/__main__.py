@@ -103,7 +103,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     study(args)
-  except cli_errors.INPUT_ERRORS as e:
+  except cli_errors.input_errors() as e:
     cli_errors.exit_with('mofi_jax.study', e)
 
 
