@@ -246,3 +246,11 @@ def test_overwrite_never_replaces_the_workdir_its_corpus_or_a_foreign_folder(wor
       export.main(['--workdir', workdir, '--format', 'hf', '--out', out, '--overwrite'])
   assert _listing(workdir) == before
   assert os.listdir(home) == ['thesis.tex'] and sorted(os.listdir(tmp_path)) == ['home', 'link']
+
+
+def test_an_existing_empty_out_is_filled(workdir, hf_out, tmp_path):
+  out = tmp_path / 'made_by_mkdir'
+  out.mkdir()
+  export.main(['--workdir', workdir, '--format', 'hf', '--out', str(out)])
+  assert _listing(str(out)) == _listing(hf_out)
+  assert sorted(os.listdir(tmp_path)) == ['made_by_mkdir']   # no .old-* or .tmp-* left
