@@ -147,11 +147,16 @@ def _in_use(marker):
     return False
   if pid == os.getpid():
     return False   # this process's own leftover (an earlier call that failed)
+  return process_alive(pid)
+
+
+def process_alive(pid):
+  """Whether a process `pid` runs on this host (in this pid namespace); False for junk."""
   try:
     os.kill(pid, 0)
   except PermissionError:
-    return True
-  except (OSError, OverflowError, ValueError):
+    return True   # alive, someone else's
+  except (OSError, OverflowError, ValueError, TypeError):
     return False
   return True
 

@@ -21,6 +21,8 @@ import socket
 import threading
 import time
 
+from mofi_jax import safe_outputs
+
 LOCK_FILE = 'train.lock'
 # Read when --job_id is not given: a pod job restarted on new hosts keeps its name.
 JOB_ID_ENV = ('MOFI_JAX_JOB_ID', 'SLURM_JOB_ID', 'JOBSET_NAME')
@@ -32,10 +34,6 @@ class WorkdirLockedError(ValueError):
   """Another run holds the workdir."""
 
 
-def _is_object_store(path):
-  return '://' in path
-
-
 def _process_start(pid):
   """The process's start time in clock ticks since boot (Linux), or None."""
   try:
@@ -43,16 +41,6 @@ def _process_start(pid):
       return int(f.read().rsplit(')', 1)[1].split()[19])
   except (OSError, ValueError, IndexError):
     return None
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except PermissionError:
-    return True
-  except (OSError, OverflowError, ValueError):
-    return False
-  return True
 
 
 def _machine():
@@ -91,7 +79,7 @@ def is_stale(record, now=None):
         record.get('machine') != _machine() or _machine() is None):
       return False   # its pid means nothing here: only the heartbeat tells
     pid = record['pid']
-    if not isinstance(pid, int) or isinstance(pid, bool) or not _alive(pid):
+    if not isinstance(pid, int) or isinstance(pid, bool) or not safe_outputs.process_alive(pid):
       return True
     started = record.get('proc_start')
     return started is not None and _process_start(pid) not in (None, started)
@@ -113,7 +101,7 @@ class WorkdirLock:
   # ------------------------------------------------------------------ file
   def _read(self):
     try:
-      if _is_object_store(self.path):
+      if safe_outputs.is_object_store(self.path):
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         with tf.io.gfile.GFile(self.path) as f:
           return json.loads(f.read())
@@ -129,7 +117,7 @@ class WorkdirLock:
   def _create(self):
     """Writes the lock if none exists; False if one does."""
     text = self._text()
-    if _is_object_store(self.path):
+    if safe_outputs.is_object_store(self.path):
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       if tf.io.gfile.exists(self.path):
         return False
@@ -145,7 +133,7 @@ class WorkdirLock:
     return True
 
   def _remove(self):
-    if _is_object_store(self.path):
+    if safe_outputs.is_object_store(self.path):
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       tf.io.gfile.remove(self.path)
     else:
@@ -189,7 +177,7 @@ class WorkdirLock:
         pass
 
   def _refresh(self):
-    if _is_object_store(self.path):
+    if safe_outputs.is_object_store(self.path):
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       with tf.io.gfile.GFile(self.path, 'w') as f:
         f.write(self._text())

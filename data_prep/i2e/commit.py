@@ -45,10 +45,6 @@ class OutputExistsError(safe_outputs.OutputFolderError):
   """The output folder holds something that this run may not replace."""
 
 
-def is_object_store(path):
-  return '://' in path
-
-
 def check_out_dir(out_dir, overwrite, inputs=(), tool=TOOL):
   """Refuses an `out_dir` that is not empty (unless `overwrite` and an earlier output of
   `tool`), is a link, or overlaps an input ((flag, path) pairs)."""
@@ -118,7 +114,7 @@ def commit(tmp, out_dir, overwrite, run_id, by_copy=None):
   check_out_dir(out_dir, overwrite)
   if not tf.io.gfile.isdir(tmp):
     raise FileNotFoundError(f'{tmp}: the finished corpus to commit into {out_dir} is gone.')
-  if is_object_store(out_dir) if by_copy is None else by_copy:
+  if safe_outputs.is_object_store(out_dir) if by_copy is None else by_copy:
     _commit_by_copy(tmp, out_dir)
   else:
     rename_into_place(tmp, out_dir, run_id)
