@@ -10,6 +10,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('MOFI_JAX_CACHE', tempfile.mkdtemp(prefix='mofi_jax_cache-'))
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Under CI=true a skip of a `required` test fails the run (tests/required_tests.py).
+from required_tests import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+    pytest_configure, pytest_runtest_makereport)
 
 # ~130 images of 20 entities: big enough for multi-entity and noisy records, built in < 1 s.
 TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shards=4,

@@ -28,8 +28,11 @@ def libtpu_available():
     return False
 
 
-needs_libtpu = pytest.mark.skipif(not libtpu_available(),
-                                  reason='libtpu (the tpu extra) is not installed')
+def needs_libtpu(test):
+  """Skipped without libtpu; `required`: a CI run (CI=true) fails instead of skipping."""
+  skip = pytest.mark.skipif(not libtpu_available(),
+                            reason='libtpu (the tpu extra) is not installed or fails to load')
+  return pytest.mark.required(skip(test))
 
 
 @pytest.mark.parametrize('name, libtpu_name, chips, slice_name', [

@@ -207,16 +207,32 @@ def test_zeroshot_and_knn_match_independent_computation(tiny_run, encoder, heldo
   assert out['metrics']['num_train'] == out['metrics']['num_test'] == len(categories) // 2
 
 
-def test_linear_probe_cli_writes_results_naming_the_step(tiny_run, heldout, loaded_once, capsys):
-  folder, categories, _, _ = heldout
+def sklearn_probe_top1(features, categories, l2):
+  """The folder protocol in scikit-learn: images 0-4 of each category (train + the
+  held-out validation images) fit at `l2` (C = 1 / l2), scored on images 5-9."""
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+  train = np.arange(len(categories)) % 10 < 5
+  clf = LogisticRegression(C=1.0 / l2, max_iter=10000, tol=1e-10)
+  clf.fit(features[train].astype(np.float64), categories[train])
+  return float(np.mean(clf.predict(features[~train]) == categories[~train]))
+
+
+def test_linear_probe_cli_matches_scikit_learn_at_its_chosen_l2(tiny_run, heldout, loaded_once,
+                                                               capsys):
+  """The CLI's test accuracy equals scikit-learn's LogisticRegression refit on the same
+  features at the l2 the CLI chose. A probe that returned chance (0.2 here) fails it."""
+  folder, categories, _, features = heldout
   out = run_cli(capsys, 'linear_probe', '--workdir', tiny_run, '--step', str(STEP),
-                '--dataset', 'folder', '--data_dir', folder, '--max_iter', '50')
+                '--dataset', 'folder', '--data_dir', folder)
   with open(out['results_file']) as f:
     written = json.load(f)
   assert written['step'] == STEP and written['source'].endswith(f'(step {STEP})')
   m = written['metrics']
-  assert m['num_train'] + m['num_val'] + m['num_test'] == len(categories)
-  assert -6 <= m['log10_l2'] <= 6 and 0 <= m['top1'] <= 1
+  assert (m['num_train'], m['num_val'], m['num_test']) == (20, 5, 25)   # 5 categories x 10
+  top1 = sklearn_probe_top1(features, categories, m['l2'])
+  # Within one test image: the two solvers stop at slightly different points.
+  assert abs(m['top1'] - top1) <= 1 / m['num_test'] + 1e-9, (m['top1'], top1)
+  assert top1 >= 0.6, f'scikit-learn reaches only {top1} here: the check would be weak'
 
 
 def test_hf_clip_goes_through_the_interop_loader(tiny_run, encoder, heldout, tmp_path,

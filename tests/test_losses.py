@@ -255,3 +255,27 @@ def test_no_class_sized_collectives_and_tile_bounded_memory(two_million):
   assert temps[16384] < full_local_logits / 4, temps
   # ...and they grow with the tile, which is what bounds them.
   assert temps[2048] < temps[16384]
+
+
+@pytest.mark.parametrize('weights', [(1.0, 1.0), (0.3, 2.5), (0.0, 1.0)])
+def test_mofi_loss_is_the_weighted_sum_of_the_float64_terms(weights):
+  """The multi-task total, by value: entity_weight * xent + contrastive_weight * contrastive,
+  each term against its float64 reference (a swapped or dropped weight fails)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh('one_device')
+  rng = np.random.default_rng(11)
+  x, kernel, bias, labels, label_weights, c = problem(rng)
+  txt = (x + rng.normal(size=x.shape)).astype(np.float32)
+  loss_cfg = ml_collections.ConfigDict(dict(
+      tile_size=64, head_dtype='float32', entity_weight=weights[0],
+      contrastive_weight=weights[1]))
+  out = dict(image_emb=x, text_emb=txt, logit_scale=np.float32(7.0),
+             head=dict(kernel=kernel, bias=bias, scale=None))
+  batch = dict(labels=labels, label_weights=label_weights)
+  total, terms = jax.jit(lambda o, b: losses.mofi_loss(
+      o, b, loss_cfg=loss_cfg, num_classes=c, mesh=mesh))(out, batch)
+  xent = numpy_xent(x, kernel, bias, labels, label_weights, c)[0]
+  contrastive = numpy_contrastive(x, txt, 7.0)
+  assert float(terms['entity_xent']) == pytest.approx(xent, rel=1e-5)
+  assert float(terms['contrastive']) == pytest.approx(contrastive, rel=1e-5)
+  assert float(total) == pytest.approx(weights[0] * xent + weights[1] * contrastive, rel=1e-5)
