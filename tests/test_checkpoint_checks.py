@@ -380,3 +380,30 @@ def test_fresh_run_moves_the_old_run_aside(saved_run):
   assert sorted(os.listdir(os.path.join(old, 'checkpoints'))) == ['1', '2', '3']
   with open(os.path.join(old, 'checkpoints', '3', 'meta', 'metadata')) as f:
     assert json.load(f)['step'] == 3
+
+
+def test_a_rebuilt_corpus_is_refused_with_its_fingerprint_named(tmp_path, tiny_corpus):
+  """The saved input position is a cursor into the corpus's shards: a rebuilt corpus (other
+  shard names or counts) must be refused, naming input.corpus; the same corpus resumes."""
+  from conftest import TINY_CORPUS_CONFIG  # pylint: disable=import-outside-toplevel
+  from data_prep import demo_world  # pylint: disable=import-outside-toplevel
+  from mofi_jax import run_setup  # pylint: disable=import-outside-toplevel
+  rebuilt = demo_world.ensure_corpus(tmp_path / 'rebuilt',
+                                     dict(TINY_CORPUS_CONFIG, num_shards=3))
+  same = demo_world.ensure_corpus(tmp_path / 'same', TINY_CORPUS_CONFIG)
+  saved_fp = run_setup.corpus_fingerprint(str(tiny_corpus))
+  assert run_setup.corpus_fingerprint(str(same)) == saved_fp
+  assert run_setup.corpus_fingerprint(str(rebuilt)) != saved_fp
+  run = tmp_path / 'run'
+  ckpt = checkpointing.Checkpointer(str(run), ckpt_cfg())
+  ckpt.save(1, state_at(1), {'config': dict(CONFIG, **{'input.corpus': saved_fp})},
+            _Input(10), force=True)
+  ckpt.close()
+  current = dict(CONFIG, **{'input.corpus': run_setup.corpus_fingerprint(str(rebuilt))})
+  with pytest.raises(checks.IncompatibleCheckpointError, match=r'another input pipeline: '
+                     r'config.input.corpus'):
+    checkpointing.Checkpointer(str(run), ckpt_cfg()).restore_latest(
+        abstract_of(state_at(0)), _Input(), current)
+  step, _, _ = checkpointing.Checkpointer(str(run), ckpt_cfg()).restore_latest(
+      abstract_of(state_at(0)), _Input(), dict(CONFIG, **{'input.corpus': saved_fp}))
+  assert step == 1

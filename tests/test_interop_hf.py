@@ -400,3 +400,34 @@ def test_bad_folders_are_refused_with_a_clear_message(good_folder, tmp_path, cas
   with pytest.raises(InteropError, match=message):
     hf_import.load_encoder(folder)
   assert not os.path.exists(os.path.join(folder, 'UNPICKLED'))
+
+
+def test_a_sharded_bfloat16_folder_saved_by_transformers_loads_as_transformers_reads_it(tmp_path):
+  """Hub folders of big models come sharded (model.safetensors.index.json) and in bfloat16:
+  transformers' own save_pretrained writes one, and our encoder must give what transformers
+  computes from it (its bf16 weights read back as float32)."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  folder, shards = str(tmp_path / 'clip'), str(tmp_path / 'sharded')
+  write_hf_folder(folder, False, preprocess.CLIP_MEAN, preprocess.CLIP_STD, 16, 32, 48, 'gelu')
+  model = transformers.AutoModel.from_pretrained(folder).to(torch.bfloat16)
+  model.save_pretrained(shards, max_shard_size='40KB')
+  for name in os.listdir(folder):   # the tokenizer and preprocessor files
+    if not name.endswith('.safetensors') and not os.path.exists(os.path.join(shards, name)):
+      shutil.copyfile(os.path.join(folder, name), os.path.join(shards, name))
+  files = clip_files.weight_files(shards)
+  assert len(files) > 2 and os.path.exists(os.path.join(shards, clip_files.WEIGHTS_INDEX))
+  with safe_open(files[0], framework='pt') as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'BF16'}
+  hf = transformers.AutoModel.from_pretrained(shards, dtype=torch.float32).eval()
+  enc = hf_import.load_encoder(shards)
+  pixels = np.random.default_rng(4).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(jax_features(enc.config, enc.params, pixels),
+                             hf_features(hf, pixels), atol=1e-4, rtol=0)
+  ids = enc.tokenize(TEXTS)
+  np.testing.assert_allclose(enc.embed_texts(TEXTS),
+                             losses.l2_normalize(hf_features(hf, ids=ids)), atol=1e-5, rtol=0)
+  # The bf16 rounding is really there: the float32 folder's weights differ from these.
+  full = clip_files.read_weights(folder)
+  half = clip_files.read_weights(shards)
+  assert set(full) == set(half)
+  assert any(not np.array_equal(full[k], half[k]) for k in full)
