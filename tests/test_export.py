@@ -26,19 +26,18 @@ STEP = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def workdir(tiny_corpus, tmp_path_factory):
+def make_workdir(tiny_corpus, wd, head_kind='linear'):
   """A workdir as train.py leaves it: config.json and an Orbax checkpoint, of a
   multitask ViT (patch 14, scanned layers) with random weights everywhere."""
   config = demo.get_config('multitask')
   config.input.update(data_dir=str(tiny_corpus), image_size=28, text_len=12)
   config.model.update(embed_dim=24, scan=True)
+  config.model.head.kind = head_kind
   config.model.image = dict(variant=None, width=32, depth=2, num_heads=4, mlp_dim=64,
                             patch=14, pool='cls', act='quick_gelu', ln_pre=True)
   config.model.text = dict(vocab_size=-1, context=12, width=32, depth=2, num_heads=4,
                            mlp_dim=64, act='gelu')
   config = run_setup.resolve_from_corpus(config, str(tiny_corpus))
-  wd = str(tmp_path_factory.mktemp('export') / 'run')
   inference.write_config(wd, config, str(tiny_corpus))
   mesh = sharding.make_mesh(config.mesh)
   setup = trainer.build(config, mesh)
@@ -50,6 +49,11 @@ def workdir(tiny_corpus, tmp_path_factory):
   mngr.wait_until_finished()
   mngr.close()
   return wd
+
+
+@pytest.fixture(scope='module')
+def workdir(tiny_corpus, tmp_path_factory):
+  return make_workdir(tiny_corpus, str(tmp_path_factory.mktemp('export') / 'run'))
 
 
 @pytest.fixture(scope='module')
@@ -254,3 +258,33 @@ def test_an_existing_empty_out_is_filled(workdir, hf_out, tmp_path):
   export.main(['--workdir', workdir, '--format', 'hf', '--out', str(out)])
   assert _listing(str(out)) == _listing(hf_out)
   assert sorted(os.listdir(tmp_path)) == ['made_by_mkdir']   # no .old-* or .tmp-* left
+
+
+def test_a_cosine_head_exports_what_its_loss_trains(tiny_corpus, tmp_path):
+  """The cosine EntityHead in a model: the exported kernel and scale, applied in float64
+  NumPy (scale x cosine of the raw embedding and each column), give the loss our sharded
+  entity loss computes from the model's own head output on the same embeddings."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  wd = make_workdir(tiny_corpus, str(tmp_path / 'cosine'), head_kind='cosine')
+  out = export.main(['--workdir', wd, '--format', 'hf', '--out', str(tmp_path / 'hf')])
+  head = load_file(os.path.join(out, hf_export.HEAD_FILE))
+  enc = inference.load(wd)
+  assert enc.config.model.head.kind == 'cosine' and 'bias' not in head
+  images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert('RGB'), np.float32) / 255
+                     for b in random_pngs(6, (28, 28, 3), seed=3)])
+  raw = enc.embed_images((images - 0.45) / 0.27, normalize=False).astype(np.float64)
+  kernel = head['kernel'].astype(np.float64)
+  logits = float(head['scale']) * (raw / np.linalg.norm(raw, axis=1, keepdims=True)) @ (
+      kernel / np.linalg.norm(kernel, axis=0, keepdims=True))
+  labels = np.array([[i % kernel.shape[1], -1] for i in range(6)], np.int32)
+  lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  expected = np.mean(lse - logits[np.arange(6), labels[:, 0]])
+  params = enc.params['entity_head']
+  mesh = sharding.make_mesh(enc.config.mesh, jax.devices()[:1])
+  got = losses.entity_xent_sharded(
+      raw.astype(np.float32), np.asarray(params['kernel']), None, labels,
+      (labels >= 0).astype(np.float32), num_classes=kernel.shape[1], mesh=mesh,
+      scale=np.float32(np.exp(float(params['log_scale']))), normalize_kernel=True,
+      tile_size=64, dtype=np.float32)
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  assert float(head['scale']) == pytest.approx(np.exp(float(params['log_scale'])), rel=1e-6)
