@@ -288,3 +288,32 @@ def test_a_cosine_head_exports_what_its_loss_trains(tiny_corpus, tmp_path):
       tile_size=64, dtype=np.float32)
   assert float(got) == pytest.approx(expected, rel=1e-5)
   assert float(head['scale']) == pytest.approx(np.exp(float(params['log_scale'])), rel=1e-6)
+
+
+def test_savedmodel_from_the_command_line_equals_jax(workdir, encoder, tmp_path):
+  """`export --format savedmodel --platforms cpu` as a user runs it: the loaded SavedModel's
+  signatures give our JAX features, and the platforms flag reached the file."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from mofi_jax.interop import savedmodel  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / 'sm')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mofi_jax.export', '--workdir', workdir, '--format',
+       'savedmodel', '--out', out, '--platforms', 'cpu'], capture_output=True, text=True,
+      cwd=ROOT, check=False, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == out
+  with open(os.path.join(out, savedmodel.INFO_FILE)) as f:
+    assert json.load(f)['platforms'] == ['cpu']
+  loaded = tf.saved_model.load(out)
+  rng = np.random.default_rng(9)
+  images = rng.normal(size=(3, 28, 28, 3)).astype(np.float32)
+  got = loaded.signatures['embed_images'](images=tf.constant(images))
+  np.testing.assert_allclose(got['features'].numpy(),
+                             jax_features(encoder.config, encoder.params, images),
+                             atol=1e-5, rtol=0)
+  tokens = encoder.tokenize(texts_of(encoder, 3))
+  got = loaded.signatures['embed_tokens'](tokens=tf.constant(tokens))
+  np.testing.assert_allclose(got['features'].numpy(),
+                             jax_features(encoder.config, encoder.params, tokens=tokens),
+                             atol=1e-5, rtol=0)
