@@ -272,19 +272,24 @@ def test_read_pairs_needs_a_pattern():
 # ----------------------------------------------------------------------------- bounded samples
 
 
+def read_tar_traced(path):
+  """(the items read_tar yields for `path`, the peak bytes Python allocated meanwhile)."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  tracemalloc.start()
+  try:
+    items = list(read.read_tar(str(path), ('txt',)))
+    return items, tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
 def test_members_a_pair_does_not_use_are_skipped_unread(tmp_path):
   # One key with 300 junk members of 1 MiB: the reader held 314 MB for it.
-  import tracemalloc  # pylint: disable=import-outside-toplevel
   img = image_bytes(0)
   junk = bytes(1 << 20)
   path = write_tar(tmp_path / 'junk.tar', [('k.jpg', img)] + [
       (f'k.junk{i}', junk) for i in range(300)] + [('k.txt', b'the caption')])
-  tracemalloc.start()
-  try:
-    items = list(read.read_tar(str(path), ('txt',)))
-    _, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
+  items, peak = read_tar_traced(path)
   assert [(p.key, p.image, p.text) for p in items] == [('k', img, 'the caption')]
   assert peak < 16 << 20, f'peak {peak / 2**20:.0f} MiB while reading'
 
@@ -321,16 +326,10 @@ def test_a_key_over_the_sample_cap_is_dead_lettered_and_the_rest_skipped(tmp_pat
 def test_many_headers_and_a_huge_extended_header_stay_bounded(tmp_path):
   """Stream mode kept every member header (tar.members) and read a PAX or long-name header
   whole: a small .tar.gz could declare gigabytes of either."""
-  import tracemalloc  # pylint: disable=import-outside-toplevel
   img = image_bytes(1)
   members = [('k.jpg', img)] + [(f'k.x{i}', b'') for i in range(50000)] + [('k.txt', b'cap')]
   many = write_tar(tmp_path / 'many.tar.gz', members, mode='w:gz')
-  tracemalloc.start()
-  try:
-    items = list(read.read_tar(str(many), ('txt',)))
-    _, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
+  items, peak = read_tar_traced(many)
   assert [(p.key, p.image, p.text) for p in items] == [('k', img, 'cap')]
   # Every header kept: ~24 MiB here, growing with the member count; now a constant ~3 MiB.
   assert peak < 6 << 20, f'peak {peak / 2**20:.1f} MiB for 50,000 empty members'
