@@ -47,8 +47,16 @@ def quiet_libraries():
 def stacks_on_sigusr1():
   """`kill -USR1 <pid>` prints every thread's Python stack to stderr and the run
   goes on: what a stuck pod worker waits in (a collective, a barrier, a read),
-  with nothing to install on the host."""
-  faulthandler.register(signal.SIGUSR1, all_threads=True)
+  with nothing to install on the host.
+
+  A Python handler, not `faulthandler.register`: that one walks the other
+  threads from inside the signal, without the GIL, and segfaulted the run when
+  Orbax's save threads started or ended at that moment. Here the walk holds
+  the GIL; the cost is that a main thread blocked in C prints when it returns."""
+  def dump(signum, frame):
+    del signum, frame
+    faulthandler.dump_traceback(all_threads=True)
+  signal.signal(signal.SIGUSR1, dump)
 
 
 def init_processes(flags_):
