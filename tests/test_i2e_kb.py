@@ -291,3 +291,35 @@ def test_remote_index_files_are_cached_privately_and_never_stale(tmp_path, monke
   (tmp_path / 'surface-0.marisa').write_bytes(b'rebuilt KB, same path')
   second = kb_index.local_copy('gs://b/surface-0.marisa')
   assert second != first and open(second, 'rb').read() == b'rebuilt KB, same path'
+
+
+def _old_dump_item(qid, label):
+  """An item as dumps before 2019 wrote it: PHP's empty array `[]` for every empty map."""
+  return json.dumps({'type': 'item', 'id': qid, 'labels': {'en': {'language': 'en', 'value': label}},
+                     'descriptions': [], 'aliases': [], 'claims': [], 'sitelinks': []}).encode()
+
+
+NAME_LINES = [
+    _old_dump_item('Q20', 'Ostrava'),                                  # kept: [] is an empty map
+    json.dumps({'type': 'item', 'id': 'Q21', 'labels': [], 'descriptions': [], 'aliases': [],
+                'claims': [], 'sitelinks': []}).encode(),              # skipped: no_label
+    _typed('Q22', 'John', 'Q12308941'),                                # male given name
+    _typed('Q23', 'Mary', 'Q11879590'),                                # female given name
+    _typed('Q24', 'Alex', 'Q3409032'),                                 # unisex given name
+    _typed('Q25', 'Smith', 'Q101352'),                                 # family name
+    _typed('Q26', 'John Smith', 'Q22808320'),                          # name disambiguation
+    _typed('Q27', 'Johnny', 'Q202444'),                                # given name
+]
+
+
+def test_old_dump_empty_lists_and_name_items(tmp_path):
+  assert wikidata.parse_line(NAME_LINES[0]) == types.Entity('Q20', 'Ostrava', '', (), 0)
+  dump = write_dump(tmp_path / 'names.json', NAME_LINES)
+  out, meta = _build(tmp_path, 'kb', dump)
+  assert meta['skipped'] == {
+      'no_label': 1, 'type:male_given_name': 1, 'type:female_given_name': 1,
+      'type:unisex_given_name': 1, 'type:family_name': 1, 'type:given_name': 1,
+      'type:human_name_disambiguation_page': 1}
+  assert meta['dead_letter'] == {} and meta['num_untyped'] == 1
+  assert meta['num_entities'] + sum(meta['skipped'].values()) == len(NAME_LINES)
+  assert kb.KnowledgeBase.load(out).ids() == ['Q20']

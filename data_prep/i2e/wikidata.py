@@ -46,8 +46,10 @@ class _Bad(Exception):
 
 
 def _texts(field, languages, name, key):
-  """[value, ...] of a labels/descriptions/aliases field, in language order."""
-  if field is None:
+  """[value, ...] of a labels/descriptions/aliases field, in language order.
+
+  Dumps before 2019 write an empty object as `[]` (PHP's empty array): read as no entries."""
+  if field is None or field == []:
     return []
   if not isinstance(field, dict):
     raise _Bad('bad_field', f'{name} is a {type(field).__name__}, expected an object', key)
@@ -67,14 +69,20 @@ def _texts(field, languages, name, key):
 
 # Kinds of item that are never the subject of a photograph: Wikimedia's own pages, scholarly
 # works, and the gene, protein, chemical and name items bots created by the million. Items
-# with any of these P31 (instance of) values are skipped as 'type:<reason>'.
+# with any of these P31 (instance of) values are skipped as 'type:<reason>'. Given names are
+# mostly typed by their gender class (male/female/unisex given name), and names' own
+# disambiguation pages by 'human name disambiguation page': each is listed, so that the
+# direct check catches them and each gets its own count.
 DEFAULT_EXCLUDED_TYPES = {
-    'Q4167410': 'disambiguation_page', 'Q4167836': 'category', 'Q11266439': 'template',
+    'Q4167410': 'disambiguation_page', 'Q22808320': 'human_name_disambiguation_page',
+    'Q4167836': 'category', 'Q11266439': 'template',
     'Q13406463': 'list_article', 'Q15184295': 'module', 'Q14204246': 'project_page',
     'Q17362920': 'duplicated_page', 'Q21528878': 'redirect_page',
     'Q17633526': 'wikinews_article', 'Q13442814': 'scholarly_article', 'Q1266946': 'thesis',
     'Q7187': 'gene', 'Q277338': 'pseudogene', 'Q8054': 'protein',
-    'Q11173': 'chemical_compound', 'Q101352': 'family_name', 'Q202444': 'given_name'}
+    'Q11173': 'chemical_compound', 'Q101352': 'family_name', 'Q202444': 'given_name',
+    'Q12308941': 'male_given_name', 'Q11879590': 'female_given_name',
+    'Q3409032': 'unisex_given_name'}
 
 
 def instance_of(claims, qid):
