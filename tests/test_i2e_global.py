@@ -1,5 +1,6 @@
 """GlobalPasses: entity counts, the min_images cut, class order, images left with no
 entity, and near-duplicates of eval images (checked against imagehash directly)."""
+import dataclasses
 import io
 
 import apache_beam as beam
@@ -10,7 +11,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw
 
-from data_prep.i2e import global_passes, types
+from data_prep.i2e import global_passes, metadata, types
 from test_i2e_read import image_bytes
 
 
@@ -34,6 +35,34 @@ def test_drop_rare_keeps_order_and_scores():
   assert global_passes.drop_rare(s, frozenset({'Q1', 'Q2', 'Q3'})) is s
   assert global_passes.drop_rare(s, frozenset({'Q4'})) == types.Filtered(
       'global', 'rare_entity_only', 'k')
+
+
+def choice(mention, ids, chosen):
+  n = len(ids)
+  clip = tuple(0.3 - 0.1 * i for i in range(n))
+  return types.MentionChoice(mention, tuple(ids), (0.9,) * n, clip, chosen, (0.05,) * n)
+
+
+def test_drop_rare_keeps_choices_in_the_metadata_table(tmp_path):
+  """A pair that loses a rare entity keeps its `mentions` column, as selection wrote it."""
+  lost = [choice('Paris', ['Q90', 'Q167646'], 0), choice('Troy', ['Q9999'], 0)]
+  pairs = [dataclasses.replace(selected('p1', ['Q90', 'Q9999']), choices=tuple(lost)),
+           dataclasses.replace(selected('p2', ['Q90']), choices=(choice('Paris', ['Q90'], 0),))]
+  rows = str(tmp_path / 'rows')
+  with test_pipeline.TestPipeline() as p:
+    out = p | beam.Create(pairs) | global_passes.GlobalPasses(min_images=2)
+    _ = (out['main'] | beam.Map(metadata.row_json) | beam.combiners.ToList()
+         | beam.Map(lambda r: open(rows, 'wb').write(b'\n'.join(sorted(r)))))
+  with open(rows, 'rb') as f:
+    metadata.write_shard(metadata.shard_path(str(tmp_path), 0, 1), f.read().split(b'\n'))
+  table = {r['key']: r for r in metadata.read_table(str(tmp_path)).to_pylist()}
+  assert table['p1']['entity_ids'] == ['Q90']                 # Q9999 is rare: cut
+  expected = [dict(mention=c.mention, entity_ids=list(c.entity_ids), chosen=c.chosen)
+              for c in lost]                                  # built from the input, not row_json
+  assert [{k: m[k] for k in ('mention', 'entity_ids', 'chosen')}
+          for m in table['p1']['mentions']] == expected
+  assert np.allclose(table['p1']['mentions'][1]['clip_scores'], [0.3])
+  assert [m['mention'] for m in table['p2']['mentions']] == ['Paris']
 
 
 def view(x):

@@ -16,6 +16,7 @@ small, e.g. GPR1200's 12,000 images).
 Only (entity_id, count) pairs and the class list travel to one worker: side inputs
 sized by the entity count.
 """
+import dataclasses
 import re
 
 import apache_beam as beam
@@ -43,15 +44,19 @@ def class_order(entity_counts, min_images):
 
 
 def drop_rare(selected, kept_ids):
-  """SelectedPair -> the same with only `kept_ids` entities, or Filtered if none is left."""
+  """SelectedPair -> the same with only `kept_ids` entities, or Filtered if none is left.
+
+  `choices` (how selection decided each mention, the metadata table's `mentions` column)
+  stay as selection made them: they are the audit record of the CLIP decision, and a
+  mention whose chosen entity was cut here is told by that entity missing from entity_ids.
+  """
   keep = [i for i, e in enumerate(selected.entity_ids) if e in kept_ids]
   if not keep:
     return types.Filtered(STAGE, 'rare_entity_only', selected.pair.key)
   if len(keep) == len(selected.entity_ids):
     return selected
-  return types.SelectedPair(pair=selected.pair,
-                            entity_ids=tuple(selected.entity_ids[i] for i in keep),
-                            scores=tuple(selected.scores[i] for i in keep))
+  return dataclasses.replace(selected, entity_ids=tuple(selected.entity_ids[i] for i in keep),
+                             scores=tuple(selected.scores[i] for i in keep))
 
 
 # ----------------------------------------------------------------------------- phash
