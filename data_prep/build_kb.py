@@ -1,6 +1,6 @@
 """Builds the I2E knowledge base from a Wikidata JSON dump, on Apache Beam.
 
-  python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out /data/kb [--language en]
+  python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out /data/kb [--languages en,de]
   python -m data_prep.split_dump --dump latest-all.json.bz2 --out /data/dump_chunks
   python -m data_prep.build_kb --wikidata '/data/dump_chunks/*.json.gz' --out /data/kb
   python -m data_prep.build_kb --wikidata 'gs://b/dump_chunks/*.json.gz' --out gs://b/kb \
@@ -51,7 +51,10 @@ def parse_args(argv):
                       help='dump file(s) or glob(s) (.json, .json.bz2, .json.gz), any Beam '
                       'filesystem; repeat the flag or separate with commas')
   parser.add_argument('--out', required=True, help='KB folder to create')
-  parser.add_argument('--language', default='en', help='label/description/alias language')
+  parser.add_argument('--languages', '--language', dest='languages', default='en',
+                      help="label/description/alias languages in order, e.g. 'en,de,fr,ja': the "
+                      "label and description are the first language's that has one, the other "
+                      "labels and every alias are aliases ('mul' is read last)")
   parser.add_argument('--num_shards', type=int, default=0,
                       help='Parquet shards per table (0: the runner decides)')
   parser.add_argument('--min_sitelinks', type=int, default=0,
@@ -67,15 +70,25 @@ def parse_args(argv):
   args.exclude_types = parse_types(args.exclude_types)
   if args.index_shards < 1:
     raise UsageError(f'--index_shards must be >= 1, got {args.index_shards}')
-  if not re.fullmatch(r'[a-z]{2,3}(-[a-z0-9]+)*', args.language):
-    raise UsageError(f'--language {args.language!r} is not a Wikidata language code (e.g. en, '
-                     'de, pt-br)')
+  args.languages = parse_languages(args.languages)
   if args.num_shards < 0 or args.min_sitelinks < 0:
     raise UsageError(f'--num_shards and --min_sitelinks must be >= 0, got {args.num_shards} and '
                      f'{args.min_sitelinks}')
   if not any(a == '--runner' or a.startswith('--runner=') for a in beam_args):
     beam_args = LOCAL_DEFAULTS + beam_args
   return args, beam_args
+
+
+def parse_languages(text):
+  """'en,de' -> ('en', 'de'); each a Wikidata language code, none twice."""
+  languages = tuple(l.strip() for l in text.split(','))
+  for lang in languages:
+    if not re.fullmatch(r'[a-z]{2,3}(-[a-z0-9]+)*', lang):
+      raise UsageError(f'--languages: {lang!r} is not a Wikidata language code (e.g. en, de, '
+                       'pt-br)')
+  if len(set(languages)) != len(languages):
+    raise UsageError(f'--languages {text!r} names a language twice')
+  return languages
 
 
 def parse_types(text):
@@ -147,7 +160,7 @@ def run(args, beam_args):
   safe_outputs.make_staging(staging, TOOL)
   try:
     p = beam.Pipeline(options=PipelineOptions(beam_args))
-    wikidata.build_pipeline(p, args.wikidata, staging, args.language, args.num_shards,
+    wikidata.build_pipeline(p, args.wikidata, staging, args.languages, args.num_shards,
                             min_sitelinks=args.min_sitelinks,
                             excluded_types=args.exclude_types,
                             index_shards=args.index_shards)

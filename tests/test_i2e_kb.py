@@ -74,8 +74,9 @@ def _alias_table(kb_dir, loaded):
   """The rows of the Parquet alias table, each of them found by the mapped index's lookup."""
   rows = [r for f in sorted(glob.glob(os.path.join(kb_dir, 'aliases-*.parquet')))
           for r in pq.read_table(f).to_pylist()]
-  for r in rows:
-    assert types.AliasHit(r['entity_id'], r['quality'], r['alias']) in loaded.lookup(r['alias'])
+  for r in rows:   # (id, quality, alias) only: the hit's other fields are the index's business
+    assert (r['entity_id'], r['quality'], r['alias']) in [
+        (h.entity_id, h.quality, h.alias) for h in loaded.lookup(r['alias'])]
   return sorted((r['alias'], r['entity_id'], r['quality']) for r in rows)
 
 
@@ -84,7 +85,7 @@ def test_build_kb_from_each_dump_compression(tmp_path, suffix):
   dump = write_dump(tmp_path / f'latest-all{suffix}')
   out = str(tmp_path / 'kb')
   with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    wikidata.build_pipeline(p, dump, out, language='en', num_shards=2)
+    wikidata.build_pipeline(p, dump, out, languages=['en'], num_shards=2)
   meta = json.loads((tmp_path / 'kb' / 'kb.json').read_text())
   assert meta['num_entities'] == 3 and meta['num_aliases'] == 5
   assert meta['skipped'] == {'not_item': 2, 'no_label': 1}
@@ -200,7 +201,7 @@ TYPED_LINES = [
 def _build(tmp_path, name, dumps, **kwargs):
   out = str(tmp_path / name)
   with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    wikidata.build_pipeline(p, dumps, out, language='en', num_shards=1, **kwargs)
+    wikidata.build_pipeline(p, dumps, out, num_shards=1, **kwargs)
   return out, json.loads((tmp_path / name / 'kb.json').read_text())
 
 
@@ -323,3 +324,48 @@ def test_old_dump_empty_lists_and_name_items(tmp_path):
   assert meta['dead_letter'] == {} and meta['num_untyped'] == 1
   assert meta['num_entities'] + sum(meta['skipped'].values()) == len(NAME_LINES)
   assert kb.KnowledgeBase.load(out).ids() == ['Q20']
+
+
+LANGUAGES = ['en', 'de', 'fr', 'es', 'it', 'ja']
+MULTILINGUAL_LINES = [
+    _item('Q30', {'de': 'Zugspitze'}, {'de': 'höchster Berg Deutschlands'}, {'de': ['Zugspitz']}),
+    _item('Q31', {'fr': 'Tour Eiffel', 'de': 'Eiffelturm', 'ja': 'エッフェル塔'},
+          {'it': 'torre di Parigi', 'fr': 'tour de Paris'},
+          {'fr': ['la dame de fer', 'Tour Eiffel'], 'en': ['Eiffel Tower']}, sitelinks=4),
+    _item('Q32', {'ja': '東京タワー', 'en': 'Tokyo Tower'}, {'ja': '東京都港区の電波塔'},
+          {'ja': ['日本電波塔']}),
+    _item('Q33', {'nl': 'Dom van Utrecht'}),                           # skipped: no_label
+]
+# By hand: the label and description of the first language that has one; then the other
+# languages' labels, in language order, and every language's aliases, each once.
+MULTILINGUAL_ENTITIES = [
+    types.Entity('Q30', 'Zugspitze', 'höchster Berg Deutschlands', ('Zugspitz',), 0),
+    types.Entity('Q31', 'Eiffelturm', 'tour de Paris',
+                 ('Tour Eiffel', 'エッフェル塔', 'Eiffel Tower', 'la dame de fer'), 4),
+    types.Entity('Q32', 'Tokyo Tower', '東京都港区の電波塔', ('東京タワー', '日本電波塔'), 0),
+]
+
+
+def test_languages_keep_labels_aliases_and_the_first_description(tmp_path, capsys):
+  assert wikidata.parse_line(MULTILINGUAL_LINES[1], ('fr', 'de')) == types.Entity(
+      'Q31', 'Tour Eiffel', 'tour de Paris', ('Eiffelturm', 'la dame de fer'), 4)
+  dump = write_dump(tmp_path / 'multi.json', MULTILINGUAL_LINES)
+  out = tmp_path / 'kb'
+  args = ['--wikidata', dump, '--out', str(out), '--num_shards', '1'] + IN_MEMORY
+  assert build_kb.main(args + ['--languages', ','.join(LANGUAGES)]) == 0
+  meta = json.loads((out / 'kb.json').read_text())
+  assert meta['languages'] == LANGUAGES and meta['language'] == 'en'
+  assert meta['skipped'] == {'no_label': 1} and meta['num_entities'] == 3
+  loaded = kb.KnowledgeBase.load(str(out))
+  assert [loaded.entity(q) for q in loaded.ids()] == MULTILINGUAL_ENTITIES
+  # Scripts without spaces come through unchanged, and the index finds them.
+  assert [h.entity_id for h in loaded.lookup('東京タワー')] == ['Q32']
+  assert [h.entity_id for h in loaded.lookup('エッフェル塔')] == ['Q31']
+  capsys.readouterr()
+  # --language stays as the one-language alias: only German here.
+  assert build_kb.main(args[:3] + [str(tmp_path / 'kb_de')] + args[4:] + ['--language', 'de']) == 0
+  meta = json.loads((tmp_path / 'kb_de' / 'kb.json').read_text())
+  assert meta['languages'] == ['de'] and meta['skipped'] == {'no_label': 2}
+  for bad, message in (('en,de,en', 'names a language twice'), ('en,DE', "'DE' is not")):
+    assert build_kb.main(args[:3] + [str(tmp_path / 'kb_bad')] + args[4:] + ['--languages', bad]) == 1
+    assert message in capsys.readouterr().err

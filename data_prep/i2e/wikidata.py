@@ -1,6 +1,6 @@
 """Reading a Wikidata dump on Beam into a knowledge-base folder (the format of kb.py).
 
-  python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out KB_DIR [--language en]
+  python -m data_prep.build_kb --wikidata latest-all.json.bz2 --out KB_DIR [--languages en,de]
 
 Input: the official dump layout (`latest-all.json`, `.json.bz2` or `.json.gz`): a JSON array with
 one entity per line (`[`, then `{...},` lines, the last without the comma, then `]`), as one file
@@ -8,8 +8,8 @@ or as line-aligned chunks of it (data_prep/split_dump.py), given as a list of fi
 Beam's text reader decompresses by extension; each file is read by one worker. A single file's
 lines are reshuffled before the JSON parsing (the expensive part); chunks are parsed where read.
 
-Skipped and counted: non-item entities (properties, lexemes), items with no label in the
-language, items whose P31 (instance of) is a non-visual kind (`DEFAULT_EXCLUDED_TYPES`:
+Skipped and counted: non-item entities (properties, lexemes), items with no label in any
+of the languages, items whose P31 (instance of) is a non-visual kind (`DEFAULT_EXCLUDED_TYPES`:
 disambiguation pages, categories, scholarly articles, genes, ...; counted per kind as
 'type:<kind>') and, with --min_sitelinks, obscure items. Items without P31 are kept and
 counted ('untyped'). Malformed lines are dead-lettered and counted: every entity line of the
@@ -108,9 +108,20 @@ def instance_of(claims, qid):
   return tuple(out)
 
 
-def parse_item(line, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
+def language_order(languages, fallback_languages=FALLBACK_LANGUAGES):
+  """'en' or ('en', 'de', ...) -> the languages to read, in order, the fallbacks last."""
+  languages = (languages,) if isinstance(languages, str) else tuple(languages)
+  return languages + tuple(l for l in fallback_languages if l not in languages)
+
+
+def parse_item(line, languages=('en',), fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
                excluded_types=None):
   """One dump line (bytes) -> (Entity, P31 ids), or None for the array brackets and blanks.
+
+  `languages` (one code or a sequence, then `fallback_languages`) in order: the label is the
+  first language's that has one, the description likewise; the other languages' labels and
+  every language's aliases become aliases, deduplicated in that order. Entity keeps one label
+  and one description, so a KB of several languages has the format of a KB of one.
 
   Raises _Bad(reason, detail, key) for lines that are not a wanted item with a label:
   reasons 'not_utf8', 'malformed_json', 'not_an_object', 'missing_field', 'bad_id',
@@ -129,7 +140,7 @@ def parse_item(line, language='en', fallback_languages=FALLBACK_LANGUAGES, min_s
   excluded = sorted({excluded_types[c] for c in classes if c in (excluded_types or {})})
   if excluded:
     raise _Bad(f'type:{excluded[0]}', f'instance of {list(classes)}', qid)
-  languages = (language,) + tuple(l for l in fallback_languages if l != language)
+  languages = language_order(languages, fallback_languages)
   labels = _texts(obj.get('labels'), languages, 'labels', qid)
   if not labels:
     raise _Bad('no_label', f'no label in {"/".join(languages)}', qid)
@@ -189,8 +200,9 @@ class _ParseFn(beam.DoFn):
   """Live counters per outcome (Dataflow shows them while the job runs); kb.json is the
   exact end-of-run record."""
 
-  def __init__(self, language, fallback_languages, min_sitelinks, excluded_types):
-    self._args = (language, tuple(fallback_languages), min_sitelinks, dict(excluded_types))
+  def __init__(self, languages, fallback_languages, min_sitelinks, excluded_types):
+    self._args = (language_order(languages, ()), tuple(fallback_languages), min_sitelinks,
+                  dict(excluded_types))
 
   def process(self, element):
     source, line = element
@@ -236,11 +248,11 @@ class ParseWikidata(beam.PTransform):
   Each Q-id leaves once: duplicate lines of one id are dead-lettered ('duplicate_id').
   """
 
-  def __init__(self, language='en', fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
+  def __init__(self, languages=('en',), fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
                excluded_types=None):
     super().__init__()
     excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else excluded_types
-    self._args = (language, fallback_languages, min_sitelinks, excluded)
+    self._args = (languages, fallback_languages, min_sitelinks, excluded)
 
   def expand(self, lines):
     parsed = (lines | 'Parse' >> beam.ParDo(_ParseFn(*self._args))
@@ -257,7 +269,7 @@ class ParseWikidata(beam.PTransform):
             'untyped': untyped}
 
 
-def build_pipeline(p, dump_patterns, out_dir, language='en', num_shards=0,
+def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
                    fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0, excluded_types=None,
                    index_shards=kb_index.DEFAULT_SHARDS):
   """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents.
@@ -278,9 +290,12 @@ def build_pipeline(p, dump_patterns, out_dir, language='en', num_shards=0,
   if len(files) == 1:
     lines = lines | 'Spread' >> beam.Reshuffle()
   excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else dict(excluded_types)
-  stages = lines | 'ParseWikidata' >> ParseWikidata(language, fallback_languages, min_sitelinks,
+  languages = language_order(languages, ())
+  stages = lines | 'ParseWikidata' >> ParseWikidata(languages, fallback_languages, min_sitelinks,
                                                     excluded)
-  meta = dict(language=language, fallback_languages=list(fallback_languages),
+  # 'language' (the first) stays for readers of KBs built before --languages.
+  meta = dict(language=languages[0], languages=list(languages),
+              fallback_languages=list(fallback_languages),
               min_sitelinks=min_sitelinks, source=patterns if len(patterns) > 1 else patterns[0],
               num_dump_files=len(files), excluded_types=excluded)
   return stages | 'WriteKB' >> kb_write.WriteKnowledgeBase(out_dir, meta, num_shards,
