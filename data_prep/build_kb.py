@@ -10,8 +10,10 @@
 file is read by one worker, so split the official single-file dump into line-aligned chunks
 first (data_prep/split_dump.py) and give their glob. Items whose P31 (instance of) is a
 non-visual kind (--exclude_types, default wikidata.DEFAULT_EXCLUDED_TYPES: disambiguation
-pages, categories, templates, scholarly articles, genes, ...) are skipped and counted per
-kind in kb.json.
+pages, categories, templates, scholarly articles, genes, given names, ...) or a subclass of
+one (P279, closed in a first pass over the dump; --no-subclass_closure checks P31 alone) are
+skipped and counted per kind in kb.json. --languages en,de,... keeps labels and aliases in
+each; the label and description are the first language's that has one.
 
 Flags this module does not know go to Beam's PipelineOptions. Without --runner: the local
 DirectRunner on both cores (multi-processing). The KB is built in a staging folder beside --out and
@@ -62,6 +64,9 @@ def parse_args(argv):
   parser.add_argument('--exclude_types', default=None,
                       help="QID=reason,... of P31 classes to skip (default: wikidata."
                       "DEFAULT_EXCLUDED_TYPES); '' keeps every type")
+  parser.add_argument('--subclass_closure', action=argparse.BooleanOptionalAction, default=True,
+                      help='also skip items whose P31 class is a P279 (subclass of) descendant '
+                      'of an excluded type, found in a first pass over the dump (default: on)')
   parser.add_argument('--index_shards', type=int, default=8,
                       help='shards of each memory-mapped index trie (one worker builds each)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing KB in --out')
@@ -163,6 +168,7 @@ def run(args, beam_args):
     wikidata.build_pipeline(p, args.wikidata, staging, args.languages, args.num_shards,
                             min_sitelinks=args.min_sitelinks,
                             excluded_types=args.exclude_types,
+                            subclass_closure=args.subclass_closure,
                             index_shards=args.index_shards)
     runs.run_to_completion(p)
     with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:

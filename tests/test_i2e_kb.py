@@ -5,6 +5,8 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -16,7 +18,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from data_prep import build_kb, split_dump
 from data_prep.i2e import kb
 from data_prep.i2e import types, wikidata
+from portable_runner import portable_services
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--direct_num_workers=1']
 
 
@@ -141,9 +145,9 @@ def test_loader_lookup_and_clear_errors(tmp_path):
   kb.write_small_kb(str(tmp_path / 'kb'), entities)
   loaded = kb.KnowledgeBase.load(str(tmp_path / 'kb'))
   assert len(loaded) == 2 and loaded.ids() == ['Q1', 'Q2']
-  # Label hit (1.0) before alias hit (0.8); the query is normalised like the index.
-  assert loaded.lookup('  PARIS ') == [types.AliasHit('Q1', 1.0, 'paris'),
-                                       types.AliasHit('Q2', 0.8, 'paris')]
+  # Most sitelinks first, read from the alias index; the query is normalised like the index.
+  assert loaded.lookup('  PARIS ') == [types.AliasHit('Q1', 1.0, 'paris', 5),
+                                       types.AliasHit('Q2', 0.8, 'paris', 2)]
   assert loaded.lookup('Lyon') == []
   with pytest.raises(KeyError, match="'Q3'"):
     loaded.entity('Q3')
@@ -369,3 +373,109 @@ def test_languages_keep_labels_aliases_and_the_first_description(tmp_path, capsy
   for bad, message in (('en,de,en', 'names a language twice'), ('en,DE', "'DE' is not")):
     assert build_kb.main(args[:3] + [str(tmp_path / 'kb_bad')] + args[4:] + ['--languages', bad]) == 1
     assert message in capsys.readouterr().err
+
+
+def _statements(prop, *ids):
+  return [{'mainsnak': {'snaktype': 'value', 'property': prop, 'datavalue': {
+      'type': 'wikibase-entityid', 'value': {'entity-type': 'item', 'id': q}}},
+           'type': 'statement', 'rank': 'normal'} for q in ids]
+
+
+def _class(qid, label, *parents, instance_of=()):
+  """A class item: its P279 (subclass of) parents, and P31 where given."""
+  claims = {'P279': _statements('P279', *parents)}
+  if instance_of:
+    claims['P31'] = _statements('P31', *instance_of)
+  return _typed(qid, label, claims=claims)
+
+
+# A hand-built hierarchy under the default roots (Q4167410 disambiguation page, Q7187 gene,
+# Q202444 given name, Q12308941 male given name, Q4167836 category, Q11266439 template).
+HIERARCHY_LINES = [
+    _class('Q40', 'list of names page', 'Q4167410'),
+    _class('Q41', 'list of surnames page', 'Q40'),
+    _class('Q42', 'list of Welsh surnames page', 'Q41'),             # 3 levels under Q4167410
+    _class('Q43', 'gene family A', 'Q44'),                            # a cycle, under gene
+    _class('Q44', 'gene family B', 'Q43', 'Q7187'),
+    _class('Q45', 'loop A', 'Q46'),                                   # a cycle under no root
+    _class('Q46', 'loop B', 'Q45'),
+    _class('Q12308941', 'male given name', 'Q202444'),                # a root under a root
+    _class('Q47', 'Welsh male given name', 'Q12308941'),
+    _class('Q48', 'category-template page', 'Q11266439', 'Q4167836'),  # two roots, one level
+    _class('Q49', 'tower', 'Q50', instance_of=['Q51']),               # no root above: kept
+    _typed('Q60', 'Jones', 'Q42'),                                    # type:disambiguation_page
+    _typed('Q61', 'BRCA-like', 'Q43'),                                # type:gene
+    _typed('Q62', 'Loopy', 'Q45'),                                    # kept
+    _typed('Q63', 'Dafydd', 'Q47'),                                   # type:male_given_name
+    _typed('Q64', 'Odd page', 'Q48'),                                 # type:category
+    _typed('Q65', 'Eiffel Tower', 'Q49'),                             # kept
+    _typed('Q66', 'Bad class', claims={'P279': 'Q5'}),                # kept; P279 unreadable
+]
+
+
+def test_subclass_closure_excludes_descendants_and_ends_on_cycles(tmp_path):
+  dump = write_dump(tmp_path / 'hierarchy.json', HIERARCHY_LINES)
+  out, meta = _build(tmp_path, 'kb', dump)
+  assert meta['skipped'] == {'type:disambiguation_page': 1, 'type:gene': 1,
+                             'type:male_given_name': 1, 'type:category': 1}
+  assert meta['num_entities'] + sum(meta['skipped'].values()) == len(HIERARCHY_LINES)
+  assert kb.KnowledgeBase.load(out).ids() == [
+      'Q12308941', 'Q40', 'Q41', 'Q42', 'Q43', 'Q44', 'Q45', 'Q46', 'Q47', 'Q48', 'Q49', 'Q62',
+      'Q65', 'Q66']
+  assert meta['subclass_closure'] is True and meta['subclass_edges'] == 13
+  roots = wikidata.DEFAULT_EXCLUDED_TYPES
+  # By hand: each root itself, plus Q40-Q42, Q43-Q44, Q47 (and Q12308941 counted as a root), Q48.
+  expected = {r: sum(1 for v in roots.values() if v == r) for r in set(roots.values())}
+  for reason, extra in (('disambiguation_page', 3), ('gene', 2), ('male_given_name', 1),
+                        ('category', 1)):
+    expected[reason] += extra
+  assert meta['excluded_classes'] == expected
+  # Without the closure, only direct P31 counts (so the closure is what excludes them).
+  _, direct = _build(tmp_path, 'kb_direct', dump, subclass_closure=False)
+  assert direct['skipped'] == {} and direct['subclass_closure'] is False
+
+
+def _reference_closure(roots, edges):
+  """Nearest root by relaxation to a fixed point (Bellman-Ford), ties to the smallest reason:
+  independent of the breadth-first walk."""
+  best = {int(q[1:]): (0, r) for q, r in roots.items()}
+  changed = True
+  while changed:
+    changed = False
+    for child, parent in edges:
+      if parent in best:
+        candidate = (best[parent][0] + 1, best[parent][1])
+        if candidate < best.get(child, (float('inf'), '')):
+          best[child], changed = candidate, True
+  return {q: r for q, (_, r) in best.items()}
+
+
+def test_closure_matches_a_fixed_point_reference_on_random_graphs():
+  from data_prep.i2e import wikidata_classes  # pylint: disable=import-outside-toplevel
+  rng = __import__('numpy').random.default_rng(0)
+  for trial in range(20):
+    n = 200
+    edges = [(int(c), int(p)) for c, p in rng.integers(1, n, size=(3 * n, 2)) if c != p]
+    roots = {f'Q{q}': f'kind{q % 3}' for q in rng.choice(range(1, n), size=4, replace=False)}
+    got = wikidata_classes.close_over_subclasses(roots, edges)
+    assert got == _reference_closure(roots, edges), trial
+    kinds = wikidata_classes.ClassKinds(got)
+    assert all(kinds.get(f'Q{q}') == r for q, r in got.items())
+    assert kinds.get('Q999999') is None and kinds.get('P31') is None
+
+
+def test_subclass_closure_on_the_portable_and_multi_process_runners(tmp_path):
+  """The closure is a side input: serialised, staged and read by other processes there."""
+  dump = write_dump(tmp_path / 'hierarchy.json.gz', HIERARCHY_LINES)
+  _, reference = _build(tmp_path, 'kb_in_memory', dump)
+  cmd = [sys.executable, '-m', 'data_prep.build_kb', '--wikidata', dump, '--num_shards', '1']
+  with portable_services(str(tmp_path)) as flags:
+    runs = {'portable': flags, 'multi_processing': []}   # [] : the CLI's default runner
+    for name, runner_flags in runs.items():
+      done = subprocess.run(cmd + ['--out', str(tmp_path / name)] + runner_flags, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+      assert done.returncode == 0, done.stderr[-2000:]
+  for name in runs:
+    meta = json.loads((tmp_path / name / 'kb.json').read_text())
+    for key in ('num_entities', 'skipped', 'dead_letter', 'excluded_classes', 'subclass_edges'):
+      assert meta[key] == reference[key], (name, key)

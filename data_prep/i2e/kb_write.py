@@ -33,8 +33,9 @@ def _write_shard(item, out_dir, num_shards):
 
 
 def _write_kb_json(_, out_dir, meta, counts, entity_files, alias_files, written_shards,
-                   num_shards):
+                   num_shards, pipeline_meta):
   counts = dict(counts)
+  meta = dict(meta, **pipeline_meta)
   written = set(written_shards)
   for kind in kb_index.KINDS:     # shards that received no key: empty, but present
     for shard in range(num_shards):
@@ -60,7 +61,9 @@ def _write_kb_json(_, out_dir, meta, counts, entity_files, alias_files, written_
 class WriteKnowledgeBase(beam.PTransform):
   """{'main': Entity, 'dead_letter', 'filtered', 'untyped'} -> KB_DIR files; kb.json last.
 
-  Returns a one-element PCollection holding kb.json's contents.
+  An optional 'meta', a one-element PCollection of a dict, adds what the pipeline itself
+  computed (the P279 closure's summary) to kb.json. Returns a one-element PCollection
+  holding kb.json's contents.
   """
 
   def __init__(self, out_dir, meta, num_shards=0, index_shards=kb_index.DEFAULT_SHARDS):
@@ -97,8 +100,12 @@ class WriteKnowledgeBase(beam.PTransform):
         | 'AllTallies' >> beam.Flatten()
         | 'Count' >> beam.combiners.Count.PerElement()
         | 'ToDict' >> beam.combiners.ToDict())
+    pipeline_meta = stages.get('meta')
+    if pipeline_meta is None:
+      pipeline_meta = p | 'NoPipelineMeta' >> beam.Create([{}])
     return (p | 'Once' >> beam.Create([None])
             | 'WriteKbJson' >> beam.FlatMap(
                 _write_kb_json, self._out, self._meta, beam.pvalue.AsSingleton(tallies),
                 beam.pvalue.AsList(entity_files), beam.pvalue.AsList(alias_files),
-                beam.pvalue.AsList(shards), self._index_shards))
+                beam.pvalue.AsList(shards), self._index_shards,
+                beam.pvalue.AsSingleton(pipeline_meta)))

@@ -39,6 +39,10 @@ _QID = re.compile(r'Q[1-9][0-9]*\Z')
 # ----------------------------------------------------------------------------- parsing one line
 
 
+def is_qid(text):
+  return isinstance(text, str) and _QID.match(text) is not None
+
+
 class _Bad(Exception):
   def __init__(self, reason, detail, key=''):
     super().__init__(detail)
@@ -87,23 +91,28 @@ DEFAULT_EXCLUDED_TYPES = {
 
 def instance_of(claims, qid):
   """The P31 (instance of) item ids of an item's claims, deprecated statements left out."""
+  return item_claims(claims, 'P31', qid)
+
+
+def item_claims(claims, prop, qid):
+  """The item ids that an item's `prop` statements name, deprecated statements left out."""
   if claims is None or claims == []:    # the dump writes an empty object as [] for some items
     return ()
   if not isinstance(claims, dict):
     raise _Bad('bad_claim', f'claims is a {type(claims).__name__}, expected an object', qid)
-  statements = claims.get('P31') or []
+  statements = claims.get(prop) or []
   if not isinstance(statements, list):
-    raise _Bad('bad_claim', 'claims.P31 is not a list', qid)
+    raise _Bad('bad_claim', f'claims.{prop} is not a list', qid)
   out = []
   for st in statements:
     snak = st.get('mainsnak') if isinstance(st, dict) else None
     if not isinstance(snak, dict):
-      raise _Bad('bad_claim', 'a P31 statement has no mainsnak object', qid)
+      raise _Bad('bad_claim', f'a {prop} statement has no mainsnak object', qid)
     if st.get('rank') == 'deprecated' or snak.get('snaktype') != 'value':
       continue   # 'novalue' / 'somevalue' snaks name no class
     value = (snak.get('datavalue') or {}).get('value')
     if not isinstance(value, dict) or not isinstance(value.get('id'), str):
-      raise _Bad('bad_claim', 'a P31 value has no item "id"', qid)
+      raise _Bad('bad_claim', f'a {prop} value has no item "id"', qid)
     out.append(value['id'])
   return tuple(out)
 
@@ -126,7 +135,8 @@ def parse_item(line, languages=('en',), fallback_languages=FALLBACK_LANGUAGES, m
   Raises _Bad(reason, detail, key) for lines that are not a wanted item with a label:
   reasons 'not_utf8', 'malformed_json', 'not_an_object', 'missing_field', 'bad_id',
   'bad_field', 'bad_claim' (dead letters) and 'not_item', 'no_label', 'few_sitelinks',
-  'type:<reason>' of `excluded_types` {class Q-id: reason} (skipped, `is_skip`).
+  'type:<reason>' of `excluded_types` {class Q-id: reason} (skipped, `is_skip`); any mapping
+  with .get will do, such as the P279 closure of the roots (wikidata_classes.ClassKinds).
   """
   obj = _decode(line)
   if obj is None:
@@ -134,10 +144,11 @@ def parse_item(line, languages=('en',), fallback_languages=FALLBACK_LANGUAGES, m
   qid = obj['id']
   if obj['type'] != 'item':
     raise _Bad('not_item', f'type {obj["type"]!r}', qid)
-  if not _QID.match(qid):
+  if not is_qid(qid):
     raise _Bad('bad_id', f'item id {qid!r} is not a Q-number', qid)
   classes = instance_of(obj.get('claims'), qid)
-  excluded = sorted({excluded_types[c] for c in classes if c in (excluded_types or {})})
+  kinds = (excluded_types or {}).get   # a dict, or wikidata_classes.ClassKinds (P279-closed)
+  excluded = sorted({kinds(c) for c in classes} - {None})
   if excluded:
     raise _Bad(f'type:{excluded[0]}', f'instance of {list(classes)}', qid)
   languages = language_order(languages, fallback_languages)
@@ -198,16 +209,18 @@ def _decode(line):
 
 class _ParseFn(beam.DoFn):
   """Live counters per outcome (Dataflow shows them while the job runs); kb.json is the
-  exact end-of-run record."""
+  exact end-of-run record. `classes`, where given, is the P279-closed side input that
+  replaces the direct excluded_types."""
 
   def __init__(self, languages, fallback_languages, min_sitelinks, excluded_types):
-    self._args = (language_order(languages, ()), tuple(fallback_languages), min_sitelinks,
-                  dict(excluded_types))
+    self._args = (language_order(languages, ()), tuple(fallback_languages), min_sitelinks)
+    self._excluded = dict(excluded_types)
 
-  def process(self, element):
+  def process(self, element, classes=None):
     source, line = element
     try:
-      parsed = parse_item(line, *self._args)
+      parsed = parse_item(line, *self._args,
+                          excluded_types=self._excluded if classes is None else classes)
     except _Bad as bad:
       _count(bad.reason)
       if is_skip(bad.reason):
@@ -246,16 +259,20 @@ class ParseWikidata(beam.PTransform):
   'untyped': Q-ids of kept items with no P31}.
 
   Each Q-id leaves once: duplicate lines of one id are dead-lettered ('duplicate_id').
+  `classes`: a one-element PCollection of wikidata_classes.ClassKinds (the excluded types
+  closed over P279), checked instead of `excluded_types` itself.
   """
 
   def __init__(self, languages=('en',), fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0,
-               excluded_types=None):
+               excluded_types=None, classes=None):
     super().__init__()
     excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else excluded_types
     self._args = (languages, fallback_languages, min_sitelinks, excluded)
+    self._classes = classes
 
   def expand(self, lines):
-    parsed = (lines | 'Parse' >> beam.ParDo(_ParseFn(*self._args))
+    side = {} if self._classes is None else {'classes': beam.pvalue.AsSingleton(self._classes)}
+    parsed = (lines | 'Parse' >> beam.ParDo(_ParseFn(*self._args), **side)
               .with_outputs(types.DEAD_LETTER, types.FILTERED, UNTYPED, main='main'))
     unique = (parsed.main
               | 'ById' >> beam.Map(lambda e: (e.id, e))
@@ -269,34 +286,49 @@ class ParseWikidata(beam.PTransform):
             'untyped': untyped}
 
 
+def _read_dump(p, patterns, name):
+  """(source, line bytes) of every file that `patterns` match."""
+  from apache_beam import coders  # pylint: disable=import-outside-toplevel
+  reads = [p | f'{name}{i}' >> beam.io.ReadFromTextWithFilename(pattern, coder=coders.BytesCoder())
+           for i, pattern in enumerate(patterns)]
+  return reads | f'{name}Lines' >> beam.Flatten()
+
+
 def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
                    fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0, excluded_types=None,
-                   index_shards=kb_index.DEFAULT_SHARDS):
+                   index_shards=kb_index.DEFAULT_SHARDS, subclass_closure=True):
   """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents.
 
   dump_patterns: a file pattern or a list of them (line-aligned chunks of a dump, as
   data_prep.split_dump writes them, are read in parallel, one file per worker). One
   compressed file cannot be split, so its lines are spread over workers before parsing.
+  subclass_closure: a first pass closes the excluded types over P279 (wikidata_classes.py);
+  chunks are read again for it, one file's spread lines are reused.
   """
-  from apache_beam import coders  # pylint: disable=import-outside-toplevel
+  # wikidata_classes reads this module's parsing helpers, so it is imported here, not above.
+  from data_prep.i2e import wikidata_classes  # pylint: disable=import-outside-toplevel
   patterns = [dump_patterns] if isinstance(dump_patterns, str) else list(dump_patterns)
   files = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
   if not files:
     raise kb_lib.KBError(f'--wikidata {patterns}: matches no file.')
-  reads = [p | f'ReadDump{i}' >> beam.io.ReadFromTextWithFilename(pattern,
-                                                                  coder=coders.BytesCoder())
-           for i, pattern in enumerate(patterns)]
-  lines = reads | 'AllDumpLines' >> beam.Flatten()
+  lines = _read_dump(p, patterns, 'ReadDump')
   if len(files) == 1:
     lines = lines | 'Spread' >> beam.Reshuffle()
   excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else dict(excluded_types)
+  classes = None
+  if subclass_closure and excluded:
+    first_pass = lines if len(files) == 1 else _read_dump(p, patterns, 'ReadForSubclasses')
+    classes = first_pass | 'SubclassClosure' >> wikidata_classes.SubclassClosure(excluded)
   languages = language_order(languages, ())
   stages = lines | 'ParseWikidata' >> ParseWikidata(languages, fallback_languages, min_sitelinks,
-                                                    excluded)
+                                                    excluded, classes)
   # 'language' (the first) stays for readers of KBs built before --languages.
   meta = dict(language=languages[0], languages=list(languages),
               fallback_languages=list(fallback_languages),
               min_sitelinks=min_sitelinks, source=patterns if len(patterns) > 1 else patterns[0],
-              num_dump_files=len(files), excluded_types=excluded)
+              num_dump_files=len(files), excluded_types=excluded, subclass_closure=False)
+  if classes is not None:
+    stages = dict(stages, meta=classes | 'ClosureSummary' >> beam.Map(
+        wikidata_classes.ClassKinds.summary))
   return stages | 'WriteKB' >> kb_write.WriteKnowledgeBase(out_dir, meta, num_shards,
                                                            index_shards)
