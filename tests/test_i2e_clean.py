@@ -72,13 +72,16 @@ def test_other_formats_and_unterminated_png_become_png_with_the_same_pixels():
   np.testing.assert_array_equal(tf_decodes(out), pixels)
 
 
-@pytest.mark.parametrize('name', ['truncated_jpeg', 'jpeg_without_end', 'half_png', 'text',
-                                  'empty'])
+@pytest.mark.parametrize('name', ['truncated_jpeg', 'jpeg_without_end', 'half_png', 'half_gif',
+                                  'half_webp', 'text', 'empty'])
 def test_corrupt_payloads_are_rejected(name):
   _, jpeg = encoded('JPEG', size=64)
   _, png = encoded('PNG', size=64)
+  _, gif = encoded('GIF', size=64)
+  _, webp = encoded('WEBP', size=64)
   data = dict(truncated_jpeg=jpeg[:len(jpeg) // 2], jpeg_without_end=jpeg[:-2],
-              half_png=png[:len(png) // 2], text=b'<html>not an image</html>', empty=b'')[name]
+              half_png=png[:len(png) // 2], half_gif=gif[:len(gif) // 2],
+              half_webp=webp[:len(webp) // 2], text=b'<html>not an image</html>', empty=b'')[name]
   out, (reason, detail) = clean.verify_image(data)
   assert (out, reason) == (None, 'corrupt_image') and detail
 
@@ -143,19 +146,197 @@ def test_images_below_the_minimum_size_are_filtered_before_decoding():
 # ----------------------------------------------------------------------------- size caps
 
 
-def test_images_over_the_pixel_or_aspect_cap_are_dead_lettered_before_decoding():
+def flat_png(width, height, rgb=(250, 140, 20)):
+  """A palette PNG of one colour: a few hundred KB at 13000x13000, 507 MB decoded as RGB."""
+  out = io.BytesIO()
+  Image.new('RGB', (1, 1), rgb).convert('P', palette=Image.Palette.ADAPTIVE).resize(
+      (width, height)).save(out, 'PNG')
+  return out.getvalue()
+
+
+def test_huge_images_are_downscaled_under_max_pixels_and_over_the_decode_cap_dead_lettered():
   from test_image_limits import blank_png  # pylint: disable=import-outside-toplevel
-  # 13000x13000 and 10000x10000 are under PIL's error threshold (179 Mpx): PIL only warns,
-  # and these were decoded and stored.
-  huge, big, line = blank_png(13000, 13000), blank_png(10000, 10000), blank_png(40, 2000, 'RGB')
+  # 13000x13000 is under PIL's error threshold (179 Mpx): PIL only warns, and this was
+  # stored and decoded at full size every epoch.
+  huge, line = flat_png(13000, 13000), blank_png(40, 2000, 'RGB')
+  bomb = blank_png(13400, 13400)  # 179.6 Mpx: over what clean decodes at all.
   ok = blank_png(40, 1280, 'RGB')  # 32:1, the most the cap allows
-  pairs = [types.Pair('huge', huge, 'a poster', 's'), types.Pair('big', big, 'a map', 's'),
+  assert len(huge) < 1_000_000
+  out, error = clean.verify_image(huge)
+  assert error is None and out.startswith(b'\x89PNG')
+  pixels = tf_decodes(out)  # The training decoder, independent of PIL.
+  height, width, _ = pixels.shape
+  assert height == width and height * width <= clean.DEFAULT_MAX_PIXELS
+  assert height * width > 0.999 * clean.DEFAULT_MAX_PIXELS  # Downscaled, not shrunk to a stamp.
+  assert (pixels == (250, 140, 20)).all()
+  big = flat_png(3000, 2000)  # The stage passes its own budget on.
+  pairs = [types.Pair('big', big, 'a poster', 's'), types.Pair('bomb', bomb, 'a map', 's'),
            types.Pair('line', line, 'a divider', 's'), types.Pair('ok', ok, 'a banner', 's')]
-  run_stage(clean.CleanPairs(), pairs, [('ok', digest(ok), 'a banner')],
-            [('image_too_large', 'huge'), ('image_too_large', 'big'),
-             ('extreme_aspect_ratio', 'line')], [])
+  small = clean.verify_image(big, max_pixels=1_000_000)[0]
+  assert tf_decodes(small).shape == (816, 1224, 3)
+  run_stage(clean.CleanPairs(max_pixels=1_000_000), pairs,
+            [('big', digest(small), 'a poster'), ('ok', digest(ok), 'a banner')],
+            [('image_too_large', 'bomb'), ('extreme_aspect_ratio', 'line')], [])
   _, (_, detail) = clean.verify_image(line)
   assert '40x2000' in detail and '32:1' in detail
+
+
+def halves(width, height, left=(255, 0, 0), right=(0, 0, 255)):
+  """Left half one colour, right half another: a flip or a transpose shows."""
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[:, :width // 2], pixels[:, width // 2:] = left, right
+  return pixels
+
+
+@pytest.mark.parametrize('fmt,size,max_pixels,max_side,want', [
+    ('PNG', (3000, 1000), 300_000, 0, (948, 316)),   # sqrt(0.1) of each side, floored
+    ('JPEG', (3000, 1000), 300_000, 0, (948, 316)),  # decoded at 1/2 scale first (draft)
+    ('PNG', (2000, 500), 40_000_000, 400, (400, 100)),
+    ('PNG', (640, 480), 307_200, 640, (640, 480)),   # fits both: kept byte for byte
+])
+def test_images_over_the_budget_are_downscaled_with_the_aspect_kept(fmt, size, max_pixels,
+                                                                    max_side, want):
+  width, height = size
+  data = io.BytesIO()
+  Image.fromarray(halves(width, height)).save(data, fmt, quality=95)
+  data = data.getvalue()
+  out, error = clean.verify_image(data, max_pixels=max_pixels, max_side=max_side)
+  assert error is None
+  assert (out == data) == (want == size)
+  pixels = tf_decodes(out).astype(int)
+  assert pixels.shape == (want[1], want[0], 3)
+  assert abs(want[0] / want[1] - width / height) < 1 / min(want)
+  quarter = want[0] // 4  # Away from the edge that resampling blurs.
+  np.testing.assert_allclose(pixels[:, :quarter].mean((0, 1)), (255, 0, 0), atol=3)
+  np.testing.assert_allclose(pixels[:, -quarter:].mean((0, 1)), (0, 0, 255), atol=3)
+
+
+def test_fit_size_stays_under_the_budget():
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    width, height = (int(v) for v in rng.integers(1, 50_000, 2))
+    max_pixels, max_side = int(rng.integers(1, 10**8)), int(rng.integers(0, 3) * 1000)
+    got = clean.fit_size((width, height), max_pixels, max_side)
+    assert got[0] * got[1] <= max(max_pixels, 1) or got == (1, 1)
+    assert not max_side or max(got) <= max_side or got == (width, height)
+    if got != (width, height):
+      # Within a pixel of the largest fitting size.
+      assert (got[0] + 1) * (got[1] + 1) > max_pixels or max(got) + 1 > (max_side or 10**9)
+
+
+# Orientation -> what a viewer shows, from the stored pixels, in NumPy (EXIF 2.32, 4.6.4).
+UPRIGHT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def marked(width=64, height=40):
+  """Smooth (JPEG keeps it) and asymmetric: any flip or rotation moves the mark."""
+  yy, xx = np.mgrid[:height, :width]
+  pixels = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 60)], -1)
+  pixels[4:14, 6:22] = (255, 255, 255)  # Top-left, off-centre.
+  return pixels.astype(np.uint8)
+
+
+@pytest.mark.parametrize('orientation', range(2, 9))
+def test_exif_orientation_is_applied(orientation):
+  from PIL import ImageOps  # pylint: disable=import-outside-toplevel
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  data = io.BytesIO()
+  Image.fromarray(marked()).save(data, 'JPEG', quality=95, exif=exif.tobytes())
+  data = data.getvalue()
+  stored = tf_decodes(data).astype(int)  # TF ignores EXIF: the sideways pixels.
+  out, error = clean.verify_image(data)
+  assert error is None and out.startswith(b'\xff\xd8')  # Still a JPEG.
+  got = tf_decodes(out).astype(int)
+  want = UPRIGHT[orientation](stored)
+  by_pil = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))).astype(int)
+  assert by_pil.shape == want.shape and np.abs(by_pil - want).mean() < 2  # Table agrees.
+  assert got.shape == want.shape
+  assert np.abs(got - want).mean() < 2  # One more JPEG generation at quality 95.
+  assert Image.open(io.BytesIO(out)).getexif().get(0x0112, 1) == 1  # Not rotated twice.
+  if got.shape == stored.shape:
+    assert np.abs(got - stored).mean() > 20  # What was stored before.
+
+
+def over_white(rgba):
+  """Alpha compositing onto white, in NumPy (straight alpha)."""
+  alpha = rgba[..., 3:].astype(float) / 255
+  return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(int)
+
+
+@pytest.mark.parametrize('fmt', ['PNG', 'WEBP', 'LA', 'GIF'])
+def test_transparent_pixels_come_out_white(fmt):
+  rgba = np.zeros((32, 48, 4), np.uint8)
+  rgba[..., :3] = np.random.default_rng(1).integers(0, 256, (32, 48, 3))
+  rgba[:, 16:, 3] = 255                  # opaque
+  rgba[:, 32:, 3] = 128 if fmt in ('PNG', 'WEBP') else 255
+  rgba[:, :16, :3] = 0                   # hidden colour black, where it is transparent
+  data = io.BytesIO()
+  if fmt == 'LA':
+    rgba[..., :3] = rgba[..., :1]
+    Image.fromarray(rgba[..., [0, 3]], 'LA').save(data, 'PNG')
+  elif fmt == 'GIF':  # Palette transparency: index 0 is transparent.
+    image = Image.fromarray(rgba[..., :3]).quantize(64)
+    pixels = np.asarray(image).copy()
+    pixels[:, :16] = 0
+    image = Image.fromarray(pixels, 'P')
+    image.putpalette(Image.fromarray(rgba[..., :3]).quantize(64).getpalette())
+    image.save(data, 'GIF', transparency=0)
+    rgba[..., :3] = np.asarray(image.convert('RGB'))
+    rgba[..., 3] = np.where(pixels == 0, 0, 255)  # Index 0 may occur on the right too.
+  else:
+    Image.fromarray(rgba, 'RGBA').save(data, fmt, lossless=True)
+  data = data.getvalue()
+  before = tf_decodes(data)  # What training read before: black, or (WebP) an error.
+  assert before is None if fmt == 'WEBP' else (before[:, :16] == 0).all()
+  out, error = clean.verify_image(data)
+  assert error is None
+  np.testing.assert_allclose(tf_decodes(out).astype(int), over_white(rgba), atol=1)
+
+
+def test_opaque_alpha_is_kept_byte_for_byte():
+  rgba = np.full((32, 32, 4), 255, np.uint8)
+  rgba[..., 0] = 7
+  data = io.BytesIO()
+  Image.fromarray(rgba, 'RGBA').save(data, 'PNG')
+  assert clean.verify_image(data.getvalue()) == (data.getvalue(), None)
+
+
+def test_what_pil_reads_and_tf_rejects_is_stored_as_pil_decodes_it():
+  import struct  # pylint: disable=import-outside-toplevel
+  pixels, png = encoded('PNG', seed=3)
+  png = bytearray(png)
+  at = png.index(b'IDAT')
+  png[at + 4 + struct.unpack('>I', png[at - 4:at])[0]] ^= 0xFF  # IDAT's CRC: PIL ignores it.
+  one_bit = io.BytesIO()
+  Image.fromarray(pixels).convert('1').save(one_bit, 'BMP')  # TF: "channels ... was 0"
+  for data, want in ((bytes(png), pixels),
+                     (one_bit.getvalue(), np.asarray(Image.fromarray(pixels).convert('1')
+                                                     .convert('RGB')))):
+    assert tf_decodes(data) is None  # Both were stored byte for byte, and broke training.
+    out, error = clean.verify_image(data)
+    assert error is None and out.startswith(b'\x89PNG')
+    np.testing.assert_array_equal(tf_decodes(out), want)
+
+
+def test_every_stored_image_goes_through_the_training_decoder(monkeypatch):
+  from mofi_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def refuse(data):
+    seen.append(data)
+    raise tf.errors.InvalidArgumentError(None, None, 'refused by the test')
+  monkeypatch.setattr(preprocess, 'decode_pixels', refuse)
+  _, data = encoded('JPEG')
+  out, (reason, detail) = clean.verify_image(data)
+  assert (out, reason) == (None, 'corrupt_image')
+  assert 'training decoder' in detail and 'refused by the test' in detail
+  assert seen[0] == data and len(seen) == 2  # The original, then PIL's pixels re-encoded.
 
 
 def web_images():
@@ -179,6 +360,9 @@ def web_images():
   Image.fromarray(cmyk, 'CMYK').save(buf, 'JPEG')
   out['cmyk.jpg'] = buf.getvalue()
   out['page.jpg'] = b'<!DOCTYPE html><html><body>403 Forbidden</body></html>'
+  out['png_named.jpg'] = encoded('PNG', seed=7)[1]  # The extension lies; the bytes decide.
+  out['webp_named.gif'] = out['anim_webp.webp']
+  out['cut_gif.gif'] = out['anim_gif.gif'][:len(out['anim_gif.gif']) // 2]
   return out
 
 
@@ -200,13 +384,15 @@ def test_web_oddities_in_a_tar_end_as_pairs_training_decodes_or_dead_letters(tmp
       continue
     pixels = tf_decodes(out)  # What training will read: it must decode.
     assert pixels is not None, pair.key
-    first = np.asarray(Image.open(io.BytesIO(pair.image)).convert('RGB'))  # frame 0, unrotated
-    assert pixels.shape == first.shape, pair.key
-    if pair.key.startswith('anim'):
-      np.testing.assert_array_equal(pixels, first)
-    outcome[pair.key] = 'kept' if out == pair.image else 'first frame as PNG'
-  assert outcome == {'anim_webp': 'first frame as PNG', 'anim_gif': 'first frame as PNG',
-                     'rotated': 'kept', 'cmyk': 'kept', 'page': 'corrupt_image'}
+    if pair.key in ('anim_webp', 'anim_gif', 'webp_named', 'cut_gif'):  # Frame 0: 30s.
+      np.testing.assert_array_equal(pixels, np.full((40, 48, 3), 30, np.uint8))
+    if pair.key == 'rotated':
+      assert pixels.shape == (64, 40, 3)  # Stored 64 wide, shown 64 tall.
+    outcome[pair.key] = 'kept' if out == pair.image else Image.open(io.BytesIO(out)).format
+  assert outcome == {'anim_webp': 'PNG', 'anim_gif': 'PNG', 'rotated': 'JPEG', 'cmyk': 'kept',
+                     'page': 'corrupt_image', 'png_named': 'kept', 'webp_named': 'PNG',
+                     'cut_gif': 'PNG'}  # Its first frame is whole: kept, as a browser shows.
+  dead = {'page'}
   run_stage(clean.CleanPairs(min_image_size=8), pairs,
             [(p.key, digest(clean.verify_image(p.image)[0]), p.text) for p in pairs
-             if p.key != 'page'], [('corrupt_image', 'page')], [])
+             if p.key not in dead], [('corrupt_image', k) for k in dead], [])

@@ -6,6 +6,10 @@ MAX_PIXELS is PIL's default decompression-bomb threshold, Image.MAX_IMAGE_PIXELS
 (179 Mpx) and merely warns in between, so the warning counts as an error here, and the size
 is checked explicitly too (PIL's threshold is a global that any caller may change).
 
+MAX_DECODE_PIXELS (2 x MAX_PIXELS, 179 Mpx) is where PIL raises rather than warns: the I2E
+cleaner (clean.py) decodes images up to it, once, to downscale them under its own pixel
+budget (a 13000x13000 poster is 169 Mpx); nothing else decodes past MAX_PIXELS.
+
 MAX_ASPECT_RATIO is 32:1. Real wide images sit well inside it: web banners are at most about
 11:1 (970x90), phone panoramas about 10:1, long infographics 10-20:1. Past it are lines,
 dividers and spacers, whose centre crop shows a sliver of nothing, and whose resized long
@@ -19,6 +23,7 @@ import warnings
 from PIL import Image
 
 MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # 89,478,485: PIL's default MAX_IMAGE_PIXELS.
+MAX_DECODE_PIXELS = 2 * MAX_PIXELS  # 178,956,970: PIL's DecompressionBombError threshold.
 MAX_ASPECT_RATIO = 32
 # warnings.catch_warnings swaps a process-wide filter list; two threads interleaving it
 # (tf.data runs the 'mofi' transform in parallel) could leave the 'error' filter installed
@@ -39,21 +44,23 @@ class ExtremeAspectRatio(ImageLimitError):
   reason = 'extreme_aspect_ratio'
 
 
-def check_size(width, height):
+def check_size(width, height, max_pixels=MAX_PIXELS):
   """Raises TooManyPixels / ExtremeAspectRatio, naming the size and the limit."""
-  if width * height > MAX_PIXELS:
+  if width * height > max_pixels:
     raise TooManyPixels(f'image is {width}x{height} = {width * height:,} pixels, over the '
-                        f'limit of {MAX_PIXELS:,}')
+                        f'limit of {max_pixels:,}')
   if width < 1 or height < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
     ratio = max(width, height) / max(min(width, height), 1)
     raise ExtremeAspectRatio(f'image is {width}x{height}: aspect ratio {ratio:,.1f}:1 is over '
                              f'the limit of {MAX_ASPECT_RATIO}:1')
 
 
-def _open(data):
-  """Image.open with PIL's DecompressionBombWarning as an error (TooManyPixels)."""
+def _open(data, max_pixels=MAX_PIXELS):
+  """Image.open with PIL's DecompressionBombWarning as an error (TooManyPixels), unless
+  `max_pixels` is above the size at which PIL warns (check_size then does the checking)."""
   with _OPEN_LOCK, warnings.catch_warnings():
-    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    warn = max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels)
+    warnings.simplefilter('error' if warn else 'ignore', Image.DecompressionBombWarning)
     try:
       return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -71,16 +78,17 @@ def _check_frames(image):
                           f'{MAX_PIXELS:,}')
 
 
-def open_image(data, all_frames=False):
+def open_image(data, all_frames=False, max_pixels=MAX_PIXELS):
   """`data` opened by PIL, its header checked against the limits, nothing decoded yet.
 
   Use it as `with open_image(data) as image:`. Raises ImageLimitError (also for PIL's
   DecompressionBombWarning and DecompressionBombError), or what Image.open raises.
   all_frames: the caller's decoder decodes every frame of a GIF (TF's does); count them.
+  max_pixels: at most MAX_DECODE_PIXELS, past which PIL itself refuses to open.
   """
-  image = _open(data)
+  image = _open(data, max_pixels)
   try:
-    check_size(*image.size)
+    check_size(*image.size, max_pixels=max_pixels)
     if all_frames:
       _check_frames(image)
   except ImageLimitError:

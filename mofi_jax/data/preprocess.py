@@ -13,10 +13,15 @@ from mofi_jax.data import image_limits
 from mofi_jax.data.pixels import CLIP_MEAN, CLIP_STD  # pylint: disable=unused-import
 
 
+def decode_pixels(image_bytes):
+  """The training decoder: JPEG/PNG/GIF/BMP/WebP bytes -> uint8 [H, W, 3]. The I2E cleaner
+  (data_prep/i2e/clean.py) runs this very function on every image it stores."""
+  return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+
 def decode(image_bytes):
   """JPEG/PNG bytes -> float32 [H, W, 3] in [0, 1]."""
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-  return tf.image.convert_image_dtype(image, tf.float32)
+  return tf.image.convert_image_dtype(decode_pixels(image_bytes), tf.float32)
 
 
 def normalize(image):
