@@ -23,10 +23,16 @@ def get_config():
       tfrecord_caption_feature='txt',
       source_id='folder',         # Keys become '{folder of the file}/{key}'; '' = as written.
   ))
+  c.dedup = mlc.ConfigDict(dict(
+      near_duplicate_distance=3,  # pHash bits (of 64) within which a copy is a re-encoding of
+                                  # a better one (longer caption) and dropped; -1 = off.
+  ))
   c.clean = mlc.ConfigDict(dict(
       min_chars=1,                # Shorter alt-texts (after normalising) are dropped.
       max_chars=1000,             # Longer ones are cut at a word boundary.
       min_image_size=32,          # Pixels on the short side; smaller images are dropped.
+      max_pixels=40_000_000,      # Larger images are downscaled (aspect kept), re-encoded.
+      max_side=0,                 # Longer-side cap in pixels, applied likewise; 0 = none.
   ))
   c.mentions = mlc.ConfigDict(dict(
       ner_model='',               # '' = KB alias matcher only; a package ('en_core_web_trf')

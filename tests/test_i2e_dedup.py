@@ -1,16 +1,21 @@
-"""DedupPairs (data_prep/i2e/dedup.py): key and image deduplication on small records, checked
-against a plain-Python reference of the rule, with hot images, text-failing copies, files
-that change between the two reads, and the shuffled-bytes counters."""
+"""DedupPairs (data_prep/i2e/dedup.py): key, image and near-duplicate deduplication on small
+records, checked against a plain-Python reference of the rule (best copy: longest caption,
+then smallest key), with hot images, re-encoded copies, text-failing copies, files that
+change between the two reads, and the shuffled-bytes counters."""
 import hashlib
+import io
 import os
 import pickle
 import tempfile
 
 import apache_beam as beam
+import imagehash
 import numpy as np
+from PIL import Image
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from test_i2e_near_dup import jpeg, photo
 from test_i2e_read import image_bytes, write_tar
 from data_prep.i2e import clean, dedup, read, stats
 
@@ -18,11 +23,16 @@ IN_MEMORY = ['--runner=DirectRunner', '--direct_running_mode=in_memory', '--dire
 
 
 def random_corpus(tmp_path, seed=0, files=3, per_file=40):
-  """Tars whose keys and images repeat (one image 30 times: a placeholder) and whose texts
-  are sometimes empty or too short; returns [(path, position, key, image, text)]."""
+  """Tars whose keys and images repeat (one image 30 times: a placeholder; one photo in four
+  re-encodings: near-duplicates) and whose texts are sometimes empty or too short, and of
+  several lengths; returns [(path, position, key, image, text)]."""
   rng = np.random.default_rng(seed)
-  images = [image_bytes(i) for i in range(12)]
-  texts = ['a caption', 'another caption', '', '  ', 'ab', 'the same words']
+  original = photo(seed, size=96)
+  images = [image_bytes(i) for i in range(12)] + [
+      jpeg(original, 95), jpeg(original, 50), jpeg(original, 80, size=64),
+      jpeg(original, 70, size=128)]
+  texts = ['a caption', 'another caption', '', '  ', 'ab', 'the same words', 'image',
+           'The Eiffel Tower at sunset, Paris']
   records = []
   for f in range(files):
     path = str(tmp_path / f'{f:05d}.tar')
@@ -40,10 +50,15 @@ def random_corpus(tmp_path, seed=0, files=3, per_file=40):
   return records
 
 
-def reference(records, min_chars=3, max_chars=1000):
+def imagehash_int(image):
+  return int(str(imagehash.phash(Image.open(io.BytesIO(image)).convert('RGB'))), 16)
+
+
+def reference(records, min_chars=3, max_chars=1000, max_distance=3):
   """The rule in plain Python: per key the copy at the smallest (file, position); among those
-  whose text passes, per image the one with the smallest key. -> (kept keys, #dup keys,
-  #dup images)."""
+  whose text passes, per image the one with the longest normalised caption, then the
+  smallest key; of those, each one with a better one within max_distance pHash bits
+  (imagehash, all pairs) leaves. -> (kept keys, #dup keys, #dup images, #near duplicates)."""
   first = {}
   for path, position, key, image, text in records:
     if key not in first or (path, position) < first[key][:2]:
@@ -53,13 +68,18 @@ def reference(records, min_chars=3, max_chars=1000):
     if not clean.text_passes(text, min_chars, max_chars):
       kept.add(key)
       continue
-    by_image.setdefault(hashlib.sha256(image).digest(), []).append(key)
-  kept |= {min(keys) for keys in by_image.values()}
-  dup_images = sum(len(keys) - 1 for keys in by_image.values())
-  return kept, len(records) - len(first), dup_images
+    rank = (-len(clean.normalize_text(text)), key)
+    by_image.setdefault(hashlib.sha256(image).digest(), []).append((rank, image))
+  best = [min(copies) for copies in by_image.values()]
+  dup_images = sum(len(copies) - 1 for copies in by_image.values())
+  hashes = {rank: imagehash_int(image) for rank, image in best}
+  near = {r for r in hashes if any(s < r and bin(hashes[r] ^ hashes[s]).count('1') <= max_distance
+                                   for s in hashes)}
+  kept |= {rank[1] for rank in hashes if rank not in near}
+  return kept, len(records) - len(first), dup_images, len(near)
 
 
-def run(patterns, read_fn_cls=None, min_chars=3):
+def run(patterns, read_fn_cls=None, min_chars=3, near_duplicate_distance=3):
   text_check = lambda t: clean.text_passes(t, min_chars, 1000)
   reader = read.ReadPairs(patterns, text_check=text_check, source_id='')
   if read_fn_cls is not None:
@@ -67,7 +87,7 @@ def run(patterns, read_fn_cls=None, min_chars=3):
   folder = tempfile.mkdtemp(prefix='dedup_out_')
   p = beam.Pipeline(options=PipelineOptions(IN_MEMORY))
   index = p | reader
-  result = index['main'] | dedup.DedupPairs(reader.read_fn)
+  result = index['main'] | dedup.DedupPairs(reader.read_fn, near_duplicate_distance)
   for name in ('main', 'dead_letter', 'filtered'):
     _ = (result[name] | f'Collect{name}' >> beam.combiners.ToList()
          | f'Keep{name}' >> beam.Map(_save, os.path.join(folder, name)))
@@ -87,7 +107,7 @@ def _save(items, path):
 
 def test_pipeline_equals_the_reference_rule(tmp_path):
   records = random_corpus(tmp_path)
-  kept, dup_keys, dup_images = reference(records)
+  kept, dup_keys, dup_images, near = reference(records)
   out, _ = run([str(tmp_path / '*.tar')])
   assert sorted(p.key for p in out['main']) == sorted(kept)
   by_key = {r[2]: r for r in sorted(records, key=lambda r: (r[0], r[1]), reverse=True)}
@@ -96,9 +116,30 @@ def test_pipeline_equals_the_reference_rule(tmp_path):
     assert (pair.image, pair.text) == (image, text)
   assert sorted(d.reason for d in out['dead_letter']) == ['duplicate_key'] * dup_keys
   assert sum(f.count for f in out['filtered'] if f.reason == 'duplicate_image') == dup_images
+  assert sum(f.count for f in out['filtered'] if f.reason == 'near_duplicate') == near
   # The placeholder image is one Filtered record that counts all its copies.
   assert max(f.count for f in out['filtered']) >= 10
-  assert dup_keys > 10 and dup_images > 10
+  assert dup_keys > 10 and dup_images > 10 and near >= 2
+
+
+def test_the_best_copy_survives_whatever_its_key(tmp_path):
+  """The issue's case: 'image' (smaller key) against a real caption of the same bytes; a
+  tie in length goes to the smaller key; a near-duplicate re-encoding with a longer caption
+  wins over both; with near-duplicates off, it is kept beside them."""
+  eiffel, other = jpeg(photo(5, size=96), 90), image_bytes(7)
+  write_tar(str(tmp_path / '0.tar'), [
+      ('a.jpg', eiffel), ('a.txt', b'image'),
+      ('b.jpg', eiffel), ('b.txt', b'The Eiffel Tower at sunset, Paris'),
+      ('c.jpg', other), ('c.txt', b'twin caption'),
+      ('d.jpg', other), ('d.txt', b'twin  caption'),      # the same once normalised
+      ('e.jpg', jpeg(photo(5, size=96), 40, size=80)),
+      ('e.txt', b'The Eiffel Tower at sunset, Paris, France')])
+  out, _ = run([str(tmp_path / '0.tar')])
+  assert sorted(p.key for p in out['main']) == ['c', 'e']
+  assert sorted((f.reason, f.key, f.count) for f in out['filtered']) == [
+      ('duplicate_image', 'b', 1), ('duplicate_image', 'c', 1), ('near_duplicate', 'b', 1)]
+  out, _ = run([str(tmp_path / '0.tar')], near_duplicate_distance=-1)
+  assert sorted(p.key for p in out['main']) == ['b', 'c', 'e']
 
 
 def test_result_does_not_depend_on_file_order_or_bundling(tmp_path):
@@ -123,7 +164,7 @@ class _ForgetfulReadFn(read._ReadShardFn):  # pylint: disable=protected-access
 
 def test_a_record_missing_on_the_second_read_is_a_dead_letter(tmp_path):
   records = random_corpus(tmp_path, seed=1)
-  kept, dup_keys, _ = reference(records)
+  kept, dup_keys, _, _ = reference(records)
   out, _ = run([str(tmp_path / '*.tar')], read_fn_cls=_ForgetfulReadFn)
   lost = [d for d in out['dead_letter'] if d.reason == 'reread_failed']
   assert lost and all(d.source.endswith('00001.tar') for d in lost)
@@ -136,7 +177,7 @@ def test_shuffle_counters_count_small_records_not_images(tmp_path):
   _, result = run([str(tmp_path / '*.tar')])
   got = {m.key.metric.name: m.committed for m in result.metrics().query(
       MetricsFilter().with_namespace(stats.SHUFFLE_COUNTER))['counters']}
-  per_copy = {r[:2]: len(r[2]) + len(r[0]) + 64 + 9 for r in records}
+  per_copy = {r[:2]: len(r[2]) + len(r[0]) + 64 + 9 + 4 + 8 for r in records}
   assert got['by_key'] == sum(per_copy.values())
   image_bytes_total = sum(len(r[3]) for r in records)
   assert sum(got.values()) < image_bytes_total / 2
@@ -144,6 +185,7 @@ def test_shuffle_counters_count_small_records_not_images(tmp_path):
 
 def test_keep_first_copy_and_the_combiner_are_order_free():
   copies = [dedup.Copy('k', p, i, 's', True) for p, i in (('b', 0), ('a', 5), ('a', 2))]
+  assert dedup.Copy('z', 'p', 0, 's', True, 9).rank < dedup.Copy('a', 'p', 0, 's', True, 5).rank
   out = list(dedup.keep_first_copy(('k', copies)))
   assert out[-1] == copies[2] and len(out) == 3
   fn = dedup._FirstAndCount()  # pylint: disable=protected-access

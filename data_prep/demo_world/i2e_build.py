@@ -88,7 +88,11 @@ def commands(paths, cfg, beam_flags=BEAM_FLAGS):
   # The world draws every image at image_size px: none is too small for the demo.
   common = [f'--config.seed={cfg.seed}', f'--config.write.vocab_size={cfg.vocab_size}',
             f'--config.write.num_shards={cfg.num_shards}',
-            f'--config.clean.min_image_size={min(cfg.image_size, 32)}']
+            f'--config.clean.min_image_size={min(cfg.image_size, 32)}',
+            # Flat shapes drawn at image_size px: their pHashes collide across entities (within
+            # 3 bits for 205 of generator 4's 12,106 images, 156 of them another entity's), so
+            # near-duplicate dedup, made for re-encoded photos, is off for the demo.
+            '--config.dedup.near_duplicate_distance=-1']
   return [
       ('build_kb', py + ['data_prep.build_kb', '--wikidata',
                          os.path.join(web_dir, web.DUMP_PATH), '--out', paths['kb'],

@@ -79,7 +79,7 @@ def build_i2e(p, *, pairs, out_dir, config, kb_dir='', clip='', pairs_only=False
       clean_lib.text_passes, min_chars=config['clean']['min_chars'],
       max_chars=config['clean']['max_chars']))
   read = p | 'Read' >> reader
-  deduped = read['main'] | 'Dedup' >> dedup_lib.DedupPairs(reader.read_fn)
+  deduped = read['main'] | 'Dedup' >> dedup_lib.DedupPairs(reader.read_fn, **config['dedup'])
   stages = [('read', read), ('dedup', deduped),
             ('clean', deduped['main'] | 'Clean' >> clean_lib.CleanPairs(**config['clean']))]
   extra = {}

@@ -37,11 +37,11 @@ skipped unread). A tar member that is neither an image, a caption key nor `json`
 skipped unread: a sample never holds more than MAX_SAMPLE_BYTES, whatever else it carries.
 
 The output is an index: one dedup.Copy per good record (key, file, position, SHA-256 of the
-image, whether the text passes `text_check`), no image bytes. dedup.DedupPairs decides on
+image, whether the text passes `text_check`, and for those that pass the caption's length and
+the image's pHash: dedup.copy_of), no image bytes. dedup.DedupPairs decides on
 the Copies and reads the surviving records again through `ReadPairs.read_fn.pairs_at`.
 """
 import dataclasses
-import hashlib
 import itertools
 import json
 import posixpath
@@ -398,8 +398,7 @@ class _ReadShardFn(beam.DoFn):
         elif isinstance(item, types.Filtered):
           yield beam.pvalue.TaggedOutput(types.FILTERED, item)
         else:
-          yield dedup.Copy(item.key, path, position, hashlib.sha256(item.image).hexdigest(),
-                           bool(self._text_check(item.text)))
+          yield dedup.copy_of(item, path, position, self._text_check)
         count = position + 1
     except Exception as e:  # pylint: disable=broad-except  # Any failure of a file is data.
       yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, _dead(
