@@ -294,7 +294,10 @@ def main(argv=None):
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as out:
       json.dump(dict(figures=figures, kb_languages=kb_languages, alt_texts=len(rows),
-                     failures={n: failures(d, 0) for n, d in details.items()}),
+                     failures={n: failures(d, 0) for n, d in details.items()},
+                     language_id_misses=[f'{r["id"]} {r["text"]!r}: {r["detected"]}'
+                                         for r in next(iter(details.values()), [])
+                                         if r['detected'] not in (None, r['lang'])]),
                 out, indent=1, ensure_ascii=False, default=str)
 
 
