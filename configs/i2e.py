@@ -49,7 +49,9 @@ def get_config():
   ))
   c.select = mlc.ConfigDict(dict(
       template='{name}, {description}', top_k=0, batch_size=64,
-      threshold=0.1,              # On the CLIP score (cosine minus the text's mean cosine).
+      threshold=0.1,              # On the CLIP score (cosine minus the text's mean cosine);
+                                  # the one default (SelectWithClip reads it). Calibrate it
+                                  # per CLIP model: python -m data_prep.calibrate_select.
       link_weight=0.1,            # Per mention: argmax CLIP score + link_weight * link score.
       reference_images=1024,      # CLIP score = cosine - the text's mean cosine with these.
   ))

@@ -342,6 +342,13 @@ class _KeepFn(beam.DoFn):
                                                                     lp.pair.key))
 
 
+def default_threshold():
+  """configs/i2e.py's select.threshold: the one place the default is stated (calibrate it for
+  a CLIP model with data_prep/calibrate_select.py)."""
+  from configs import i2e  # pylint: disable=import-outside-toplevel
+  return i2e.get_config().select.threshold
+
+
 class SelectWithClip(beam.PTransform):
   """LinkedPair -> {'main': SelectedPair, 'dead_letter': DeadLetter, 'filtered': Filtered}.
 
@@ -349,7 +356,7 @@ class SelectWithClip(beam.PTransform):
   loader: optional picklable `() -> Encoder` used instead (tests, custom models).
   """
 
-  def __init__(self, clip, kb_dir, template=DEFAULT_TEMPLATE, threshold=0.2, top_k=0,
+  def __init__(self, clip, kb_dir, template=DEFAULT_TEMPLATE, threshold=None, top_k=0,
                batch_size=64, link_weight=0.1, reference_images=1024, loader=None,
                text_cache_size=100_000):
     super().__init__()
@@ -366,7 +373,8 @@ class SelectWithClip(beam.PTransform):
     kb_lib.check_kb_dir(kb_dir)
     self._handler = ClipModelHandler(clip, batch_size, loader, text_cache_size)
     self._kb_dir, self._template = kb_dir, template
-    self._threshold, self._top_k, self._link_weight = threshold, top_k, link_weight
+    self._threshold = default_threshold() if threshold is None else threshold
+    self._top_k, self._link_weight = top_k, link_weight
 
   def expand(self, linked):
     examples = (linked | 'EntityTexts' >> beam.ParDo(_ToExampleFn(self._kb_dir, self._template))
