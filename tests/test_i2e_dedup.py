@@ -4,6 +4,7 @@ then smallest key), with hot images, re-encoded copies, text-failing copies, fil
 change between the two reads, and the shuffled-bytes counters."""
 import hashlib
 import io
+import json
 import os
 import pickle
 import tempfile
@@ -122,24 +123,49 @@ def test_pipeline_equals_the_reference_rule(tmp_path):
   assert dup_keys > 10 and dup_images > 10 and near >= 2
 
 
-def test_the_best_copy_survives_whatever_its_key(tmp_path):
-  """The issue's case: 'image' (smaller key) against a real caption of the same bytes; a
-  tie in length goes to the smaller key; a near-duplicate re-encoding with a longer caption
-  wins over both; with near-duplicates off, it is kept beside them."""
+def write_eiffel_tar(path):
+  """'image' (smaller key) and a real caption on the same bytes; two captions equal once
+  normalised on other bytes; a re-encoding of the first image with a longer caption."""
   eiffel, other = jpeg(photo(5, size=96), 90), image_bytes(7)
-  write_tar(str(tmp_path / '0.tar'), [
+  return write_tar(str(path), [
       ('a.jpg', eiffel), ('a.txt', b'image'),
       ('b.jpg', eiffel), ('b.txt', b'The Eiffel Tower at sunset, Paris'),
       ('c.jpg', other), ('c.txt', b'twin caption'),
-      ('d.jpg', other), ('d.txt', b'twin  caption'),      # the same once normalised
+      ('d.jpg', other), ('d.txt', b'twin  caption'),
       ('e.jpg', jpeg(photo(5, size=96), 40, size=80)),
       ('e.txt', b'The Eiffel Tower at sunset, Paris, France')])
-  out, _ = run([str(tmp_path / '0.tar')])
+
+
+def test_the_best_copy_survives_whatever_its_key(tmp_path):
+  """The issue's case: the real caption beats 'image' whatever the keys; a tie in length
+  goes to the smaller key; the near-duplicate re-encoding with a longer caption wins over
+  both; with near-duplicates off, it is kept beside them."""
+  tar = write_eiffel_tar(tmp_path / '0.tar')
+  out, _ = run([tar])
   assert sorted(p.key for p in out['main']) == ['c', 'e']
   assert sorted((f.reason, f.key, f.count) for f in out['filtered']) == [
       ('duplicate_image', 'b', 1), ('duplicate_image', 'c', 1), ('near_duplicate', 'b', 1)]
-  out, _ = run([str(tmp_path / '0.tar')], near_duplicate_distance=-1)
+  out, _ = run([tar], near_duplicate_distance=-1)
   assert sorted(p.key for p in out['main']) == ['b', 'c', 'e']
+
+
+def test_stats_json_counts_near_duplicates(tmp_path):
+  """The same tar built as a pairs corpus: stats.json's dedup stage counts both reasons."""
+  from apache_beam.testing import test_pipeline  # pylint: disable=import-outside-toplevel
+  from configs import i2e as i2e_config  # pylint: disable=import-outside-toplevel
+  from data_prep.i2e import pipeline  # pylint: disable=import-outside-toplevel
+  tar = write_eiffel_tar(tmp_path / '0.tar')
+  config = i2e_config.get_config()
+  config.clean.min_image_size = 16
+  config.write.update(num_shards=1, vocab_size=300, text_len=16)
+  out = str(tmp_path / 'corpus')
+  with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
+    pipeline.build_i2e(p, pairs=[tar], out_dir=out, config=config, pairs_only=True)
+  with open(os.path.join(out, 'stats.json')) as f:
+    got = json.load(f)
+  row = {r['name']: r for r in got['stages']}['dedup']
+  assert (row['in'], row['out']) == (5, 2) and got['reconciled']
+  assert row['filtered'] == {'duplicate_image': 2, 'near_duplicate': 1}
 
 
 def test_result_does_not_depend_on_file_order_or_bundling(tmp_path):
