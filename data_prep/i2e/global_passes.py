@@ -11,7 +11,8 @@
 Near-duplicates: 64-bit perceptual hashes (imagehash.phash); an image within
 `phash_max_distance` bits of any eval image is dropped before entities are counted, so
 the counts are those of the written images. Eval hashes are a side input (eval sets are
-small, e.g. GPR1200's 12,000 images).
+small, e.g. GPR1200's 12,000 images). Near-duplicates within the corpus leave earlier, in
+dedup (near_dup.py, on small records), so they never count towards min_images.
 
 Only (entity_id, count) pairs and the class list travel to one worker: side inputs
 sized by the entity count.
