@@ -3,7 +3,10 @@
 Items carry what build_kb reads and what makes the real dump hard: labels in several
 languages (sometimes only 'mul'), 0-3 English aliases, descriptions, Zipf-distributed
 sitelinks, P31 claims (about 12% of non-visual kinds that the type filter drops) and a few
-padding claims. Names are drawn from a limited pool of words, so labels and aliases
+padding claims. Half of the disambiguation pages and genes are typed, as in the real dump,
+by a subclass (CLASSES, three levels under the root; the gene classes form a P279 cycle),
+which only build_kb's P279 closure drops; an item with no alias writes `"aliases": []`
+every fifth time, as dumps before 2019 did. Names are drawn from a limited pool of words, so labels and aliases
 collide the way 'Paris' and 'John Smith' do: the alias index has ambiguous keys.
 
 Written as line-aligned gzip chunks (what data_prep.split_dump makes of the official
@@ -25,6 +28,14 @@ KINDS = (('Q5', 0.34, 'person from {place}', True), ('Q515', 0.12, 'city in {pla
          ('Q13442814', 0.05, 'scholarly article', False), ('Q4167836', 0.02,
                                                            'Wikimedia category', False),
          ('Q7187', 0.01, 'gene of {word}', False))
+# Class items (Q-id, label, P279 parents), written first: a chain three levels under
+# 'disambiguation page' and two gene classes that are each other's parent (a cycle).
+CLASSES = (('Q900000001', 'name list page', ('Q4167410',)),
+           ('Q900000002', 'surname list page', ('Q900000001',)),
+           ('Q900000003', 'Welsh surname list page', ('Q900000002',)),
+           ('Q900000011', 'gene family', ('Q7187', 'Q900000012')),
+           ('Q900000012', 'gene subfamily', ('Q900000011',)))
+SUBCLASS_OF = {'Q4167410': 'Q900000003', 'Q7187': 'Q900000012'}
 LANGS = ('de', 'fr', 'es', 'it', 'nl', 'pl', 'ja')
 COMMON = ('photo', 'of', 'the', 'at', 'in', 'my', 'new', 'old', 'best', 'view', 'with', 'and',
           'sunset', 'apple', 'beach', 'wallpaper', 'hd', 'free', 'summer', 'near', 'by')
@@ -55,24 +66,37 @@ def _item(i, rng, words):
     aliases.append(label.split(' ')[-1])   # a surname or short name: ambiguous by design
   aliases += [f'{w()} {w()}' for _ in range(int(rng.integers(0, 3)))]
   qid = f'Q{1000 + i}'
+  if klass in SUBCLASS_OF and i % 2:   # no draw: the other items stay as they were
+    klass = SUBCLASS_OF[klass]
   labels = {} if rng.random() < 0.03 else {'en': {'language': 'en', 'value': label}}
   if not labels or rng.random() < 0.2:
     labels['mul'] = {'language': 'mul', 'value': label}
   for lang in rng.choice(LANGS, size=int(rng.integers(0, 4)), replace=False):
     labels[lang] = {'language': lang, 'value': label}
   sitelinks = min(int(rng.zipf(1.7)) - 1, 300)
-  claim = lambda prop, value: {'mainsnak': {'snaktype': 'value', 'property': prop,
-                                            'datavalue': {'value': {'id': value},
-                                                          'type': 'wikibase-entityid'}},
-                               'type': 'statement', 'rank': 'normal', 'id': f'{qid}${prop}'}
+  claim = lambda prop, value: _claim(qid, prop, value)
   return {'type': 'item', 'id': qid, 'labels': labels,
           'descriptions': {'en': {'language': 'en', 'value': description}},
-          'aliases': {'en': [{'language': 'en', 'value': a} for a in aliases]},
+          'aliases': ([] if not aliases and i % 5 == 0 else
+                      {'en': [{'language': 'en', 'value': a} for a in aliases]}),
           'claims': {'P31': [claim('P31', klass)],
                      'P17': [claim('P17', f'Q{int(rng.integers(1, 200))}')],
                      'P373': [claim('P373', label)]},
           'sitelinks': {f'site{j}wiki': {'site': f'site{j}wiki', 'title': label, 'badges': []}
                         for j in range(sitelinks)}}
+
+
+def _claim(qid, prop, value):
+  return {'mainsnak': {'snaktype': 'value', 'property': prop,
+                       'datavalue': {'value': {'id': value}, 'type': 'wikibase-entityid'}},
+          'type': 'statement', 'rank': 'normal', 'id': f'{qid}${prop}'}
+
+
+def class_items():
+  return [{'type': 'item', 'id': qid, 'labels': {'en': {'language': 'en', 'value': label}},
+           'descriptions': {}, 'aliases': {}, 'sitelinks': {},
+           'claims': {'P279': [_claim(qid, 'P279', p) for p in parents]}}
+          for qid, label, parents in CLASSES]
 
 
 _WORDS = {}
@@ -92,6 +116,8 @@ def _write_chunk(args):
   with gzip.open(path, 'wb', compresslevel=1) as f:
     if start == 0:
       f.write(b'[\n')
+      for item in class_items():
+        f.write(json.dumps(item).encode('utf-8') + b',\n')
     for i in range(start, stop):
       line = json.dumps(_item(i, rng, words), ensure_ascii=False)
       f.write(line.encode('utf-8') + (b'\n' if i == n - 1 else b',\n'))
