@@ -1,5 +1,7 @@
 """Tests for mofi_jax/data/pipeline.py against NumPy references computed from raw records."""
+import io
 import os
+import re
 import shutil
 
 from clu.data import dataset_iterator
@@ -233,23 +235,96 @@ def bad_record(**fields):
   return raw_example(image=jpeg, **fields)
 
 
-@pytest.mark.parametrize('fields, message', [
-    ({'image/key': None}, 'image/key'),
-    ({'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[99]))},
-     'entity/class'),
-    ({'entity/class': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'3']))},
-     'entity/class'),
-])
-def test_bad_record_error_names_field_and_file(tiny_corpus, tmp_path, fields, message):
+def animated_webp():
+  """Two frames: TF's 3-channel decode (what training uses) fails on it."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  frames = [Image.new('RGB', (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+  out = io.BytesIO()
+  frames[0].save(out, 'WEBP', save_all=True, append_images=frames[1:], lossless=True)
+  return out.getvalue()
+
+
+def image_feature(data):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+
+
+def key_feature(key):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()]))
+
+
+BAD_RECORDS = {  # name -> (fields of an otherwise valid record, words its log line holds)
+    'no_key': ({'image/key': None}, "key '?'.*'image/key' is missing"),
+    'class_out_of_range': ({'entity/class': tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[99]))}, "key 'bad'.*'entity/class' has index 99"),
+    'class_as_bytes': ({'entity/class': tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[b'3']))}, "key 'bad'.*'entity/class' has type"),
+    'animated_webp': ({'image/encoded': 'webp'}, "key 'bad'.*'image/encoded' does not decode"),
+    'truncated_jpeg': ({'image/encoded': 'cut'}, "key 'bad'.*'image/encoded' does not decode"),
+    'not_an_image': ({'image/encoded': image_feature(b'<html>')},
+                     "key 'bad'.*'image/encoded' does not decode.*Unknown image file format"),
+}
+
+
+def make_bad_record(name, key='bad'):
+  fields = dict(BAD_RECORDS[name][0])
+  jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+  if fields.get('image/encoded') == 'webp':
+    fields['image/encoded'] = image_feature(animated_webp())
+  elif fields.get('image/encoded') == 'cut':
+    fields['image/encoded'] = image_feature(jpeg[:len(jpeg) // 2])
+  if 'image/key' not in fields:
+    fields['image/key'] = key_feature(key)
+  return raw_example(image=jpeg, **fields)
+
+
+def corpus_with_bad_records(tiny_corpus, tmp_path, records):
+  """A copy whose first shard has `records` {position: bytes} inserted; its path."""
   corpus = str(tmp_path / 'c')
   shutil.copytree(tiny_corpus, corpus)
   shard = schema.list_shards(corpus)[0]
-  rewrite_shard(shard, bad_record(**fields), position=3)  # Past the validated first record.
-  cfg = make_cfg(corpus, shuffle_buffer=1)
-  ds = pipeline.make_train_dataset(corpus, cfg, process_index=0, process_count=4,
-                                   per_process_batch=2)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=rf'(?s)(?=.*{message})(?=.*{shard})'):
-    take(ds, 3)
+  for position, record in sorted(records.items()):
+    rewrite_shard(shard, record, position)
+  return corpus, shard
+
+
+def first_shard_batches(corpus, n, **overrides):
+  ds = pipeline.make_train_dataset(corpus, make_cfg(corpus, shuffle_buffer=1, **overrides),
+                                   process_index=0, process_count=4, per_process_batch=2)
+  return take(ds, n)
+
+
+@pytest.mark.parametrize('name', sorted(BAD_RECORDS))
+def test_bad_record_is_skipped_counted_and_named(tiny_corpus, tmp_path, caplog, name):
+  corpus, shard = corpus_with_bad_records(tiny_corpus, tmp_path,
+                                          {3: make_bad_record(name)})  # Past the validated first.
+  got = first_shard_batches(corpus, 6)
+  # Per-example randomness follows the key, not the position: the batches are exactly those
+  # of the corpus without the bad record.
+  want = first_shard_batches(tiny_corpus, 6)
+  for g, w in zip(got, want):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+  lines = [r.getMessage() for r in caplog.records if 'bad record' in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert re.search(rf'skipped bad record 1 \(of 4 read .*\): shard {shard}, '
+                   rf'{BAD_RECORDS[name][1]}', lines[0]), lines[0]
+
+
+def test_bad_records_over_the_rate_stop_with_one_line(tiny_corpus, tmp_path):
+  corpus, shard = corpus_with_bad_records(
+      tiny_corpus, tmp_path, {1: make_bad_record('animated_webp', 'b1'),
+                              2: make_bad_record('not_an_image', 'b2'),
+                              4: make_bad_record('animated_webp', 'b3')})
+  first_shard_batches(corpus, 6, max_bad_record_rate=0.003)  # 3 in the first 1,000 pass.
+  with pytest.raises(tf.errors.InvalidArgumentError) as e:
+    first_shard_batches(corpus, 6, max_bad_record_rate=0.0025)
+  # One line; tf.debugging.Assert escapes its quotes.
+  line = next(l for l in e.value.message.splitlines() if 'bad records' in l).replace("\\'", "'")
+  assert re.search(rf"Input: 3 bad records in 5 read by this process, over "
+                   rf"input.max_bad_record_rate=0.0025 .*the last: shard {shard}, key 'b3': "
+                   rf".*'image/encoded' does not decode", line), line
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"1 bad records in 2 read.*key \\'b1"):
+    first_shard_batches(corpus, 1, max_bad_record_rate=0)  # 0: the first one stops.
 
 
 def test_bad_first_record_fails_at_build_time(tiny_corpus, tmp_path):
@@ -334,11 +409,11 @@ def test_entities_in_a_pairs_corpus_fail_when_read(pairs_corpus, tmp_path):
   shutil.copytree(pairs_corpus, corpus)
   shard = schema.list_shards(corpus)[0]
   rewrite_shard(shard, bad_record(), position=2)  # An I2E record past the validated first.
-  cfg = make_cfg(corpus, shuffle_buffer=1, text_source='alt_text')
+  cfg = make_cfg(corpus, shuffle_buffer=1, text_source='alt_text', max_bad_record_rate=0)
   ds = pipeline.make_train_dataset(corpus, cfg, process_index=0, process_count=4,
                                    per_process_batch=2)
   with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=rf'(?s)expected none in a pairs corpus.*{shard}'):
+                     match=rf'(?s){shard}.*pairs.* corpus \(corpus.json kind\) holds none'):
     take(ds, 3)
 
 

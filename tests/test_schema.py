@@ -1,4 +1,5 @@
 """Tests for mofi_jax/data/schema.py: records vs the raw protobuf API, and validation."""
+import io
 import json
 import os
 import shutil
@@ -166,7 +167,7 @@ def test_validate_entity_gap(corpus_copy):
     ({'entity/class': tf.train.Feature(int64_list=tf.train.Int64List(value=[10_000]))},
      "field 'entity/class' has index 10000 out of range"),
     ({}, "field 'entity/id' is \\['Q1'\\] but entities.jsonl gives"),
-    ('valid_ids', "field 'image/encoded' does not decode as an image"),
+    ('valid_ids', "field 'image/encoded' does not decode with the training decoder"),
 ])
 def test_validate_bad_first_record(corpus_copy, overrides, message):
   if overrides == 'valid_ids':  # Everything right but the image bytes.
@@ -179,6 +180,26 @@ def test_validate_bad_first_record(corpus_copy, overrides, message):
       w.write(record)
   with pytest.raises(schema.CorpusError, match=f'{os.path.basename(shard)}: {message}'):
     schema.validate_corpus(corpus_copy)
+
+
+def test_validate_every_record_finds_an_animated_webp_deep_in_a_shard(corpus_copy):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  frames = [Image.new('RGB', (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+  webp = io.BytesIO()
+  frames[0].save(webp, 'WEBP', save_all=True, append_images=frames[1:], lossless=True)
+  ids = [schema.load_entities(corpus_copy).ids[0].encode()]
+  shard = schema.list_shards(corpus_copy)[1]
+  records = [r.numpy() for r in tf.data.TFRecordDataset(shard)]
+  records.insert(5, raw_example(image=webp.getvalue(), **{'entity/id': tf.train.Feature(
+      bytes_list=tf.train.BytesList(value=ids))}))
+  with tf.io.TFRecordWriter(shard) as w:
+    for record in records:
+      w.write(record)
+  schema.validate_corpus(corpus_copy)  # The default reads each shard's first record only.
+  schema.validate_corpus(corpus_copy, records_per_shard=5)
+  with pytest.raises(schema.CorpusError, match=f"{shard} record 5: field 'image/encoded' does "
+                     'not decode with the training decoder \\(WebP Animation'):
+    schema.validate_corpus(corpus_copy, records_per_shard=None)
 
 
 # ----------------------------------------------------------------------------- pairs corpus

@@ -20,6 +20,12 @@ into a [C, L] table and one of the image's (kept) entities is gathered; with
 `text_source='alt_text'` the stored `alt_text/tokens` are re-fitted to L (truncated with
 <eot> kept last, then padded), so the tokenizer never runs inside the pipeline.
 
+Bad records: a record that fails (fields, labels or image; the builder's clean stage lets
+none through, but a corpus may come from elsewhere or be damaged) is skipped, logged with
+its shard, key and reason, and counted; above `max_bad_record_rate` of the records read
+by this process (measured over at least _BAD_RECORD_WINDOW records) the input stops with
+one line naming the count and the last bad record. See skip_bad_records.
+
 A 'pairs' corpus (schema.CORPUS_KINDS: alt-texts, no entities) needs
 `text_source='alt_text'`; its labels are all -1 with zero weights, so only a
 contrastive model trains on it (run_setup.resolve_from_corpus checks the mode).
@@ -27,6 +33,7 @@ contrastive model trains on it (run_setup.resolve_from_corpus checks the mode).
 import os
 import re
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -37,9 +44,14 @@ from mofi_jax.data import tokenizer as tokenizer_lib
 TEXT_SOURCES = ('entity', 'alt_text')
 DEFAULT_ENTITY_TEMPLATE = '{name}, {description}'
 # Shards whose first record is checked at build time; enough to catch a wrong corpus
-# without reading thousands of GCS objects on every start.
+# without reading thousands of GCS objects on every start (skip_bad_records handles the
+# rest).
 _VALIDATE_SHARDS = 4
 _MAX_CYCLE = 16
+DEFAULT_MAX_BAD_RECORD_RATE = 0.001
+# The bad-record rate is taken over at least this many records: one bad record among the
+# first ten read is not a 10% rate.
+_BAD_RECORD_WINDOW = 1000
 _HASH_BUCKETS = 2**63 - 1
 _REQUIRED = object()
 
@@ -70,7 +82,8 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   Yields dicts: image f32 [b,S,S,3], labels i32 [b,K] (-1 padded), label_weights f32
   [b,K] (1/n over the n kept labels), text i32 [b,L]. `seed` defaults to cfg_input.seed.
   Optional cfg_input keys: `threads` (decode/augment parallelism; default: the
-  host's CPUs) and `prefetch_batches` (default 2).
+  host's CPUs), `prefetch_batches` (default 2) and `max_bad_record_rate` (default
+  DEFAULT_MAX_BAD_RECORD_RATE; 0: stop at the first bad record).
   """
   seed = _get(cfg_input, 'seed') if seed is None else seed
   global_batch = _get(cfg_input, 'batch_size', None)
@@ -88,7 +101,9 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   ds = tf.data.Dataset.counter().flat_map(
       lambda epoch: _epoch_records(files, seed, epoch, threads))
   ds = block_shuffle(ds, _get(cfg_input, 'shuffle_buffer'), seed)
-  ds = ds.map(example_fn, num_parallel_calls=threads, deterministic=True)
+  describe_fn = lambda record: schema.record_error(record, len(table), kind)
+  ds = skip_bad_records(ds, example_fn, describe_fn, threads,
+                        _get(cfg_input, 'max_bad_record_rate', DEFAULT_MAX_BAD_RECORD_RATE))
   ds = ds.batch(per_process_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
@@ -123,6 +138,65 @@ def block_shuffle(ds, block, seed):
   # iterator is destroyed mid-read (reproduced with `next(iter(ds))` in a
   # loop). The next block is read when the consumer reaches it.
   return ds.batch(block, drop_remainder=True).enumerate().map(permute).unbatch()
+
+
+def skip_bad_records(ds, example_fn, describe_fn, threads, max_rate):
+  """`ds.map(example_fn)` for elements {'file', 'record', ...}, without those that fail.
+
+  Each element runs in its own small dataset, consumed inside the map function (so no
+  iterator of tf.data's ignore_errors, which cannot be checkpointed symbolically, outlives
+  it): `example_fn`, errors ignored, then a placeholder. The Python that names a bad
+  record, `describe_fn(record bytes) -> str or None`, runs only for it.
+  Unlike tf.data's ignore_errors alone, the log then names the shard, key and reason,
+  and the count can stop a run that reads mostly junk (a wrong corpus) with one line.
+  """
+  def guarded(x):
+    good = tf.data.Dataset.from_tensors(x).map(
+        lambda x: (example_fn(x), tf.constant(''))).ignore_errors()
+    zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), good.element_spec[0])
+    bad = tf.data.Dataset.from_tensors(x).map(
+        lambda x: (zeros, _bad_record_text(x, describe_fn)))
+    return good.concatenate(bad).take(1).get_single_element()
+  ds = ds.map(guarded, num_parallel_calls=threads, deterministic=True)
+  ds = ds.scan(tf.zeros([2], tf.int64), _bad_record_counter(max_rate))
+  return ds.filter(lambda example, bad: tf.strings.length(bad) == 0).map(
+      lambda example, bad: example)
+
+
+def _bad_record_text(x, describe_fn):
+  """'shard PATH, key K: reason' for a record that failed (tf.string scalar)."""
+  def describe(path, record):
+    reason = describe_fn(record.numpy())
+    return (f'shard {path.numpy().decode()}, '
+            f'{reason or "failed in the input pipeline, though its fields and image check out"}')
+  text = tf.py_function(describe, [x['file'], x['record']], tf.string)
+  text.set_shape([])
+  return text
+
+
+def _bad_record_counter(max_rate):
+  """scan step: counts (read, bad), logs each bad record, stops above `max_rate`."""
+  def report(text, read, bad):
+    read, bad, text = int(read), int(bad), text.numpy().decode()
+    logging.warning('Input: skipped bad record %d (of %d read by this process): %s', bad,
+                    read, text)
+    if bad <= max_rate * max(read, _BAD_RECORD_WINDOW):
+      return ''
+    return (f'Input: {bad} bad records in {read} read by this process, over '
+            f'input.max_bad_record_rate={max_rate} (over at least {_BAD_RECORD_WINDOW} '
+            f'records; each is named in the log); the last: {text}')
+
+  def step(counts, element):
+    example, text = element
+    is_bad = tf.strings.length(text) > 0
+    counts = counts + tf.stack([tf.constant(1, tf.int64), tf.cast(is_bad, tf.int64)])
+    stop = tf.cond(is_bad, lambda: tf.py_function(report, [text, counts[0], counts[1]],
+                                                  tf.string),
+                   lambda: tf.constant(''))
+    check = tf.debugging.Assert(tf.strings.length(stop) == 0, [stop])
+    with tf.control_dependencies([check]):
+      return counts, (tf.nest.map_structure(tf.identity, example), text)
+  return step
 
 
 def check_corpus_kind(kind, text_source, corpus_dir, mode=None):

@@ -41,7 +41,8 @@ def train_image(image_bytes, size, seed, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
   image = tf.slice(image, begin, crop_size)
   image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+  image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+  return tf.ensure_shape(image, [size, size, 3])
 
 
 def _header_hw(image_bytes):

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from mofi_jax.data import corpus_meta
+from mofi_jax.data import preprocess
 from mofi_jax.data import tokenizer as tokenizer_lib
 
 SCHEMA_VERSION = 1
@@ -51,6 +52,7 @@ FEATURES = {
     'alt_text/tokens': ('int64_list', tf.int64, True),
 }
 ENTITY_LIST_FIELDS = ('entity/class', 'entity/id', 'entity/score')
+_OP_NOISE = re.compile(r'\{\{[^}]*\}\}|\[Op:\w+\]( name: )?')
 
 
 class CorpusError(ValueError):
@@ -292,12 +294,18 @@ def list_shards(corpus_dir):
 # Validation.
 
 
-def validate_corpus(corpus_dir, max_shards=None):
-  """Checks the layout, metadata, entity table and the first record of each shard.
+def validate_corpus(corpus_dir, max_shards=None, records_per_shard=1):
+  """Checks the layout, metadata and entity table, then records: their fields against the
+  schema and their image with the training decoder (preprocess.decode_pixels).
 
-  `max_shards` limits how many shards get their first record read (None: all).
+  Which records: the first `records_per_shard` of each shard (None: every record) of the
+  first `max_shards` shards (None: all). The default, the first record of every shard,
+  catches a wrong or mixed-up corpus cheaply; a bad record deeper in a shard is for the
+  builder's clean stage to prevent (it decodes every image with the same decoder) and for
+  the training input to skip (pipeline.skip_bad_records). records_per_shard=None reads the
+  whole corpus.
   Returns (meta, entity_table); `corpus_kind(meta)` tells an 'i2e' from a 'pairs' corpus.
-  Raises CorpusError naming the file and field.
+  Raises CorpusError naming the file, record and field.
   """
   corpus_dir = os.fspath(corpus_dir)
   if not tf.io.gfile.isdir(corpus_dir):
@@ -323,18 +331,46 @@ def validate_corpus(corpus_dir, max_shards=None):
     raise CorpusError(f"{os.path.join(corpus_dir, ENTITIES_FILE)}: a 'pairs' corpus "
                       f'(corpus.json kind) has no entities, but the table has {len(table)} rows.')
   for path in shards[:max_shards]:
-    values = check_example_proto(_first_record(path), len(table), where=path, eot_id=eot,
-                                 entity_ids=table.ids, kind=kind)
-    _check_image(values['image/encoded'][0], path)
+    for index, record in enumerate(_records(path, records_per_shard)):
+      where = path if index == 0 else f'{path} record {index}'
+      values = check_example_proto(record, len(table), where=where, eot_id=eot,
+                                   entity_ids=table.ids, kind=kind)
+      _check_image(values['image/encoded'][0], where)
   return meta, table
+
+
+def record_error(record, num_entities, kind=DEFAULT_KIND):
+  """Why one serialized record cannot train, in words (its key first), or None: the
+  schema checks and the training decoder, run in Python. pipeline.skip_bad_records calls
+  it for a record that failed, to name it and the reason in the log."""
+  try:
+    values = check_example_proto(record, num_entities, where='record', kind=kind)
+    key = values['image/key'][0].decode('utf-8', 'replace')
+  except CorpusError as e:
+    return f'key {_key_of(record)!r}: {e}'
+  try:
+    _check_image(values['image/encoded'][0], 'record')
+  except CorpusError as e:
+    return f'key {key!r}: {e}'
+  return None
+
+
+def _key_of(record):
+  """image/key of a record that may not parse; '?' when there is none."""
+  try:
+    keys = tf.train.Example.FromString(record).features.feature['image/key'].bytes_list.value
+    return keys[0].decode('utf-8', 'replace') if keys else '?'
+  except Exception:  # pylint: disable=broad-except  # protobuf's DecodeError varies.
+    return '?'
 
 
 def _check_image(image_bytes, where):
   try:
-    tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    preprocess.decode_pixels(image_bytes)
   except tf.errors.OpError as e:
-    raise CorpusError(f"{where}: field 'image/encoded' does not decode as an image "
-                      f'({e.message}).') from e
+    message = _OP_NOISE.sub('', e.message).strip()  # TF's node names: no help here.
+    raise CorpusError(f"{where}: field 'image/encoded' does not decode with the training "
+                      f'decoder ({message}).') from e
 
 
 def _check_meta_consistency(corpus_dir, meta, table, shards):
@@ -371,10 +407,15 @@ def _check_manifest(corpus_dir, files, shards):
       raise CorpusError(f'{path}: {got} bytes, but {meta_path} commit.files says {size}.')
 
 
-def _first_record(path):
+def _records(path, limit):
+  """The first `limit` (None: all) serialized records of one shard; at least one."""
   try:
-    for record in tf.data.TFRecordDataset(path).take(1):
-      return record.numpy()
+    ds = tf.data.TFRecordDataset(path)
+    count = 0
+    for record in ds if limit is None else ds.take(limit):
+      count += 1
+      yield record.numpy()
   except tf.errors.OpError as e:
     raise CorpusError(f'{path}: cannot read a TFRecord ({e.message}).') from e
-  raise CorpusError(f'{path}: shard holds no records.')
+  if not count:
+    raise CorpusError(f'{path}: shard holds no records.')
