@@ -327,6 +327,23 @@ def test_bad_records_over_the_rate_stop_with_one_line(tiny_corpus, tmp_path):
     first_shard_batches(corpus, 1, max_bad_record_rate=0)  # 0: the first one stops.
 
 
+def test_skip_bad_records_keeps_the_good_in_order_whole_bad_blocks_included(caplog):
+  pixels = [np.full((4, 4, 3), v, np.uint8) for v in range(6)]
+  records = [tf.io.encode_png(p).numpy() for p in pixels]
+  bad = {0, 1, 3}  # Block size 2: the first block is all bad.
+  records = [b'junk %d' % i if i in bad else r for i, r in enumerate(records)]
+  ds = tf.data.Dataset.from_tensor_slices(dict(file=['f%d' % i for i in range(6)],
+                                               record=records))
+  fn = lambda x: dict(image=tf.ensure_shape(preprocess.decode_pixels(x['record']), [4, 4, 3]))
+  out = pipeline.skip_bad_records(ds, fn, lambda r: f'reason {r.decode()}', threads=2,
+                                  max_rate=0.01, block=2)
+  got = [e['image'] for e in out.as_numpy_iterator()]
+  np.testing.assert_array_equal(got, [pixels[i] for i in range(6) if i not in bad])
+  lines = [r.getMessage() for r in caplog.records if 'bad record' in r.getMessage()]
+  assert lines == [f'Input: skipped bad record {n} (of {i + 1} read by this process): '
+                   f'shard f{i}, reason junk {i}' for n, i in enumerate(sorted(bad), 1)]
+
+
 def test_bad_first_record_fails_at_build_time(tiny_corpus, tmp_path):
   corpus = str(tmp_path / 'c')
   shutil.copytree(tiny_corpus, corpus)
