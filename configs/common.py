@@ -25,6 +25,7 @@ def base_config(mode='multitask'):
       text_len=77,
       shuffle_buffer=10_000,
       rrc_scale=(0.4, 1.0),
+      max_bad_record_rate=0.001,  # bad records are skipped and logged; above this rate, stop
       eval_preprocess='tf',       # in-training evals: 'tf' | 'mofi' (ml-mofi's transform)
       device_prefetch=2,          # train batches held on the devices ahead of their step
       seed=0,

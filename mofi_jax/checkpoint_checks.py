@@ -39,7 +39,7 @@ EXECUTION_ONLY_KEYS = ('model.remat', 'model.dtype', 'model.logit_scale_init',
 # changed shuffle_buffer), so it is refused before the restore.
 # The corpus recipe is free too: what it built is compared by the corpus's fingerprint.
 INPUT_FREE_KEYS = ('input.threads', 'input.prefetch_batches', 'input.data_dir',
-                   'input.recipe')
+                   'input.recipe', 'input.max_bad_record_rate')
 INPUT_FREE_PREFIXES = ('input.recipe_args.',)
 
 
