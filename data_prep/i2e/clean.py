@@ -14,8 +14,8 @@ Image: smaller than `min_image_size` pixels on its short side (read from the hea
 before decoding) -> filtered 'image_too_small' (a 1x1 tracking pixel, an icon). Over
 image_limits.MAX_DECODE_PIXELS (179 Mpx, where PIL raises) -> dead letter 'image_too_large';
 longer than image_limits.MAX_ASPECT_RATIO times its short side -> 'extreme_aspect_ratio'
-(both read from the header, before decoding). Then decoded by PIL; not an image, corrupt
-or truncated -> 'corrupt_image'. What is stored is what training should see, so that
+(both read from the header, before decoding). Then decoded (by PIL; an unchanged JPEG
+by the training decoder alone); not an image, corrupt or truncated -> 'corrupt_image'. What is stored is what training should see, so that
 training never meets a surprise (img2dataset's rule: normalise once, at ingestion):
   * animated GIF / WebP: the first frame (TF's 3-channel decode fails on an animated WebP,
     and decodes every frame of a GIF to return the first);
@@ -26,9 +26,9 @@ training never meets a surprise (img2dataset's rule: normalise once, at ingestio
   * alpha composited onto white (TF drops alpha and shows the hidden colour, often black);
   * formats TF cannot read (TIFF, ...) and PNG/GIF missing their end marker.
 Such images are re-encoded: JPEG (quality 95) when they were JPEG, PNG otherwise. Others
-(JPEG, PNG, GIF, BMP, WebP) are kept byte for byte; an unchanged JPEG is decoded by PIL in
-draft mode, at 1/8 scale, which still reads all its data. Last, every image to store is
-decoded by the training decoder itself (preprocess.decode_pixels): bytes it rejects are
+(JPEG, PNG, GIF, BMP, WebP) are kept byte for byte (an unchanged JPEG is not decoded by
+PIL at all: the check below reads every byte). Last, every image to store is decoded
+by the training decoder itself (preprocess.decode_pixels): bytes it rejects are
 re-encoded from PIL's pixels, and if those fail too, or decode to over `max_pixels`, the
 pair is dead-lettered 'corrupt_image' naming the decoder's error.
 
@@ -186,9 +186,10 @@ def normalize_image(data, max_pixels=DEFAULT_MAX_PIXELS, max_side=0, force=False
     keep = (not force and target == size and orientation == 1 and not animated
             and not webp_alpha and fmt in TF_FORMATS and _complete(data, fmt))
     if fmt in ('JPEG', 'MPO'):
-      # Smallest DCT scale that still reads all the data (truncation is caught), or the
-      # smallest at or above the target: decoding a huge JPEG costs a fraction of its size.
-      image.draft('RGB', (1, 1) if keep else target)
+      if keep:  # No alpha to look for; the training decoder checks every byte next.
+        return data
+      # The smallest DCT scale at or above the target: a huge JPEG costs a fraction.
+      image.draft('RGB', target)
     image.load()
     if keep and not _has_alpha(image):
       return data
