@@ -211,6 +211,19 @@ def test_images_over_the_budget_are_downscaled_with_the_aspect_kept(fmt, size, m
   np.testing.assert_allclose(pixels[:, -quarter:].mean((0, 1)), (0, 0, 255), atol=3)
 
 
+def test_sixteen_bit_grey_keeps_its_tones_when_re_encoded():
+  grey = (np.arange(96 * 64).reshape(64, 96) * 10).astype(np.uint16)  # up to 61,430
+  data = io.BytesIO()
+  Image.fromarray(grey).save(data, 'PNG')
+  assert Image.open(data).mode == 'I;16'
+  want = tf_decodes(data.getvalue()).astype(int)  # TF's own 16 -> 8 bit reading
+  out, error = clean.verify_image(data.getvalue(), max_pixels=48 * 32)  # half each side
+  assert error is None
+  got = tf_decodes(out).astype(int)
+  assert got.shape == (32, 48, 3)
+  np.testing.assert_allclose(got, want.reshape(32, 2, 48, 2, 3).mean((1, 3)), atol=3)
+
+
 def test_fit_size_stays_under_the_budget():
   rng = np.random.default_rng(0)
   for _ in range(2000):

@@ -44,6 +44,7 @@ import re
 import unicodedata
 
 import apache_beam as beam
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.i2e import types
@@ -137,9 +138,18 @@ def _has_alpha(image):
   return alpha.getextrema()[0] < 255
 
 
+def _eight_bit(image):
+  """16-bit grey ('I;16', 'I') as 8-bit 'L', the top byte, as TF's decoder reads it: PIL's
+  own convert clips every value over 255 to white."""
+  if image.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
+    return image
+  return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8), 'L')
+
+
 def _downscaled(image, target):
   """`image` resized to `target` (LANCZOS). PIL resizes '1' and 'P' images with NEAREST
   only, so those are converted first; RGBA is resized premultiplied by PIL itself."""
+  image = _eight_bit(image)
   if image.size == target:  # A JPEG draft may already be there; never below it.
     return image
   if image.mode in ('1', 'P', 'PA'):
