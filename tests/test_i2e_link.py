@@ -123,3 +123,24 @@ def test_bad_settings_are_clear_errors(kb_dir):
     link.LinkEntities(kb_dir, prior_weight=-1.0)
   with pytest.raises(ValueError, match='top_k must be >= 1'):
     link.LinkEntities(kb_dir, top_k=0)
+
+
+def test_a_homonym_shared_by_thousands_decodes_only_the_kept_candidates(tmp_path, monkeypatch):
+  """'John Smith' names thousands of items: the alias index's sitelinks order them and sum the
+  prior's total; only max_candidates entities are decoded, and the priors equal the
+  docstring's formula over all of them."""
+  entities = [types.Entity(f'Q{i}', 'John Smith', f'person {i}', (), (i * 7919) % 1000)
+              for i in range(1, 2001)]
+  kb.write_small_kb(str(tmp_path / 'kb'), entities)
+  loaded = kb.KnowledgeBase.load(str(tmp_path / 'kb'))
+  decoded = []
+  real_entity = loaded.entity
+  monkeypatch.setattr(loaded, 'entity', lambda q: decoded.append(q) or real_entity(q))
+  linker = link.EntityLinker(loaded, max_candidates=32, top_k=3, min_score=0.0)
+  (_, scored), = linker.score((M(0, 10, 'John Smith', 'kb'),))
+  assert len(decoded) == 32
+  total = sum(e.sitelinks + 1 for e in entities)
+  best = sorted(entities, key=lambda e: (-e.sitelinks, int(e.id[1:])))[:32]
+  assert [e.id for e, _ in scored] == [e.id for e in best]
+  assert [s for _, s in scored] == pytest.approx(
+      [(0.3 * (e.sitelinks + 1) / total + 0.4 * 1.0) / 0.7 for e in best], abs=1e-12)

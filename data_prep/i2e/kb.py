@@ -5,21 +5,20 @@ Files, in KB_DIR:
   entities-XXXXX-of-YYYYY.parquet  id (Q-id), label, description, aliases (list), sitelinks
   aliases-XXXXX-of-YYYYY.parquet   alias (normalize_alias), entity_id, quality (1.0 label,
                                    0.8 alias)
+  {entities,aliases,surface}-*.marisa  the mapped index (kb_index.py)
   dead_letter.jsonl                one JSON per malformed line: stage, reason, key, source, detail
   kb.json                          language, counts, file lists; written last, so a KB_DIR
                                    without it is an interrupted build, refused by `load`.
 """
 import json
 import posixpath
-import re
 import threading
-import unicodedata
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import kb_index, types
+from data_prep.i2e import kb_index, surface, types
 from mofi_jax import user_cache
 
 KB_FILE = 'kb.json'
@@ -28,7 +27,10 @@ ENTITY_PREFIX = 'entities'
 ALIAS_PREFIX = 'aliases'
 LABEL_QUALITY = 1.0
 ALIAS_QUALITY = 0.8
-FORMAT_VERSION = 1
+# 2: surface.py's folding and tokens (was: spaCy's blank English tokenizer, lower-cased), form
+# values in the surface index, sitelinks in the alias index.
+FORMAT_VERSION = 2
+SURFACE_TOKENIZER = 'mofi_jax surface.py v1'
 
 ENTITY_SCHEMA = pa.schema([('id', pa.string()), ('label', pa.string()),
                            ('description', pa.string()), ('aliases', pa.list_(pa.string())),
@@ -36,7 +38,6 @@ ENTITY_SCHEMA = pa.schema([('id', pa.string()), ('label', pa.string()),
 ALIAS_SCHEMA = pa.schema([('alias', pa.string()), ('entity_id', pa.string()),
                           ('quality', pa.float64())])
 
-_WS = re.compile(r'\s+')
 _ENTITY_CACHE_SIZE = 100_000
 
 
@@ -45,9 +46,10 @@ class KBError(ValueError):
 
 
 def normalize_alias(text):
-  """NFKC + casefold + collapsed whitespace: the key of the alias index."""
-  text = unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', text).casefold())
-  return _WS.sub(' ', text).strip()
+  """The key of the alias index: surface.py's folded tokens joined by single spaces (NFKC,
+  casefold, accents, quotes and dashes folded), so that a mention found in an alt-text and
+  the KB form it matched have the same key."""
+  return surface.normalize(text)
 
 
 
@@ -84,7 +86,7 @@ def write_small_kb(kb_dir, entities, language='en', source='in memory',
     index_files[kind] = [kb_index.file_name(kind, s, index_shards) for s in range(index_shards)]
     for trie, name in zip(index._tries[kind], index_files[kind]):  # pylint: disable=protected-access
       kb_index.save_trie(trie, FileSystems.join(kb_dir, name))
-  meta = dict(language=language, fallback_languages=[], source=source,
+  meta = dict(language=language, languages=[language], fallback_languages=[], source=source,
               format_version=FORMAT_VERSION, num_entities=len(entities), num_aliases=len(rows),
               skipped={}, dead_letter={}, entity_files=[files[ENTITY_PREFIX]],
               alias_files=[files[ALIAS_PREFIX]], **index_meta(index_files, index_shards))
@@ -94,25 +96,14 @@ def write_small_kb(kb_dir, entities, language='en', source='in memory',
 
 
 def index_meta(index_files, index_shards):
-  """kb.json's record of the tries, with the tokenizer their surface keys depend on."""
-  import spacy  # pylint: disable=import-outside-toplevel
+  """kb.json's record of the tries, with the folding their surface keys depend on."""
   return dict(index_files=index_files, index_shards=index_shards,
-              surface_tokenizer=f'spacy.blank(en) {spacy.__version__}')
-
-
-def surface_tokenizer():
-  """The tokenizer of surface keys (and of mention finding): spaCy's blank English one."""
-  with _CACHE_LOCK:
-    if 'tokenizer' not in _CACHE:
-      import spacy  # pylint: disable=import-outside-toplevel
-      _CACHE['tokenizer'] = spacy.blank('en').tokenizer
-    return _CACHE['tokenizer']
+              surface_tokenizer=SURFACE_TOKENIZER)
 
 
 def _index_items(entities, index_shards):
-  tokenizer = surface_tokenizer()
   for e in entities:
-    yield from kb_index.index_items(e, alias_rows(e), tokenizer, normalize_alias, index_shards)
+    yield from kb_index.index_items(e, alias_rows(e), index_shards)
 
 
 # ----------------------------------------------------------------------------- opening
@@ -137,9 +128,10 @@ class KnowledgeBase:
   @classmethod
   def load(cls, kb_dir):
     meta = _read_meta(kb_dir)
-    if 'index_files' not in meta:
-      raise KBError(f'{FileSystems.join(kb_dir, KB_FILE)}: no index_files (a KB of format '
-                    f'{meta.get("format_version")}, before the mapped index); rebuild it with '
+    if meta.get('format_version') != FORMAT_VERSION or 'index_files' not in meta:
+      raise KBError(f'{FileSystems.join(kb_dir, KB_FILE)}: a KB of format '
+                    f'{meta.get("format_version")!r}, this code reads format {FORMAT_VERSION} '
+                    '(surface keys folded by surface.py); rebuild it with '
                     'python -m data_prep.build_kb.')
     for kind in kb_index.KINDS:
       for name in meta['index_files'][kind]:
@@ -170,14 +162,16 @@ class KnowledgeBase:
     return entity
 
   def lookup(self, text):
-    """AliasHits of every entity with an alias equal to `text` once normalised; best first."""
+    """AliasHits of every entity with an alias equal to `text` once normalised, most
+    sitelinks first (ties: the smaller Q-number). Read from the alias index alone: no entity
+    is decoded, however many share the alias."""
     alias = normalize_alias(text)
-    hits = [types.AliasHit(q, quality, alias)
-            for q, quality in map(kb_index.decode_alias, self._index.alias_values(alias))]
-    return sorted(hits, key=lambda h: (-h.quality, h.entity_id))
+    hits = [types.AliasHit(q, quality, alias, sitelinks) for q, quality, sitelinks
+            in map(kb_index.decode_alias, self._index.alias_values(alias))]
+    return sorted(hits, key=lambda h: (-h.sitelinks, qid_number(h.entity_id)))
 
-  def surface_prefixes(self, first_token, joined):
-    return self._index.surface_prefixes(first_token, joined)
+  def surface_prefixes(self, joined):
+    return self._index.surface_prefixes(joined)
 
   def ids(self):
     return self._index.entity_ids()
@@ -187,6 +181,10 @@ class KnowledgeBase:
 
   def __contains__(self, qid):
     return self._index.entity_value(qid) is not None
+
+
+def qid_number(qid):
+  return int(qid[1:]) if qid[1:].isdigit() else float('inf')
 
 
 def _read_meta(kb_dir):

@@ -3,11 +3,13 @@
 Three kinds of marisa-trie file, each cut into `index_shards` shards:
 
   entities-SSSSS-of-NNNNN.marisa  BytesTrie  Q-id -> JSON [label, description, aliases, sitelinks]
-  aliases-SSSSS-of-NNNNN.marisa   BytesTrie  normalised alias -> b'Q-id<TAB>quality', one value
-                                             per entity (the alias index)
-  surface-SSSSS-of-NNNNN.marisa   Trie       token keys: the lower-cased spaCy tokens of every
-                                             label and alias as written and normalised, joined
-                                             by SEP (what the mention finder looks n-grams up in)
+  aliases-SSSSS-of-NNNNN.marisa   BytesTrie  normalised alias -> b'Q-id<TAB>quality<TAB>sitelinks',
+                                             one value per entity (the alias index)
+  surface-SSSSS-of-NNNNN.marisa   BytesTrie  surface keys (surface.py): the folded tokens of
+                                             every label and alias joined by SEP, and the
+                                             character keys of forms in no-space scripts ->
+                                             how each form is written (FORM_*; what the mention
+                                             finder's case rules read)
 
 Why marisa-trie (benchmarks/kb_index.py measures it against LMDB): the files are a few times
 smaller than the alias table itself (keys share prefixes), `mmap` opens them in microseconds,
@@ -15,8 +17,9 @@ and every SDK process of a worker VM reads one copy through the page cache, as S
 side inputs do. A prefix query (`Trie.prefixes`) returns every surface key that starts an
 n-gram in one call, which is what replaces spaCy's PhraseMatcher.
 
-Shards: entities and aliases by the CRC32 of their key, surface keys by the CRC32 of their
-first token, so that every key a prefix walk can reach from one start token is in one shard.
+Shards: entities and aliases by the CRC32 of their key, token keys by the CRC32 of their
+first token and character keys by their first character, so that every key a prefix walk
+can reach from one start is in one shard.
 Each shard is built by one worker from its own keys, so no machine ever holds the whole KB.
 """
 import json
@@ -28,15 +31,20 @@ import zlib
 import marisa_trie
 from apache_beam.io.filesystems import FileSystems
 
-from data_prep.i2e import types
+from data_prep.i2e import surface, types
 from mofi_jax import user_cache
 
 KINDS = ('entities', 'aliases', 'surface')
-SEP = '\x1f'   # joins the tokens of a surface key; spaCy tokens never contain it
+SEP = surface.SEP
+# How a KB form behind a surface key is written: 'S' + its case key (surface.is_case_sensitive:
+# 'LA' matches only 'LA'), 'L' in lower case ('adidas'), 'T' otherwise ('Paris'); 'C' for every
+# form of a concept, an item whose label is in lower case (Wikidata writes common nouns so:
+# 'dog', whose German label is 'Hund').
+FORM_STRICT, FORM_LOWER, FORM_OTHER, FORM_CONCEPT = b'S', b'L', b'T', b'C'
 SUFFIX = '.marisa'
 DEFAULT_SHARDS = 8
 _TRIE_TYPE = dict(entities=marisa_trie.BytesTrie, aliases=marisa_trie.BytesTrie,
-                  surface=marisa_trie.Trie)
+                  surface=marisa_trie.BytesTrie)
 
 
 def shard_of(key, num_shards):
@@ -61,44 +69,54 @@ def decode_entity(qid, value):
                       sitelinks=int(sitelinks))
 
 
-def alias_value(entity_id, quality):
-  return f'{entity_id}\t{quality!r}'.encode('utf-8')
+def alias_value(entity_id, quality, sitelinks):
+  return f'{entity_id}\t{quality!r}\t{int(sitelinks)}'.encode('utf-8')
 
 
 def decode_alias(value):
-  entity_id, quality = value.decode('utf-8').split('\t')
-  return entity_id, float(quality)
+  """-> (entity_id, quality, sitelinks)."""
+  entity_id, quality, sitelinks = value.decode('utf-8').split('\t')
+  return entity_id, float(quality), int(sitelinks)
 
 
-def token_key(tokens):
-  return SEP.join(t.lower_ for t in tokens)
+def form_value(form, concept=False):
+  """The surface-index value recording how `form` is written."""
+  if concept:
+    return FORM_CONCEPT
+  if surface.is_case_sensitive(form):
+    return FORM_STRICT + surface.case_key(form).encode('utf-8')
+  return FORM_LOWER if surface.is_lower(form) else FORM_OTHER
 
 
-def surface_keys(entity, tokenizer, normalize):
-  """The token keys of an entity: each label and alias, lower-cased as written and normalised.
-
-  (spaCy's LOWER lower-cases but does not NFKC/casefold, so 'Straße' in a text needs the
-  form 'straße' as well as the alias-index key 'strasse'.)
-  """
-  forms = set()
+def surface_items(entity):
+  """[(surface key, form value)] of an entity's label and aliases, deduplicated."""
+  items = set()
+  concept = surface.is_lower(entity.label)
   for form in (entity.label,) + tuple(entity.aliases):
-    forms.update((form.lower(), normalize(form)))
-  keys = {token_key(doc) for doc in tokenizer.pipe(sorted(f for f in forms if f))}
-  return sorted(k for k in keys if k)
+    value = form_value(form, concept)
+    for key in (surface.token_key(form), surface.char_key(form)):
+      if key:
+        items.add((key, value))
+  return sorted(items)
 
 
-def index_items(entity, alias_rows, tokenizer, normalize, num_shards):
-  """(kind, shard, key, value-or-None) of one entity across the three kinds of trie."""
+def surface_shard(key, num_shards):
+  first = key[:2] if key.startswith(surface.CHAR_PREFIX) else key.split(SEP, 1)[0]
+  return shard_of(first, num_shards)
+
+
+def index_items(entity, alias_rows, num_shards):
+  """(kind, shard, key, value) of one entity across the three kinds of trie."""
   yield 'entities', shard_of(entity.id, num_shards), entity.id, entity_value(entity)
   for row in alias_rows:
     yield ('aliases', shard_of(row['alias'], num_shards), row['alias'],
-           alias_value(row['entity_id'], row['quality']))
-  for key in surface_keys(entity, tokenizer, normalize):
-    yield 'surface', shard_of(key.split(SEP, 1)[0], num_shards), key, None
+           alias_value(row['entity_id'], row['quality'], entity.sitelinks))
+  for key, value in surface_items(entity):
+    yield 'surface', surface_shard(key, num_shards), key, value
 
 
 def build_trie(kind, items):
-  """items: (key, value) for BytesTries, keys for the surface Trie."""
+  """items: (key, value) pairs."""
   return _TRIE_TYPE[kind](items)
 
 
@@ -169,7 +187,7 @@ class Index:
     """Built in memory from index_items' output (tests, small KBs)."""
     grouped = {(kind, s): [] for kind in KINDS for s in range(num_shards)}
     for kind, shard, key, value in items:
-      grouped[kind, shard].append(key if value is None else (key, value))
+      grouped[kind, shard].append((key, value))
     return cls({kind: [build_trie(kind, grouped[kind, s]) for s in range(num_shards)]
                 for kind in KINDS}, num_shards)
 
@@ -180,12 +198,13 @@ class Index:
   def alias_values(self, alias):
     return self._tries['aliases'][shard_of(alias, self.num_shards)].get(alias) or []
 
-  def surface_prefixes(self, first_token, joined):
-    """The surface keys that are prefixes of `joined` (a SEP-joined token run that starts
-    with `first_token`), token-aligned, shortest first."""
-    trie = self._tries['surface'][shard_of(first_token, self.num_shards)]
-    return sorted((p for p in trie.prefixes(joined)
-                   if len(p) == len(joined) or joined[len(p)] == SEP), key=len)
+  def surface_prefixes(self, joined):
+    """{surface key: [form values]} of the keys that are prefixes of `joined` (a SEP-joined
+    token run, or CHAR_PREFIX + characters), token-aligned for token keys."""
+    trie = self._tries['surface'][surface_shard(joined, self.num_shards)]
+    chars = joined.startswith(surface.CHAR_PREFIX)
+    return {p: trie[p] for p in trie.prefixes(joined)
+            if chars or len(p) == len(joined) or joined[len(p)] == SEP}
 
   def count(self, kind):
     return sum(len(t) for t in self._tries[kind])

@@ -19,15 +19,13 @@ _COUNTED = ('entities', 'aliases', 'untyped')
 
 
 def _index_items(entity, num_shards):
-  yield from kb_index.index_items(entity, kb_lib.alias_rows(entity), kb_lib.surface_tokenizer(),
-                                  kb_lib.normalize_alias, num_shards)
+  yield from kb_index.index_items(entity, kb_lib.alias_rows(entity), num_shards)
 
 
 def _write_shard(item, out_dir, num_shards):
   (kind, shard), entries = item
   # Streamed into marisa's builder, which keeps the keys in C++ (no Python list of them).
-  trie = kb_index.build_trie(kind, (key if value is None else (key, value)
-                                    for key, value in entries))
+  trie = kb_index.build_trie(kind, entries)
   kb_index.save_trie(trie, FileSystems.join(out_dir, kb_index.file_name(kind, shard, num_shards)))
   yield kind, shard
 

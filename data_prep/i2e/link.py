@@ -1,8 +1,8 @@
 """Stage d: link each mention to its best knowledge-base candidates.
 
 Candidates C(m) of a mention m: `kb.lookup(m.text)`, every entity with an alias equal to the mention
-once both are normalised (NFKC, casefold, collapsed whitespace); the `max_candidates` most popular
-(by sitelinks) are scored.
+once both are normalised (kb.normalize_alias: surface.py's folding); the `max_candidates` most
+popular (by sitelinks, which the alias index holds) are decoded and scored.
 
 Score of a candidate e of m, each term in [0, 1]:
 
@@ -90,15 +90,17 @@ class EntityLinker:
     return words
 
   def _candidates(self, mention):
-    """[(entity, prior, match)] of one mention, most popular first, capped."""
-    hits = [(self._kb.entity(h.entity_id), h.quality) for h in self._kb.lookup(mention.text)]
-    total = sum(e.sitelinks + 1 for e, _ in hits)
-    hits.sort(key=lambda h: (-h[0].sitelinks, _qnum(h[0].id)))
+    """[(entity, prior, match)] of one mention, most popular first, capped. The alias index
+    holds each candidate's sitelinks, so the prior's total and the order need no entity
+    decoded: only the `max_candidates` kept are ('John Smith' names thousands of items)."""
+    hits = self._kb.lookup(mention.text)            # most sitelinks first
+    total = sum(h.sitelinks + 1 for h in hits)
     out = []
-    for entity, quality in hits[:self._max_candidates]:
+    for hit in hits[:self._max_candidates]:
+      entity = self._kb.entity(hit.entity_id)
       exact = mention.text == entity.label or mention.text in entity.aliases
-      out.append((entity, (entity.sitelinks + 1) / total,
-                  quality * (1.0 if exact else CASE_MISMATCH)))
+      out.append((entity, (hit.sitelinks + 1) / total,
+                  hit.quality * (1.0 if exact else CASE_MISMATCH)))
     return out
 
   def _coherence(self, entity, others):

@@ -82,7 +82,7 @@ def _case(text, hit, title):
 
 def weak_labels(texts, kb, common_share=0.2):
   """-> ([Labelled], the set of common surface forms)."""
-  finder = mentions_lib.MentionFinder(kb, max_mentions=0)
+  finder = mentions_lib.MentionFinder(kb, max_mentions=0, case_rules=False)
   found = finder.find(texts)
   cased = []
   counts = {}

@@ -111,3 +111,4 @@ class AliasHit:
   entity_id: str
   quality: float      # 1.0 exact label, lower for aliases / case-folded matches
   alias: Optional[str] = None
+  sitelinks: int = 0  # the entity's, stored in the alias index (candidates sort without decoding)
