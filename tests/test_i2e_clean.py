@@ -107,6 +107,30 @@ def run_stage(transform, pairs, want_main, want_dead, want_filtered):
                   label=f'check_{name}')
 
 
+@pytest.mark.parametrize('raw, cleaned', [
+    ('The <b>Eiffel Tower</b> at night', 'The Eiffel Tower at night'),
+    ('&lt;i&gt;Tour Eiffel&lt;/i&gt;, Paris', 'Tour Eiffel, Paris'),   # escaped, then a tag
+    ('Paris<br/>London', 'Paris London'), ('<!-- ad -->Big Ben', 'Big Ben'),
+    ('i &lt;3 Paris', 'i <3 Paris'),                  # not a tag
+    ('IMG_1234.JPG', ''), ('DSC00017', ''), ('PXL_20230101_123456789.jpg', ''),
+    ('20240101_123000.jpg', ''), ('IMG_1234 (2).jpg', ''),
+    ('Screenshot 2024-01-01 at 12.30.00.png', ''),
+    ('London_Big_Ben_2019.jpg', 'London Big Ben 2019'), ('My trip to Paris.JPG', 'My trip to Paris'),
+    ('Paris 2019', 'Paris 2019'), ('P 2019', 'P 2019')])
+def test_tags_and_file_names(raw, cleaned):
+  assert clean.normalize_text(raw) == cleaned
+  assert clean.is_filename_caption(raw) == (cleaned == '')
+
+
+def test_empty_and_filename_captions_are_counted_not_dead_lettered():
+  img = [image_bytes(i) for i in range(3)]
+  pairs = [types.Pair('a', img[0], 'IMG_1234.JPG', 's'), types.Pair('b', img[1], '', 's'),
+           types.Pair('c', img[2], 'London_Big_Ben_2019.jpg', 's')]
+  run_stage(clean.CleanPairs(min_chars=1, max_chars=100, min_image_size=8), pairs,
+            [('c', digest(img[2]), 'London Big Ben 2019')], [],
+            [('filename_caption', 'a'), ('empty_text', 'b')])
+
+
 def test_clean_pairs_routes_every_record():
   img = [image_bytes(i) for i in range(5)]
   pairs = [
@@ -118,7 +142,7 @@ def test_clean_pairs_routes_every_record():
   ]
   run_stage(clean.CleanPairs(min_chars=3, max_chars=32, min_image_size=8), pairs,
             [('a', digest(img[0]), 'A & B'), ('b', digest(img[1]), 'x' * 30)],
-            [('empty_text', 'c'), ('corrupt_image', 'e')], [('text_too_short', 'd')])
+            [('corrupt_image', 'e')], [('empty_text', 'c'), ('text_too_short', 'd')])
   # text_passes, the check dedup.py applies, agrees with the stage on every text.
   kept = {'a', 'b', 'e'}
   assert {p.key for p in pairs if clean.text_passes(p.text, 3, 32)} == kept

@@ -32,7 +32,7 @@ ENTITIES = [types.Entity('Q101', 'Lequyl', 'a cyan star', (), 50),
 # Good pairs: key -> (alt-text, entities it names). Zorbin is named once: below min_images.
 GOOD = {
     'g00': ('photo of Lequyl at the fair', {'Q101'}),
-    'g01': ('my lovely lequyl', {'Q101'}),
+    'g01': ('my lovely Lequyl', {'Q101'}),      # (one lower-case word needs an NER: mentions.py)
     'g02': ('Lequyl and Brouth at the beach', {'Q101', 'Q202'}),
     'g03': ('Brouth, stock photo', {'Q202'}),
     'g04': ('the Brouth spotted near the zoo', {'Q202'}),
@@ -44,7 +44,7 @@ GOOD = {
 NO_ENTITY = {'n00': 'sunset over the sea', 'z00': 'a Zorbin in the park'}
 BAD = {  # key -> (stage, reason)
     'b_corrupt': ('clean', 'corrupt_image'), 'b_truncated': ('clean', 'corrupt_image'),
-    'b_html': ('clean', 'corrupt_image'), 'b_empty': ('clean', 'empty_text'),
+    'b_html': ('clean', 'corrupt_image'),
     'b_notutf8': ('read', 'not_utf8'), 'b_noimage': ('read', 'missing_field'),
     'b_notext': ('read', 'missing_field'), 'b_toolong': ('read', 'text_too_long'),
     'p_null': ('read', 'missing_field'),
@@ -190,9 +190,10 @@ def test_every_bad_input_is_dead_lettered_and_counts_reconcile(i2e_corpus):
   assert st['reconciled']
   filtered = st['filtered']
   assert filtered == {'duplicate_image': 1, 'image_too_small': 1, 'no_mention': 1,
+                      'empty_text': 1,                 # b_empty: counted, not a dead letter
                       'rare_entity_only': 1}
   assert st['inputs'] == st['written'] + sum(filtered.values()) + sum(
-      st['dead_letter'].values()) == len(GOOD) + len(NO_ENTITY) + 2 + len(EXPECTED_DEAD)
+      st['dead_letter'].values()) == len(GOOD) + len(NO_ENTITY) + 3 + len(EXPECTED_DEAD)
   assert [s['name'] for s in st['stages']] == ['read', 'dedup', 'clean', 'mentions', 'link',
                                                'select', 'global', 'write']
   assert st['entities']['below_min_images'] == 1  # Zorbin
@@ -245,12 +246,13 @@ def test_cli_pairs_only_default_runner_and_byte_identical_rerun(raw_pairs, tmp_p
                    '--config.write.text_len=16', '--config.clean.min_image_size=16')
   assert result.returncode == 0, result.stderr[-3000:]
   kept = len(GOOD) + len(NO_ENTITY)
-  # Inputs: the kept pairs, zz_dup (a duplicate image), b_tiny (1x1) and the dead letters.
-  assert f'{kept} of {kept + 2 + len(EXPECTED_DEAD)} inputs written' in result.stdout
+  # Inputs: the kept pairs, zz_dup (a duplicate image), b_tiny (1x1), b_empty (no alt-text)
+  # and the dead letters.
+  assert f'{kept} of {kept + 3 + len(EXPECTED_DEAD)} inputs written' in result.stdout
   # The per-stage counters: the first stage sees every input, the last one writes `kept`.
   rows = [l.split() for l in result.stdout.splitlines()[1:] if l.split()[1:3] and
           all(t.isdigit() for t in l.split()[1:3])]
-  assert int(rows[0][1]) == kept + 2 + len(EXPECTED_DEAD) and int(rows[-1][2]) == kept, rows
+  assert int(rows[0][1]) == kept + 3 + len(EXPECTED_DEAD) and int(rows[-1][2]) == kept, rows
   assert all(int(a[2]) == int(b[1]) for a, b in zip(rows, rows[1:])), rows
   meta, table = schema.validate_corpus(out)
   assert (meta['kind'], len(table)) == ('pairs', 0)

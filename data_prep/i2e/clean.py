@@ -2,13 +2,17 @@
 
   cleaned = pairs | CleanPairs(min_chars=1, max_chars=1000)
 
-Text: HTML entities unescaped (twice at most: web alt-texts are often double-escaped),
-control characters and zero-width/BOM characters removed, Unicode NFC, whitespace
-collapsed. An alt-text longer than `max_chars` is cut at the last word boundary within
+Text: HTML entities unescaped (twice at most: web alt-texts are often double-escaped), then
+HTML tags removed ('<b>Eiffel Tower</b>'), control characters and zero-width/BOM characters
+removed, Unicode NFC, whitespace collapsed. The stored alt-text is this text: the folding that
+mention finding matches with (surface.py) never changes it. A caption that is a file name
+says nothing ('IMG_1234.JPG', 'DSC00017', '20240101_123000.jpg') -> filtered
+'filename_caption'; one with words ('London_Big_Ben_2019.jpg') becomes them ('London Big Ben
+2019'). An alt-text longer than `max_chars` is cut at the last word boundary within
 the limit (hard cut if that would keep less than half of it) and kept; texts too big to
-be alt-texts never get here (read.MAX_TEXT_BYTES). Empty after normalising ->
-dead letter 'empty_text'; non-empty but shorter than `min_chars` -> filtered
-'text_too_short'.
+be alt-texts never get here (read.MAX_TEXT_BYTES). Empty after normalising -> filtered
+'empty_text' (most web images have no alt-text: a count, not a dead letter each);
+non-empty but shorter than `min_chars` -> filtered 'text_too_short'.
 
 Image: smaller than `min_image_size` pixels on its short side (read from the header,
 before decoding) -> filtered 'image_too_small' (a 1x1 tracking pixel, an icon). Over
@@ -55,6 +59,18 @@ TF_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP', 'WEBP')
 # Zero-width space/non-joiner, word joiner, BOM: invisible, and they split words.
 _INVISIBLE = dict.fromkeys(map(ord, '\u200b\u200c\u2060\ufeff'))
 _CONTROL = re.compile(r'[\x00-\x1f\x7f-\x9f]')
+# Tags, after unescaping: inline ones go ('<b>Eiffel</b>'), others become a space ('A<br>B').
+_INLINE_TAG = re.compile(r'</?(?:b|i|u|em|strong|span|a|font|small|big|mark|sub|sup)\b[^<>]{0,300}>',
+                         re.IGNORECASE)
+_TAG = re.compile(r'</?[A-Za-z][A-Za-z0-9]*\b[^<>]{0,300}>|<!--.{0,300}?-->')
+_IMAGE_EXT = r'(?:jpe?g|png|gif|webp|heic|heif|tiff?|bmp|avif|jfif)'
+_FILENAME = re.compile(rf'(?P<stem>[^\s/\\][^/\\]*)\.{_IMAGE_EXT}', re.IGNORECASE)
+# What cameras, phones and screenshot tools name files: a prefix, then digits and separators.
+_CAMERA_PREFIX = r'(?:IMG|DSC[NF]?|DCIM|PXL|VID|GOPR|DJI|MVIMG|PANO|P|_MG|SAM|WP|CIMG)'
+_DIGITS = r'[\d_\-\s.()~]*\d[\d_\-\s.()~]*'
+_CAMERA_NAME = re.compile(rf'(?:{_CAMERA_PREFIX}|image|photo|pic)?[\s_\-]*{_DIGITS}|'
+                          r'(?:Screenshot|Screen Shot|Capture)\b[\w\s.\-()]*', re.IGNORECASE)
+_CAMERA_NAME_NO_EXT = re.compile(rf'{_CAMERA_PREFIX}[_\-]?\d{{3,}}[\d_\-.()~]*', re.IGNORECASE)
 DEFAULT_MAX_PIXELS = 40_000_000  # clean.max_pixels: see the module docstring.
 JPEG_QUALITY = 95                # Re-encoded JPEGs: one generation, no visible loss.
 _EXIF_ORIENTATION = 0x0112
@@ -67,14 +83,38 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 
 
 def normalize_text(text):
-  """Unescape HTML entities, drop control/invisible characters, NFC, collapse spaces."""
+  """Unescape HTML entities, drop tags and control/invisible characters, NFC, collapse spaces;
+  a file name's words, or '' for a file name without any (module docstring)."""
   for _ in range(2):
     unescaped = html.unescape(text)
     if unescaped == text:
       break
     text = unescaped
-  text = _CONTROL.sub(' ', text).translate(_INVISIBLE)
-  return ' '.join(unicodedata.normalize('NFC', text).split())
+  text = _INLINE_TAG.sub('', text)
+  text = _CONTROL.sub(' ', _TAG.sub(' ', text)).translate(_INVISIBLE)
+  text = ' '.join(unicodedata.normalize('NFC', text).split())
+  return filename_words(text)
+
+
+def filename_words(text):
+  """`text` unless it is one file name: then its words ('' when it has none)."""
+  if _CAMERA_NAME_NO_EXT.fullmatch(text):
+    return ''
+  match = _FILENAME.fullmatch(text)
+  if not match:
+    return text
+  stem = match.group('stem')
+  if _CAMERA_NAME.fullmatch(stem):
+    return ''
+  words = ' '.join(stem.replace('_', ' ').replace('-', ' ').split())
+  return words if any(c.isalpha() for c in words) else ''
+
+
+def is_filename_caption(text):
+  """Whether the raw alt-text is a file name with no words in it."""
+  plain = ' '.join(_CONTROL.sub(' ', html.unescape(text)).split())
+  return bool(plain) and not normalize_text(text) and (
+      _FILENAME.fullmatch(plain) is not None or _CAMERA_NAME_NO_EXT.fullmatch(plain) is not None)
 
 
 def truncate_words(text, max_chars):
@@ -251,8 +291,8 @@ class _CleanFn(beam.DoFn):
   def process(self, pair):
     text = truncate_words(normalize_text(pair.text), self._max)
     if not text:
-      yield beam.pvalue.TaggedOutput(types.DEAD_LETTER, types.DeadLetter(
-          STAGE, 'empty_text', pair.key, pair.source, f'alt-text {pair.text[:80]!r}'))
+      reason = 'filename_caption' if is_filename_caption(pair.text) else 'empty_text'
+      yield beam.pvalue.TaggedOutput(types.FILTERED, types.Filtered(STAGE, reason, pair.key))
       return
     if len(text) < self._min:
       yield beam.pvalue.TaggedOutput(types.FILTERED,
@@ -272,7 +312,7 @@ class _CleanFn(beam.DoFn):
 
 
 def text_passes(text, min_chars, max_chars):
-  """Whether _CleanFn keeps `text` (neither 'empty_text' nor 'text_too_short')."""
+  """Whether _CleanFn keeps `text` (not 'empty_text', 'filename_caption', 'text_too_short')."""
   return len(truncate_words(normalize_text(text), max_chars)) >= max(1, min_chars)
 
 
