@@ -158,14 +158,14 @@ def run(args, beam_args):
   # pylint: disable=import-outside-toplevel
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
-  from data_prep.i2e import kb, runs, wikidata
+  from data_prep.i2e import kb, kb_build, runs
   staging = f'{args.out.rstrip("/")}.staging-{uuid.uuid4().hex[:8]}'
   # Earlier builds' leftovers (a crash) are removed; ours only, never through a link.
   safe_outputs.remove_stale(f'{args.out.rstrip("/")}.staging-*', TOOL)
   safe_outputs.make_staging(staging, TOOL)
   try:
     p = beam.Pipeline(options=PipelineOptions(beam_args))
-    wikidata.build_pipeline(p, args.wikidata, staging, args.languages, args.num_shards,
+    kb_build.build_pipeline(p, args.wikidata, staging, args.languages, args.num_shards,
                             min_sitelinks=args.min_sitelinks,
                             excluded_types=args.exclude_types,
                             subclass_closure=args.subclass_closure,

@@ -16,7 +16,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_prep import build_kb, split_dump
-from data_prep.i2e import kb
+from data_prep.i2e import kb, kb_build
 from data_prep.i2e import types, wikidata
 from portable_runner import portable_services
 
@@ -89,7 +89,7 @@ def test_build_kb_from_each_dump_compression(tmp_path, suffix):
   dump = write_dump(tmp_path / f'latest-all{suffix}')
   out = str(tmp_path / 'kb')
   with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    wikidata.build_pipeline(p, dump, out, languages=['en'], num_shards=2)
+    kb_build.build_pipeline(p, dump, out, languages=['en'], num_shards=2)
   meta = json.loads((tmp_path / 'kb' / 'kb.json').read_text())
   assert meta['num_entities'] == 3 and meta['num_aliases'] == 5
   assert meta['skipped'] == {'not_item': 2, 'no_label': 1}
@@ -205,7 +205,7 @@ TYPED_LINES = [
 def _build(tmp_path, name, dumps, **kwargs):
   out = str(tmp_path / name)
   with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    wikidata.build_pipeline(p, dumps, out, num_shards=1, **kwargs)
+    kb_build.build_pipeline(p, dumps, out, num_shards=1, **kwargs)
   return out, json.loads((tmp_path / name / 'kb.json').read_text())
 
 

@@ -16,16 +16,14 @@ counted ('untyped'). Malformed lines are dead-lettered and counted: every entity
 dump ends in exactly one of entities / skipped / dead_letter, and each outcome also goes to a
 live Beam counter kb/<reason>. The 'mul' (multilingual) labels and aliases that Wikidata
 introduced in 2024 are a fallback, since many items now carry their name only there.
-The KB folder itself is written by kb_write.py (tables, mapped index, kb.json last).
+The stage list of the build is kb_build.py; the KB folder itself is written by kb_write.py
+(tables, mapped index, kb.json last).
 """
 import json
 import re
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-
-from data_prep.i2e import kb as kb_lib
-from data_prep.i2e import kb_index, kb_write, types
+from data_prep.i2e import types
 from data_prep.i2e.kb import entity_row
 
 STAGE = 'kb'
@@ -284,51 +282,3 @@ class ParseWikidata(beam.PTransform):
     untyped = parsed[UNTYPED] | 'UntypedOnce' >> beam.Distinct()
     return {'main': unique.main, 'dead_letter': dead, 'filtered': parsed[types.FILTERED],
             'untyped': untyped}
-
-
-def _read_dump(p, patterns, name):
-  """(source, line bytes) of every file that `patterns` match."""
-  from apache_beam import coders  # pylint: disable=import-outside-toplevel
-  reads = [p | f'{name}{i}' >> beam.io.ReadFromTextWithFilename(pattern, coder=coders.BytesCoder())
-           for i, pattern in enumerate(patterns)]
-  return reads | f'{name}Lines' >> beam.Flatten()
-
-
-def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
-                   fallback_languages=FALLBACK_LANGUAGES, min_sitelinks=0, excluded_types=None,
-                   index_shards=kb_index.DEFAULT_SHARDS, subclass_closure=True):
-  """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents.
-
-  dump_patterns: a file pattern or a list of them (line-aligned chunks of a dump, as
-  data_prep.split_dump writes them, are read in parallel, one file per worker). One
-  compressed file cannot be split, so its lines are spread over workers before parsing.
-  subclass_closure: a first pass closes the excluded types over P279 (wikidata_classes.py);
-  chunks are read again for it, one file's spread lines are reused.
-  """
-  # wikidata_classes reads this module's parsing helpers, so it is imported here, not above.
-  from data_prep.i2e import wikidata_classes  # pylint: disable=import-outside-toplevel
-  patterns = [dump_patterns] if isinstance(dump_patterns, str) else list(dump_patterns)
-  files = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
-  if not files:
-    raise kb_lib.KBError(f'--wikidata {patterns}: matches no file.')
-  lines = _read_dump(p, patterns, 'ReadDump')
-  if len(files) == 1:
-    lines = lines | 'Spread' >> beam.Reshuffle()
-  excluded = DEFAULT_EXCLUDED_TYPES if excluded_types is None else dict(excluded_types)
-  classes = None
-  if subclass_closure and excluded:
-    first_pass = lines if len(files) == 1 else _read_dump(p, patterns, 'ReadForSubclasses')
-    classes = first_pass | 'SubclassClosure' >> wikidata_classes.SubclassClosure(excluded)
-  languages = language_order(languages, ())
-  stages = lines | 'ParseWikidata' >> ParseWikidata(languages, fallback_languages, min_sitelinks,
-                                                    excluded, classes)
-  # 'language' (the first) stays for readers of KBs built before --languages.
-  meta = dict(language=languages[0], languages=list(languages),
-              fallback_languages=list(fallback_languages),
-              min_sitelinks=min_sitelinks, source=patterns if len(patterns) > 1 else patterns[0],
-              num_dump_files=len(files), excluded_types=excluded, subclass_closure=False)
-  if classes is not None:
-    stages = dict(stages, meta=classes | 'ClosureSummary' >> beam.Map(
-        wikidata_classes.ClassKinds.summary))
-  return stages | 'WriteKB' >> kb_write.WriteKnowledgeBase(out_dir, meta, num_shards,
-                                                           index_shards)
