@@ -1,8 +1,13 @@
-r"""I2E stages c+d throughput: pairs/s per core for mention finding (spaCy alias PhraseMatcher)
-and entity linking, on a generated KB and generated alt-texts.
+r"""I2E stages c+d throughput: pairs/s per core for mention finding (the KB's mapped surface
+index) and entity linking, on a generated KB and generated alt-texts.
 
   python benchmarks/i2e_link.py                         # 50k entities, 5k alt-texts, 1 core
   python benchmarks/i2e_link.py --entities 200000 --pairs 20000 --no-beam
+  python benchmarks/i2e_link.py --zipf 1.3 --no-beam    # homonyms shared by thousands of items
+
+--zipf S draws each homonym's label from the earlier entities by a Zipf(S) rank, so a few
+names ('John Smith', 'St. Mary's Church') are carried by thousands of items, as in Wikidata;
+the report gives the largest alias's candidate count.
 
 The process is pinned to --cores CPUs (default 1) before anything starts its thread pools, so the
 figures are per core. The KB mimics Wikidata's shape: multi-word names, 20% homonym labels
@@ -39,14 +44,16 @@ def _word(rng):
   return ''.join(rng.choice(SYLLABLES, size=rng.integers(2, 4))).capitalize()
 
 
-def make_kb(rng, n, topics=300):
+def make_kb(rng, n, topics=300, zipf=0.0):
   from data_prep.i2e import types  # pylint: disable=import-outside-toplevel
   topic_words = [[_word(rng).lower() for _ in range(30)] for _ in range(topics)]
   entities, by_topic = [], [[] for _ in range(topics)]
   for i in range(n):
     topic = int(rng.integers(topics))
     if i > 100 and rng.random() < 0.2:
-      label = entities[int(rng.integers(len(entities)))].label          # a homonym
+      pick = (min(int(rng.zipf(zipf)) - 1, len(entities) - 1) if zipf
+              else int(rng.integers(len(entities))))
+      label = entities[pick].label                                          # a homonym
     else:
       label = ' '.join(_word(rng) for _ in range(int(rng.integers(1, 4))))
     aliases = []
@@ -102,20 +109,23 @@ def main(argv=None):
   parser.add_argument('--cores', type=int, default=1)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--beam', action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument('--zipf', type=float, default=0.0,
+                      help='> 1: homonym labels by a Zipf rank (see the docstring)')
   args = parser.parse_args(argv)
   cores = pin(args.cores)
   import numpy as np  # pylint: disable=import-outside-toplevel
   from data_prep.i2e import kb, link, mentions  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(args.seed)
-  entities, by_topic = make_kb(rng, args.entities)
+  entities, by_topic = make_kb(rng, args.entities, zipf=args.zipf)
   texts = make_texts(rng, entities, by_topic, args.pairs)
   kb_dir = os.path.join(tempfile.mkdtemp(prefix='i2e_link_bench_'), 'kb')
   kb.write_small_kb(kb_dir, entities)
 
   knowledge_base, t_load = timed(lambda: kb.load_cached(kb_dir))
   finder, t_matcher = timed(lambda: mentions._cached_finder(   # pylint: disable=protected-access
-      kb_dir, '', mentions.DEFAULT_NER_LABELS, True, 16))
+      kb_dir, ner_model='', ner_labels=mentions.DEFAULT_NER_LABELS, use_alias_matcher=True,
+      max_mentions=16, ner_gate=False))
   linker = link._cached_linker(  # pylint: disable=protected-access
       kb_dir, prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2,
       max_candidates=32)
@@ -128,6 +138,11 @@ def main(argv=None):
   print(f'i2e_link: {len(knowledge_base)} entities, {knowledge_base.meta["num_aliases"]} '
         f'aliases; {n} alt-texts, {n_mentions} mentions, '
         f'{sum(len(c) for c in linked)} linked entities; {cores} core(s)')
+  labels = {}
+  for e in entities:
+    labels[e.label] = labels.get(e.label, 0) + 1
+  print(f'  homonyms  the most shared label names {max(labels.values())} items; '
+        f'{sum(1 for v in labels.values() if v >= 100)} labels name >= 100')
   print(f'  setup     KB load {t_load:.2f} + matcher build {t_matcher:.2f} CPU-s (once per worker)')
   print(f'  mentions  {n / t_find:10.1f} pairs/s per core')
   print(f'  link      {n / t_link:10.1f} pairs/s per core')
