@@ -137,17 +137,14 @@ class EntityLinker:
       if norm in seen:
         continue
       seen.add(norm)
-      ranked = sorted(scored, key=lambda s: (-s[1], -s[0].sitelinks, _qnum(s[0].id)))
+      ranked = sorted(scored, key=lambda s: (-s[1], -s[0].sitelinks,
+                                             kb_lib.qid_number(s[0].id)))
       kept = [types.Candidate(e.id, mention, float(score))
               for e, score in ranked[:self._top_k] if score >= self._min]
       if kept:
         groups.append(kept)
-    groups.sort(key=lambda g: (-g[0].link_score, _qnum(g[0].entity_id)))
+    groups.sort(key=lambda g: (-g[0].link_score, kb_lib.qid_number(g[0].entity_id)))
     return tuple(c for g in groups for c in g)
-
-
-def _qnum(qid):
-  return int(qid[1:]) if qid[1:].isdigit() else float('inf')
 
 
 _LINKERS = {}

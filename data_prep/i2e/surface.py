@@ -25,6 +25,7 @@ in '東京タワーと富士山の夜景'.
 Case survives folding only in `case_key`, which the mention finder's case rules compare
 against (mentions.py): 'LA' must be written 'LA'.
 """
+import functools
 import re
 import unicodedata
 
@@ -49,6 +50,7 @@ _TOKEN = re.compile(rf'{_NO_SPACE_CLASS}+|(?:(?!{_NO_SPACE_CLASS})[\w{_WORD_EXTR
                     rf'[^\w\s{_WORD_EXTRA}]')
 
 
+@functools.lru_cache(maxsize=1 << 16)   # per character: every alt-text goes through here
 def _fold_char(c, keep_case):
   if unicodedata.category(c) == 'Cf':          # soft hyphen, zero-width joiners, marks
     return ''
