@@ -231,9 +231,10 @@ def test_the_spine_trains_on_the_corpus(i2e_corpus):
 # ----------------------------------------------------------------------------- pairs corpus, CLI
 
 
-def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, '-m', 'data_prep.build_i2e', *args], cwd=ROOT,
+def run_cli(*args, cwd=ROOT, **env):
+  """The command line in its own process; `env`: more environment variables."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', **env)
+  return subprocess.run([sys.executable, '-m', 'data_prep.build_i2e', *args], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -133,11 +133,14 @@ def test_tar_reads_good_samples_and_dead_letters_bad_ones(tmp_path):
       ('k3.jpg', img[3]),                                   # no text
       ('k4.txt', b'no image here'),                         # no image
       ('k5.jpg', img[5]), ('k5.txt', b'bad \xff\xfe bytes'),  # not UTF-8
+      ('k6.jpg', b''), ('k6.txt', b'empty download'),       # 0 bytes, twice: no image, not
+      ('k7.jpg', b''), ('k7.txt', b'another one'),          # a duplicate of an empty one
   ])
   check_read([str(path)],
              [('k1', img[1], 'first caption', 'a.tar'), ('k2', img[2], 'caf\u00e9', 'a.tar')],
              [('missing_field', 'k3', 'a.tar', 1), ('missing_field', 'k4', 'a.tar', 1),
-              ('not_utf8', 'k5', 'a.tar', 1)])
+              ('not_utf8', 'k5', 'a.tar', 1), ('missing_field', 'k6', 'a.tar', 1),
+              ('missing_field', 'k7', 'a.tar', 1)])
 
 
 def test_gzipped_tar_and_oversized_text(tmp_path):

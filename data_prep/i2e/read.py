@@ -28,9 +28,9 @@ metadata table (metadata.py). A URL img2dataset failed to download is filtered
 Dead-letter reasons: 'unreadable_shard' (the file cannot be opened or breaks off: the pairs
 read before the break are kept, the rest is one dead letter with count=1, since how many
 records it held is unknown), 'no_match' (a pattern matched no file), 'unknown_format',
-'missing_field' (no image or no text; for a Parquet file without the column: one dead
-letter whose count is the file's row count), 'not_utf8', 'bad_record' (a TFRecord record
-that is not a tf.train.Example), 'text_too_long' / 'image_too_large' (payload over
+'missing_field' (no image, a 0-byte one, or no text; for a Parquet file without the column:
+one dead letter whose count is the file's row count), 'not_utf8', 'bad_record' (a TFRecord
+record that is not a tf.train.Example), 'text_too_long' / 'image_too_large' (payload over
 MAX_TEXT_BYTES / MAX_IMAGE_BYTES, skipped without reading it), 'sample_too_large' (a
 WebDataset key whose members add up to over MAX_SAMPLE_BYTES: its remaining members are
 skipped unread). A tar member that is neither an image, a caption key nor `json` is
@@ -133,6 +133,8 @@ def sample_to_pair(key, members, source, caption_keys, skipped=0):
   if members[image_ext] is _TOO_BIG:
     return _dead('image_too_large', key, source, f'{key}.{image_ext} is over '
                  f'{MAX_IMAGE_BYTES} bytes')
+  if not members[image_ext]:  # (else every empty download is a 'duplicate_image' of one)
+    return _dead('missing_field', key, source, f'no image bytes: {key}.{image_ext} is empty')
   text, dead, meta = _caption(key, members, source, caption_keys)
   if meta and download_status.failed(meta.get(download_status.STATUS)):
     return download_status.filtered(key)
