@@ -47,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+  from data_prep.i2e import kb_index  # pylint: disable=import-outside-toplevel
   parser = _Parser(prog='python -m data_prep.build_kb', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--wikidata', required=True, action='append',
@@ -69,12 +70,21 @@ def parse_args(argv):
                       'of an excluded type, found in a first pass over the dump (default: on)')
   parser.add_argument('--index_shards', type=int, default=8,
                       help='shards of each memory-mapped index trie (one worker builds each)')
+  parser.add_argument('--max_candidates_per_alias', type=int,
+                      default=kb_index.DEFAULT_MAX_CANDIDATES,
+                      help="the alias index keeps each alias's this many candidates with the "
+                      "most sitelinks, and the count and summed sitelinks of the others for the "
+                      "linker's prior ('John Smith' names thousands of items); 0 keeps all")
   parser.add_argument('--overwrite', action='store_true', help='replace an existing KB in --out')
   args, beam_args = parser.parse_known_args(argv)
   args.wikidata = [p for flag in args.wikidata for p in flag.split(',') if p]
   args.exclude_types = parse_types(args.exclude_types)
   if args.index_shards < 1:
     raise UsageError(f'--index_shards must be >= 1, got {args.index_shards}')
+  try:
+    kb_index.check_max_candidates(args.max_candidates_per_alias)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   args.languages = parse_languages(args.languages)
   if args.num_shards < 0 or args.min_sitelinks < 0:
     raise UsageError(f'--num_shards and --min_sitelinks must be >= 0, got {args.num_shards} and '
@@ -169,7 +179,8 @@ def run(args, beam_args):
                             min_sitelinks=args.min_sitelinks,
                             excluded_types=args.exclude_types,
                             subclass_closure=args.subclass_closure,
-                            index_shards=args.index_shards)
+                            index_shards=args.index_shards,
+                            max_candidates_per_alias=args.max_candidates_per_alias)
     runs.run_to_completion(p)
     with FileSystems.open(FileSystems.join(staging, kb.KB_FILE)) as f:
       meta = json.loads(f.read().decode('utf-8'))

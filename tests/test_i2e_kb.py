@@ -479,3 +479,158 @@ def test_subclass_closure_on_the_portable_and_multi_process_runners(tmp_path):
     meta = json.loads((tmp_path / name / 'kb.json').read_text())
     for key in ('num_entities', 'skipped', 'dead_letter', 'excluded_classes', 'subclass_edges'):
       assert meta[key] == reference[key], (name, key)
+
+
+# ----------------------------------------------------------------------------- homonyms
+# The alias index keeps each alias's best max_candidates_per_alias (most sitelinks, then the
+# smaller Q-number) and the count and summed (sitelinks + 1) of the others.
+
+HOMONYM_K = 4
+# Label -> how many items carry it: above, at and below K; sitelinks 0..3 so that ties abound.
+HOMONYM_NAMES = {'John Smith': 13, 'Mary Jones': HOMONYM_K, 'Ana Lopez': 2, 'Tobrun Quay': 1}
+
+
+def _homonym_entities(seed=0):
+  """Items sharing labels and aliases, Q-numbers whose string order is not their numeric order
+  (Q7 < Q30 < Q215), and a lower-case alias that joins another name's candidates at 0.8."""
+  rng = __import__('numpy').random.default_rng(seed)
+  numbers = iter(rng.choice(range(1, 400), size=sum(HOMONYM_NAMES.values()) + 2, replace=False))
+  entities = []
+  for name, count in HOMONYM_NAMES.items():
+    for _ in range(count):
+      aliases = ('Smith',) if rng.random() < 0.5 else ()
+      entities.append(types.Entity(f'Q{next(numbers)}', name, '', aliases,
+                                   int(rng.integers(0, 4))))
+  entities.append(types.Entity(f'Q{next(numbers)}', 'Johnny', '', ('john smith', 'Smith'), 3))
+  entities.append(types.Entity(f'Q{next(numbers)}', 'Mary', '', ('MARY JONES',), 2))
+  return entities
+
+
+def _brute_force_aliases(entities):
+  """normalised alias -> every (Q-id, quality, sitelinks) naming it, from the forms directly."""
+  out = {}
+  for e in entities:
+    forms = {}
+    for form, quality in [(e.label, 1.0)] + [(a, 0.8) for a in e.aliases]:
+      key = kb.normalize_alias(form)
+      forms[key] = max(quality, forms.get(key, 0.0))
+    for key, quality in forms.items():
+      out.setdefault(key, []).append((e.id, quality, e.sitelinks))
+  return out
+
+
+def _expected(candidates, k):
+  """(the top k by sitelinks desc, Q-number asc, as AliasHits' fields; the mass of all)."""
+  ranked = sorted(candidates, key=lambda c: (-c[2], int(c[0][1:])))
+  return ranked[:k or None], sum(s + 1 for _, _, s in candidates)
+
+
+def _lookups(loaded, aliases):
+  return {a: ([(h.entity_id, h.quality, h.sitelinks) for h in loaded.lookup(a)],
+              loaded.alias_mass(a)) for a in aliases}
+
+
+def test_alias_index_keeps_the_top_k_and_the_mass_of_all(tmp_path):
+  entities = _homonym_entities()
+  reference = _brute_force_aliases(entities)
+  assert max(len(c) for c in reference.values()) > 2 * HOMONYM_K   # 'smith': 16 items
+  sitelinks = [s for _, _, s in reference['john smith']]
+  assert len(set(sitelinks)) < len(sitelinks)                      # ties to break by Q-number
+  for k in (0, 1, HOMONYM_K, 64):
+    expected = {a: _expected(c, k) for a, c in reference.items()}
+    in_memory = kb.KnowledgeBase.from_entities(entities, max_candidates_per_alias=k)
+    assert _lookups(in_memory, reference) == expected, k
+    meta = kb.write_small_kb(str(tmp_path / f'kb{k}'), entities, max_candidates_per_alias=k)
+    assert meta['max_candidates_per_alias'] == k and meta['num_alias_keys'] == len(reference)
+    assert _lookups(kb.KnowledgeBase.load(str(tmp_path / f'kb{k}')), reference) == expected, k
+  # K = 0 keeps every candidate; the hits carry the normalised alias.
+  everything = kb.KnowledgeBase.from_entities(entities, max_candidates_per_alias=0)
+  assert all(len(everything.lookup(a)) == len(c) for a, c in reference.items())
+  assert {h.alias for h in everything.lookup('  JOHN  Smith')} == {'john smith'}
+  assert everything.lookup('nobody') == [] and everything.alias_mass('nobody') == 0
+
+
+def test_candidate_merges_in_any_order_and_grouping_give_one_result():
+  """The Beam combiner merges partial results as the runner likes: every split, every order."""
+  from data_prep.i2e import kb_index, kb_write  # pylint: disable=import-outside-toplevel
+  rng = __import__('numpy').random.default_rng(1)
+  singles = [kb_index.AliasCandidates(((f'Q{q}', 1.0, int(rng.integers(0, 5))),), 0, 0)
+             for q in rng.choice(range(1, 1000), size=300, replace=False)]
+  candidates = [c for s in singles for c in s.kept]
+  for k in (0, 1, 7):
+    kept, mass = _expected(candidates, k)
+    want = kb_index.AliasCandidates(tuple(kept), len(candidates) - len(kept),
+                                    mass - sum(s + 1 for _, _, s in kept))
+    combine = kb_write._TopCandidates(k)   # pylint: disable=protected-access
+    for trial in range(5):
+      order = rng.permutation(len(singles))
+      cuts = sorted(rng.choice(range(1, len(singles)), size=trial, replace=False))
+      accumulators = []
+      for part in (list(p) for p in __import__('numpy').split(order, cuts)):
+        acc = combine.create_accumulator()
+        for i in part:
+          acc = combine.add_input(acc, singles[i])
+        accumulators.append(acc)
+      merged = combine.merge_accumulators(accumulators[::-1])
+      assert combine.extract_output(merged) == want, (k, trial)
+
+
+def test_beam_and_in_memory_builds_store_the_same_alias_index(tmp_path, capsys):
+  entities = _homonym_entities()
+  dump = write_dump(tmp_path / 'homonyms.json', [
+      _item(e.id, {'en': e.label}, aliases={'en': list(e.aliases)}, sitelinks=e.sitelinks)
+      for e in entities])
+  reference = _brute_force_aliases(entities)
+  for k in (HOMONYM_K, 0):
+    out = tmp_path / f'kb{k}'
+    assert build_kb.main(['--wikidata', dump, '--out', str(out), '--num_shards', '1',
+                          '--index_shards', '3', '--max_candidates_per_alias', str(k)]
+                         + IN_MEMORY) == 0
+    meta = json.loads((out / 'kb.json').read_text())
+    assert meta['max_candidates_per_alias'] == k and meta['num_alias_keys'] == len(reference)
+    built = kb.KnowledgeBase.load(str(out))
+    assert [built.entity(q) for q in built.ids()] == sorted(
+        entities, key=lambda e: e.id)   # the dump round-trips, so the reference is the KB's
+    in_memory = kb.KnowledgeBase.from_entities(entities, max_candidates_per_alias=k)
+    assert _lookups(built, reference) == _lookups(in_memory, reference) == {
+        a: _expected(c, k) for a, c in reference.items()}
+  capsys.readouterr()
+  assert build_kb.main(['--wikidata', dump, '--out', str(tmp_path / 'bad'),
+                        '--max_candidates_per_alias', '-1'] + IN_MEMORY) == 1
+  err = capsys.readouterr().err
+  assert '--max_candidates_per_alias must be an integer >= 0' in err and 'got -1' in err
+  with pytest.raises(ValueError, match='--max_candidates_per_alias'):
+    kb.write_small_kb(str(tmp_path / 'bad'), entities, max_candidates_per_alias=-2)
+
+
+def test_a_kb_of_an_older_format_is_refused_with_the_rebuild_command(tmp_path):
+  kb.write_small_kb(str(tmp_path / 'kb'), _homonym_entities())
+  meta = json.loads((tmp_path / 'kb' / 'kb.json').read_text())
+  assert meta['format_version'] == kb.FORMAT_VERSION == 3
+  (tmp_path / 'kb' / 'kb.json').write_text(json.dumps(dict(meta, format_version=2)))
+  with pytest.raises(kb.KBError, match='a KB of format 2, this code reads format 3.*'
+                     'python -m data_prep.build_kb'):
+    kb.KnowledgeBase.load(str(tmp_path / 'kb'))
+  (tmp_path / 'kb' / 'kb.json').write_text(json.dumps(dict(meta, num_alias_keys=1)))
+  with pytest.raises(kb.KBError, match='alias keys in the index but kb.json says 1'):
+    kb.KnowledgeBase.load(str(tmp_path / 'kb'))
+
+
+def test_linker_priors_over_a_truncated_index_equal_the_untruncated_ones():
+  """The build keeps 8 of 40 'John Smith's (and 3 of 3 'Mary Jones's): the kept candidates'
+  priors, and their order, are those of a KB that kept every item (the denominator sums all)."""
+  from data_prep.i2e import link  # pylint: disable=import-outside-toplevel
+  entities = [types.Entity(f'Q{(i * 37) % 101 + 1}', 'John Smith', f'person {i}', (), i % 5)
+              for i in range(40)]
+  entities += [types.Entity(f'Q{200 + i}', 'Mary Jones', '', (), i % 2) for i in range(3)]
+  linkers = {k: link.EntityLinker(kb.KnowledgeBase.from_entities(
+      entities, max_candidates_per_alias=k), max_candidates=32) for k in (0, 8)}
+  reference = _brute_force_aliases(entities)
+  for name, n_kept in (('John Smith', 8), ('Mary Jones', 3)):
+    mention = types.Mention(0, len(name), name, 'kb')
+    truncated, full = (linkers[k]._candidates(mention)   # pylint: disable=protected-access
+                       for k in (8, 0))
+    assert len(full) == min(32, len(reference[kb.normalize_alias(name)]))
+    assert truncated == full[:n_kept]
+    best, _ = _expected(reference[kb.normalize_alias(name)], n_kept)
+    assert [e.id for e, _, _ in truncated] == [q for q, _, _ in best]

@@ -7,7 +7,8 @@ Files, in KB_DIR:
                                    0.8 alias)
   {entities,aliases,surface}-*.marisa  the mapped index (kb_index.py)
   dead_letter.jsonl                one JSON per malformed line: stage, reason, key, source, detail
-  kb.json                          language, counts, file lists; written last, so a KB_DIR
+  kb.json                          language, counts, file lists, the alias index's
+                                   max_candidates_per_alias; written last, so a KB_DIR
                                    without it is an interrupted build, refused by `load`.
 """
 import json
@@ -28,8 +29,9 @@ ALIAS_PREFIX = 'aliases'
 LABEL_QUALITY = 1.0
 ALIAS_QUALITY = 0.8
 # 2: surface.py's folding and tokens (was: spaCy's blank English tokenizer, lower-cased), form
-# values in the surface index, sitelinks in the alias index.
-FORMAT_VERSION = 2
+# values in the surface index, sitelinks in the alias index. 3: one value per alias, its candidates
+# ranked and truncated at build time with the dropped ones' count and mass (kb_index.py).
+FORMAT_VERSION = 3
 SURFACE_TOKENIZER = 'mofi_jax surface.py v1'
 
 ENTITY_SCHEMA = pa.schema([('id', pa.string()), ('label', pa.string()),
@@ -70,8 +72,11 @@ def entity_row(entity):
 
 
 def write_small_kb(kb_dir, entities, language='en', source='in memory',
-                   index_shards=kb_index.DEFAULT_SHARDS):
-  """Writes a one-shard KB folder from Entities without Beam (tests, benchmarks, small demos)."""
+                   index_shards=kb_index.DEFAULT_SHARDS,
+                   max_candidates_per_alias=kb_index.DEFAULT_MAX_CANDIDATES):
+  """Writes a one-shard KB folder from Entities without Beam (tests, benchmarks, small demos);
+  the alias index ranked and truncated as build_kb's is (kb_index.merge_candidates)."""
+  kb_index.check_max_candidates(max_candidates_per_alias)
   entities = sorted(entities, key=lambda e: e.id)
   rows = [r for e in entities for r in alias_rows(e)]
   files = {}
@@ -80,7 +85,8 @@ def write_small_kb(kb_dir, entities, language='en', source='in memory',
     files[prefix] = f'{prefix}-00000-of-00001.parquet'
     with FileSystems.create(FileSystems.join(kb_dir, files[prefix])) as f:
       pq.write_table(pa.Table.from_pylist(table, schema=schema), f)
-  index = kb_index.Index.from_items(_index_items(entities, index_shards), index_shards)
+  index = kb_index.Index.from_items(
+      _index_items(entities, index_shards, max_candidates_per_alias), index_shards)
   index_files = {}
   for kind in kb_index.KINDS:
     index_files[kind] = [kb_index.file_name(kind, s, index_shards) for s in range(index_shards)]
@@ -88,22 +94,25 @@ def write_small_kb(kb_dir, entities, language='en', source='in memory',
       kb_index.save_trie(trie, FileSystems.join(kb_dir, name))
   meta = dict(language=language, languages=[language], fallback_languages=[], source=source,
               format_version=FORMAT_VERSION, num_entities=len(entities), num_aliases=len(rows),
-              skipped={}, dead_letter={}, entity_files=[files[ENTITY_PREFIX]],
-              alias_files=[files[ALIAS_PREFIX]], **index_meta(index_files, index_shards))
+              num_alias_keys=index.count('aliases'), skipped={}, dead_letter={},
+              entity_files=[files[ENTITY_PREFIX]], alias_files=[files[ALIAS_PREFIX]],
+              **index_meta(index_files, index_shards, max_candidates_per_alias))
   with FileSystems.create(FileSystems.join(kb_dir, KB_FILE)) as f:
     f.write(json.dumps(meta, indent=2, sort_keys=True).encode('utf-8'))
   return meta
 
 
-def index_meta(index_files, index_shards):
-  """kb.json's record of the tries, with the folding their surface keys depend on."""
+def index_meta(index_files, index_shards, max_candidates_per_alias):
+  """kb.json's record of the tries, with the folding their surface keys depend on and the
+  alias index's truncation."""
   return dict(index_files=index_files, index_shards=index_shards,
-              surface_tokenizer=SURFACE_TOKENIZER)
+              surface_tokenizer=SURFACE_TOKENIZER,
+              max_candidates_per_alias=max_candidates_per_alias)
 
 
-def _index_items(entities, index_shards):
-  for e in entities:
-    yield from kb_index.index_items(e, alias_rows(e), index_shards)
+def _index_items(entities, index_shards, max_candidates_per_alias):
+  return kb_index.index_items(((e, alias_rows(e)) for e in entities), index_shards,
+                              max_candidates_per_alias)
 
 
 # ----------------------------------------------------------------------------- opening
@@ -118,12 +127,14 @@ class KnowledgeBase:
     self.meta = dict(meta or {})
     self._index = index
     self._entity_cache = {}
+    self._last_lookup = (None, None, kb_index.NO_CANDIDATES)   # (text, alias, AliasCandidates)
 
   @classmethod
-  def from_entities(cls, entities, meta=None, index_shards=1):
-    entities = list(entities)
-    return cls(kb_index.Index.from_items(_index_items(entities, index_shards), index_shards),
-               meta)
+  def from_entities(cls, entities, meta=None, index_shards=1,
+                    max_candidates_per_alias=kb_index.DEFAULT_MAX_CANDIDATES):
+    kb_index.check_max_candidates(max_candidates_per_alias)
+    items = _index_items(list(entities), index_shards, max_candidates_per_alias)
+    return cls(kb_index.Index.from_items(items, index_shards), meta)
 
   @classmethod
   def load(cls, kb_dir):
@@ -131,7 +142,8 @@ class KnowledgeBase:
     if meta.get('format_version') != FORMAT_VERSION or 'index_files' not in meta:
       raise KBError(f'{FileSystems.join(kb_dir, KB_FILE)}: a KB of format '
                     f'{meta.get("format_version")!r}, this code reads format {FORMAT_VERSION} '
-                    '(surface keys folded by surface.py); rebuild it with '
+                    '(surface keys folded by surface.py, alias candidates ranked and truncated '
+                    'at build time); rebuild it with '
                     'python -m data_prep.build_kb.')
     for kind in kb_index.KINDS:
       for name in meta['index_files'][kind]:
@@ -142,7 +154,7 @@ class KnowledgeBase:
                                 version=user_cache.content_key(meta))
     kb = cls(index, meta)
     for what, kind, expected in (('entities', 'entities', meta.get('num_entities')),
-                                 ('aliases', 'aliases', meta.get('num_aliases'))):
+                                 ('alias keys', 'aliases', meta.get('num_alias_keys'))):
       n = kb._index.count(kind)  # pylint: disable=protected-access
       if expected is not None and n != expected:
         raise KBError(f'{kb_dir}: {n} {what} in the index but kb.json says {expected}; the KB '
@@ -162,13 +174,26 @@ class KnowledgeBase:
     return entity
 
   def lookup(self, text):
-    """AliasHits of every entity with an alias equal to `text` once normalised, most
-    sitelinks first (ties: the smaller Q-number). Read from the alias index alone: no entity
-    is decoded, however many share the alias."""
-    alias = normalize_alias(text)
-    hits = [types.AliasHit(q, quality, alias, sitelinks) for q, quality, sitelinks
-            in map(kb_index.decode_alias, self._index.alias_values(alias))]
-    return sorted(hits, key=lambda h: (-h.sitelinks, qid_number(h.entity_id)))
+    """AliasHits of the entities with an alias equal to `text` once normalised, most sitelinks
+    first (ties: the smaller Q-number), as the alias index stores them: the build kept at most
+    kb.json's max_candidates_per_alias (0: all). No entity is decoded."""
+    _, alias, found = self._alias_candidates(text)
+    return [types.AliasHit(q, quality, alias, sitelinks) for q, quality, sitelinks in found.kept]
+
+  def alias_mass(self, text):
+    """Sum of (sitelinks + 1) over every entity with an alias equal to `text` once normalised,
+    the ones the build dropped included: the linker's prior denominator."""
+    found = self._alias_candidates(text)[2]
+    return sum(sitelinks + 1 for _, _, sitelinks in found.kept) + found.dropped_mass
+
+  def _alias_candidates(self, text):
+    """(text, normalised alias, AliasCandidates); the last text's are kept, since the linker
+    asks lookup and alias_mass of each mention in turn (one tuple: safe across threads)."""
+    last = self._last_lookup
+    if last[0] != text:
+      alias = normalize_alias(text)
+      last = self._last_lookup = (text, alias, self._index.candidates(alias))
+    return last
 
   def surface_prefixes(self, joined):
     return self._index.surface_prefixes(joined)
@@ -183,8 +208,7 @@ class KnowledgeBase:
     return self._index.entity_value(qid) is not None
 
 
-def qid_number(qid):
-  return int(qid[1:]) if qid[1:].isdigit() else float('inf')
+qid_number = kb_index.qid_number
 
 
 def _read_meta(kb_dir):

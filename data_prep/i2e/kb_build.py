@@ -24,7 +24,8 @@ def read_dump(p, patterns, name):
 def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
                    fallback_languages=wikidata.FALLBACK_LANGUAGES, min_sitelinks=0,
                    excluded_types=None, index_shards=kb_index.DEFAULT_SHARDS,
-                   subclass_closure=True):
+                   subclass_closure=True,
+                   max_candidates_per_alias=kb_index.DEFAULT_MAX_CANDIDATES):
   """Adds the KB build to pipeline `p`; returns the PCollection holding kb.json's contents.
 
   dump_patterns: a file pattern or a list of them (line-aligned chunks of a dump, as
@@ -32,6 +33,7 @@ def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
   compressed file cannot be split, so its lines are spread over workers before parsing.
   subclass_closure: a first pass closes the excluded types over P279 (wikidata_classes.py);
   chunks are read again for it, one file's spread lines are reused.
+  max_candidates_per_alias: the alias index keeps each alias's best this many (0: all).
   """
   patterns = [dump_patterns] if isinstance(dump_patterns, str) else list(dump_patterns)
   files = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
@@ -57,4 +59,4 @@ def build_pipeline(p, dump_patterns, out_dir, languages=('en',), num_shards=0,
     stages = dict(stages, meta=classes | 'ClosureSummary' >> beam.Map(
         wikidata_classes.ClassKinds.summary))
   return stages | 'WriteKB' >> kb_write.WriteKnowledgeBase(out_dir, meta, num_shards,
-                                                           index_shards)
+                                                           index_shards, max_candidates_per_alias)

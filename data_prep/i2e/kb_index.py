@@ -3,8 +3,10 @@
 Three kinds of marisa-trie file, each cut into `index_shards` shards:
 
   entities-SSSSS-of-NNNNN.marisa  BytesTrie  Q-id -> JSON [label, description, aliases, sitelinks]
-  aliases-SSSSS-of-NNNNN.marisa   BytesTrie  normalised alias -> b'Q-id<TAB>quality<TAB>sitelinks',
-                                             one value per entity (the alias index)
+  aliases-SSSSS-of-NNNNN.marisa   BytesTrie  normalised alias -> one value (the alias index):
+                                             b'dropped<TAB>dropped mass' then, a line each, the
+                                             kept candidates b'Q-id<TAB>quality<TAB>sitelinks'
+                                             (alias_value; AliasCandidates)
   surface-SSSSS-of-NNNNN.marisa   BytesTrie  surface keys (surface.py): the folded tokens of
                                              every label and alias joined by SEP, and the
                                              character keys of forms in no-space scripts ->
@@ -17,11 +19,18 @@ and every SDK process of a worker VM reads one copy through the page cache, as S
 side inputs do. A prefix query (`Trie.prefixes`) returns every surface key that starts an
 n-gram in one call, which is what replaces spaCy's PhraseMatcher.
 
+The alias index is ranked and truncated at build time: an alias's candidates are kept most
+sitelinks first (ties: the smaller Q-number), at most `max_candidates_per_alias` of them
+(build_kb's flag; 0 keeps all), and the ones dropped leave their count and their summed
+(sitelinks + 1), so that the linker's prior keeps its exact denominator ('John Smith' names
+thousands of items; a lookup decodes the kept ones only).
+
 Shards: entities and aliases by the CRC32 of their key, token keys by the CRC32 of their
 first token and character keys by their first character, so that every key a prefix walk
 can reach from one start is in one shard.
 Each shard is built by one worker from its own keys, so no machine ever holds the whole KB.
 """
+import collections
 import json
 import os
 import tempfile
@@ -43,6 +52,7 @@ SEP = surface.SEP
 FORM_STRICT, FORM_LOWER, FORM_OTHER, FORM_CONCEPT = b'S', b'L', b'T', b'C'
 SUFFIX = '.marisa'
 DEFAULT_SHARDS = 8
+DEFAULT_MAX_CANDIDATES = 64
 _TRIE_TYPE = dict(entities=marisa_trie.BytesTrie, aliases=marisa_trie.BytesTrie,
                   surface=marisa_trie.BytesTrie)
 
@@ -69,14 +79,76 @@ def decode_entity(qid, value):
                       sitelinks=int(sitelinks))
 
 
-def alias_value(entity_id, quality, sitelinks):
-  return f'{entity_id}\t{quality!r}\t{int(sitelinks)}'.encode('utf-8')
+def qid_number(qid):
+  return int(qid[1:]) if qid[1:].isdigit() else float('inf')
+
+
+# One alias's candidates: `kept` (entity_id, quality, sitelinks) most sitelinks first (ties: the
+# smaller Q-number), at most max_candidates_per_alias of them; `dropped` the number of the
+# others and `dropped_mass` their summed (sitelinks + 1), the rest of the prior's denominator.
+AliasCandidates = collections.namedtuple('AliasCandidates', 'kept dropped dropped_mass')
+NO_CANDIDATES = AliasCandidates((), 0, 0)
+
+
+def check_max_candidates(max_candidates):
+  if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 0:
+    raise ValueError(f'--max_candidates_per_alias must be an integer >= 0 (0 keeps every '
+                     f'candidate), got {max_candidates!r}')
+  return max_candidates
+
+
+def _rank(candidate):
+  entity_id, _, sitelinks = candidate
+  return -sitelinks, qid_number(entity_id), entity_id
+
+
+def merge_candidates(parts, max_candidates):
+  """AliasCandidates of one alias from several (one per entity, or partial merges, in any
+  order): the best `max_candidates` kept (0: all), the others counted into the remainder.
+  The one ranking and truncation of the alias index; the result is independent of the order
+  and grouping of `parts` (a Beam combiner merges them as it likes)."""
+  kept, dropped, mass = [], 0, 0
+  for part in parts:
+    kept.extend(part.kept)
+    dropped += part.dropped
+    mass += part.dropped_mass
+  kept.sort(key=_rank)
+  if max_candidates and len(kept) > max_candidates:
+    cut, kept = kept[max_candidates:], kept[:max_candidates]
+    dropped += len(cut)
+    mass += sum(sitelinks + 1 for _, _, sitelinks in cut)
+  return AliasCandidates(tuple(kept), dropped, mass)
+
+
+def entity_candidates(entity, alias_rows):
+  """(alias, AliasCandidates of this entity alone) for each of its alias-index rows."""
+  for row in alias_rows:
+    yield row['alias'], AliasCandidates(
+        ((row['entity_id'], row['quality'], int(entity.sitelinks)),), 0, 0)
+
+
+def alias_value(candidates):
+  """AliasCandidates -> the alias index's value (module docstring)."""
+  lines = [f'{candidates.dropped}\t{candidates.dropped_mass}'] + [
+      f'{entity_id}\t{quality!r}\t{int(sitelinks)}'
+      for entity_id, quality, sitelinks in candidates.kept]
+  return '\n'.join(lines).encode('utf-8')
 
 
 def decode_alias(value):
-  """-> (entity_id, quality, sitelinks)."""
-  entity_id, quality, sitelinks = value.decode('utf-8').split('\t')
-  return entity_id, float(quality), int(sitelinks)
+  """The alias index's value -> AliasCandidates, kept in stored (ranked) order."""
+  head, *lines = value.decode('utf-8').split('\n')
+  dropped, mass = head.split('\t')
+  kept = []
+  for line in lines:
+    entity_id, quality, sitelinks = line.split('\t')
+    kept.append((entity_id, float(quality), int(sitelinks)))
+  return AliasCandidates(tuple(kept), int(dropped), int(mass))
+
+
+def alias_item(alias, candidates, num_shards):
+  """(kind, shard, key, value) of one alias in the alias index."""
+  return 'aliases', shard_of(alias, num_shards), alias, alias_value(candidates)
 
 
 def form_value(form, concept=False):
@@ -105,14 +177,25 @@ def surface_shard(key, num_shards):
   return shard_of(first, num_shards)
 
 
-def index_items(entity, alias_rows, num_shards):
-  """(kind, shard, key, value) of one entity across the three kinds of trie."""
+def entity_items(entity, num_shards):
+  """(kind, shard, key, value) of one entity in the entities and surface tries (the alias
+  index needs every entity of an alias first: merge_candidates)."""
   yield 'entities', shard_of(entity.id, num_shards), entity.id, entity_value(entity)
-  for row in alias_rows:
-    yield ('aliases', shard_of(row['alias'], num_shards), row['alias'],
-           alias_value(row['entity_id'], row['quality'], entity.sitelinks))
   for key, value in surface_items(entity):
     yield 'surface', surface_shard(key, num_shards), key, value
+
+
+def index_items(entities_with_rows, num_shards, max_candidates):
+  """(kind, shard, key, value) of every trie of a KB held in memory; entities_with_rows:
+  (entity, its alias rows). The Beam writer (kb_write.py) does the same per alias with a
+  combiner over merge_candidates."""
+  by_alias = collections.defaultdict(list)
+  for entity, alias_rows in entities_with_rows:
+    yield from entity_items(entity, num_shards)
+    for alias, candidates in entity_candidates(entity, alias_rows):
+      by_alias[alias].append(candidates)
+  for alias, parts in by_alias.items():
+    yield alias_item(alias, merge_candidates(parts, max_candidates), num_shards)
 
 
 def build_trie(kind, items):
@@ -195,8 +278,10 @@ class Index:
     values = self._tries['entities'][shard_of(qid, self.num_shards)].get(qid)
     return values[0] if values else None
 
-  def alias_values(self, alias):
-    return self._tries['aliases'][shard_of(alias, self.num_shards)].get(alias) or []
+  def candidates(self, alias):
+    """AliasCandidates of a normalised alias (NO_CANDIDATES if absent)."""
+    values = self._tries['aliases'][shard_of(alias, self.num_shards)].get(alias)
+    return decode_alias(values[0]) if values else NO_CANDIDATES
 
   def surface_prefixes(self, joined):
     """{surface key: [form values]} of the keys that are prefixes of `joined` (a SEP-joined

@@ -3,7 +3,9 @@
 The tables (kb.py's ENTITY_SCHEMA, ALIAS_SCHEMA) are the portable record; the index
 (kb_index.py) is what workers open. Each index shard is built by one worker from the
 (key, value) pairs of its shard alone, so no machine holds the whole KB; a shard that
-receives no key is written empty, so that every listed file exists.
+receives no key is written empty, so that every listed file exists. An alias's candidates
+are ranked and truncated by a combiner per alias (kb_index.merge_candidates), which holds
+max_candidates_per_alias of them (and a batch of new ones) per key and worker.
 """
 import dataclasses
 import json
@@ -15,11 +17,37 @@ from apache_beam.io.filesystems import FileSystems
 from data_prep.i2e import kb as kb_lib
 from data_prep.i2e import kb_index
 
-_COUNTED = ('entities', 'aliases', 'untyped')
+_COUNTED = ('entities', 'aliases', 'alias_keys', 'untyped')
+_BATCH = 256   # _TopCandidates' inputs between merges
 
 
-def _index_items(entity, num_shards):
-  yield from kb_index.index_items(entity, kb_lib.alias_rows(entity), num_shards)
+def _entity_candidates(entity):
+  return kb_index.entity_candidates(entity, kb_lib.alias_rows(entity))
+
+
+class _TopCandidates(beam.CombineFn):
+  """AliasCandidates of one alias -> their merge_candidates (the best, and the remainder).
+  The accumulator is a list of parts, merged every _BATCH inputs: merging at each input would
+  copy the kept list each time (quadratic in an alias's items when every one is kept)."""
+
+  def __init__(self, max_candidates):
+    super().__init__()
+    self._max = max_candidates
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, mutable_accumulator, element):
+    mutable_accumulator.append(element)
+    if len(mutable_accumulator) >= _BATCH:
+      mutable_accumulator[:] = [kb_index.merge_candidates(mutable_accumulator, self._max)]
+    return mutable_accumulator
+
+  def merge_accumulators(self, accumulators):
+    return [kb_index.merge_candidates([p for acc in accumulators for p in acc], self._max)]
+
+  def extract_output(self, accumulator):
+    return kb_index.merge_candidates(accumulator, self._max)
 
 
 def _write_shard(item, out_dir, num_shards):
@@ -31,7 +59,7 @@ def _write_shard(item, out_dir, num_shards):
 
 
 def _write_kb_json(_, out_dir, meta, counts, entity_files, alias_files, written_shards,
-                   num_shards, pipeline_meta):
+                   num_shards, max_candidates, pipeline_meta):
   counts = dict(counts)
   meta = dict(meta, **pipeline_meta)
   written = set(written_shards)
@@ -50,7 +78,7 @@ def _write_kb_json(_, out_dir, meta, counts, entity_files, alias_files, written_
                            if k.startswith('dead_letter/')},
               entity_files=sorted(posixpath.basename(f) for f in entity_files),
               alias_files=sorted(posixpath.basename(f) for f in alias_files),
-              **kb_lib.index_meta(index_files, num_shards))
+              **kb_lib.index_meta(index_files, num_shards, max_candidates))
   with FileSystems.create(FileSystems.join(out_dir, kb_lib.KB_FILE)) as f:
     f.write(json.dumps(meta, indent=2, sort_keys=True).encode('utf-8'))
   yield meta
@@ -64,10 +92,12 @@ class WriteKnowledgeBase(beam.PTransform):
   holding kb.json's contents.
   """
 
-  def __init__(self, out_dir, meta, num_shards=0, index_shards=kb_index.DEFAULT_SHARDS):
+  def __init__(self, out_dir, meta, num_shards=0, index_shards=kb_index.DEFAULT_SHARDS,
+               max_candidates_per_alias=kb_index.DEFAULT_MAX_CANDIDATES):
     super().__init__()
     self._out, self._meta, self._shards = out_dir, dict(meta), num_shards
     self._index_shards = index_shards
+    self._max_candidates = kb_index.check_max_candidates(max_candidates_per_alias)
 
   def expand(self, stages):
     p, join, entities = stages['main'].pipeline, FileSystems.join, stages['main']
@@ -79,8 +109,13 @@ class WriteKnowledgeBase(beam.PTransform):
     alias_files = aliases | 'WriteAliases' >> beam.io.WriteToParquet(
         join(self._out, kb_lib.ALIAS_PREFIX), kb_lib.ALIAS_SCHEMA,
         file_name_suffix='.parquet', num_shards=self._shards)
-    shards = (entities
-              | 'IndexItems' >> beam.FlatMap(_index_items, self._index_shards)
+    alias_index = (entities
+                   | 'AliasCandidates' >> beam.FlatMap(_entity_candidates)
+                   | 'TopCandidates' >> beam.CombinePerKey(_TopCandidates(self._max_candidates)))
+    shards = ((entities | 'IndexItems' >> beam.FlatMap(kb_index.entity_items, self._index_shards),
+               alias_index | 'AliasItems' >> beam.Map(
+                   lambda kv, n: kb_index.alias_item(*kv, n), self._index_shards))
+              | 'AllIndexItems' >> beam.Flatten()
               | 'ByShard' >> beam.Map(lambda it: ((it[0], it[1]), (it[2], it[3])))
               | 'GroupShards' >> beam.GroupByKey()
               | 'WriteShards' >> beam.FlatMap(_write_shard, self._out, self._index_shards))
@@ -91,6 +126,7 @@ class WriteKnowledgeBase(beam.PTransform):
     tallies = (
         (entities | 'TallyEntities' >> beam.Map(lambda _: 'entities'),
          aliases | 'TallyAliases' >> beam.Map(lambda _: 'aliases'),
+         alias_index | 'TallyAliasKeys' >> beam.Map(lambda _: 'alias_keys'),
          stages['untyped'] | 'TallyUntyped' >> beam.Map(lambda _: 'untyped'),
          stages['filtered'] | 'TallySkipped' >> beam.Map(lambda f: f'skipped/{f.reason}'),
          stages['dead_letter'] | 'TallyDead' >> beam.Map(
@@ -105,5 +141,5 @@ class WriteKnowledgeBase(beam.PTransform):
             | 'WriteKbJson' >> beam.FlatMap(
                 _write_kb_json, self._out, self._meta, beam.pvalue.AsSingleton(tallies),
                 beam.pvalue.AsList(entity_files), beam.pvalue.AsList(alias_files),
-                beam.pvalue.AsList(shards), self._index_shards,
+                beam.pvalue.AsList(shards), self._index_shards, self._max_candidates,
                 beam.pvalue.AsSingleton(pipeline_meta)))

@@ -94,7 +94,7 @@ class EntityLinker:
     holds each candidate's sitelinks, so the prior's total and the order need no entity
     decoded: only the `max_candidates` kept are ('John Smith' names thousands of items)."""
     hits = self._kb.lookup(mention.text)            # most sitelinks first
-    total = sum(h.sitelinks + 1 for h in hits)
+    total = self._kb.alias_mass(mention.text)       # over all, the build's dropped ones too
     out = []
     for hit in hits[:self._max_candidates]:
       entity = self._kb.entity(hit.entity_id)
