@@ -126,9 +126,8 @@ def main(argv=None):
   finder, t_matcher = timed(lambda: mentions._cached_finder(   # pylint: disable=protected-access
       kb_dir, ner_model='', ner_labels=mentions.DEFAULT_NER_LABELS, use_alias_matcher=True,
       max_mentions=16, ner_gate=False))
-  linker = link._cached_linker(  # pylint: disable=protected-access
-      kb_dir, prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2,
-      max_candidates=32)
+  from configs import i2e as i2e_config  # pylint: disable=import-outside-toplevel
+  linker = link._cached_linker(kb_dir, **dict(i2e_config.get_config().link))  # pylint: disable=protected-access
   found, t_find = timed(lambda: [m for i in range(0, len(texts), 64)
                                  for m in finder.find(texts[i:i + 64])])
   linked, t_link = timed(lambda: [linker.link(m) for m in found])

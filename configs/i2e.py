@@ -48,7 +48,10 @@ def get_config():
       languages=(),               # Told apart by py3langid; () = the KB's (build_kb --languages).
   ))
   c.link = mlc.ConfigDict(dict(
-      prior_weight=0.3, match_weight=0.4, coherence_weight=0.3, min_score=0.2,
+      prior_weight=0.3, match_weight=0.4, coherence_weight=0.3,
+      nil_sitelinks=10.0,         # Prior mass of 'no KB item': 0 sitelinks, unambiguous -> 1/11.
+      min_score=0.1,              # A mention whose best candidate scores less (of [0, 1]) is
+                                  # dropped; how it was chosen: docs/i2e.md.
       top_k=3,                    # Candidates per mention that CLIP chooses among; 1 = text only.
   ))
   c.select = mlc.ConfigDict(dict(

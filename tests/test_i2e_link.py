@@ -17,20 +17,23 @@ ENTITIES = [
     types.Entity('Q47899', 'Paris Hilton', 'American media personality', ('Paris',), 49),
     types.Entity('Q35694', 'Jaguar', 'large cat species of the Americas', (), 9),
     types.Entity('Q30055', 'Jaguar', 'British car brand', (), 9),
-    types.Entity('Q3783', 'Amazon rainforest', 'tropical rainforest of the Americas', (), 4),
+    types.Entity('Q3783', 'Amazon rainforest', 'tropical rainforest of the Americas', (), 19),
+    types.Entity('Q7700001', 'Evening Glow', 'painting', ('Dusk',), 0),
 ]
 JAGUAR_TEXT = (M(0, 6, 'Jaguar', 'kb'), M(14, 31, 'Amazon rainforest', 'kb'))
 
-# Default weights 0.3 / 0.4 / 0.3.
-# 'Paris' alone (no coherence): Q90 prior 100/150, label match 1.0; Q47899 prior 50/150, alias 0.8.
-PARIS_Q90 = (0.3 * 100 / 150 + 0.4 * 1.0) / 0.7           # 0.857
-PARIS_HILTON = (0.3 * 50 / 150 + 0.4 * 0.8) / 0.7          # 0.6
+# Default weights 0.3 / 0.4 / 0.3, nil_sitelinks 10; match counted from 0.72, so the sums of
+# weights are 0.3 + 0.4 * 0.28 = 0.412 without coherence and 0.712 with it.
+# 'Paris' alone (no coherence): Q90 prior 100/(150 + 10), label match 1.0; Q47899 prior
+# 50/160, alias 0.8.
+PARIS_Q90 = (0.3 * 100 / 160 + 0.4 * 0.28) / 0.412        # 0.727
+PARIS_HILTON = (0.3 * 50 / 160 + 0.4 * 0.08) / 0.412      # 0.305
 # 'Jaguar' + 'Amazon rainforest'. Words: jaguar/large/cat/species/americas,
 # jaguar/british/car/brand, amazon/rainforest/tropical/americas: J(animal, forest) = 1/8, J(car,
-# forest) = 0. Priors tie (10/20 each), both exact labels.
-JAGUAR_ANIMAL = 0.3 * 0.5 + 0.4 * 1.0 + 0.3 * (1 / 8)      # 0.5875
-JAGUAR_CAR = 0.3 * 0.5 + 0.4 * 1.0 + 0.3 * 0.0             # 0.55
-FOREST = 0.3 * 1.0 + 0.4 * 1.0 + 0.3 * (1 / 8)             # 0.7375
+# forest) = 0. Priors tie (10/30 each), both exact labels.
+JAGUAR_ANIMAL = (0.3 * 10 / 30 + 0.4 * 0.28 + 0.3 * (1 / 8)) / 0.712   # 0.350
+JAGUAR_CAR = (0.3 * 10 / 30 + 0.4 * 0.28 + 0.3 * 0.0) / 0.712         # 0.298
+FOREST = (0.3 * 20 / 30 + 0.4 * 0.28 + 0.3 * (1 / 8)) / 0.712         # 0.491
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +70,8 @@ def test_ambiguous_alias_resolved_by_popularity_prior(knowledge_base):
   # Upper case matches only after case folding: match quality x 0.9.
   upper = M(0, 5, 'PARIS', 'kb')
   assert _all_scores(linker, (upper,)) == [(upper, [
-      ('Q90', (0.3 * 100 / 150 + 0.4 * 0.9) / 0.7),
-      ('Q47899', (0.3 * 50 / 150 + 0.4 * 0.8 * 0.9) / 0.7)])]
+      ('Q90', (0.3 * 100 / 160 + 0.4 * (0.9 - 0.72)) / 0.412),
+      ('Q47899', (0.3 * 50 / 160 + 0.4 * 0.0) / 0.412)])]
 
 
 def test_tied_priors_resolved_by_coherence(knowledge_base):
@@ -87,16 +90,31 @@ def test_tied_priors_resolved_by_coherence(knowledge_base):
 
 
 def test_min_score_top_k_and_repeated_mentions(knowledge_base):
-  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.56).link(
-      JAGUAR_TEXT)] == ['Q3783', 'Q35694']           # the car's 0.55 < 0.56 <= 0.5875
-  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.6).link(
-      JAGUAR_TEXT)] == ['Q3783']                     # 0.5875 < 0.6 <= 0.7375
-  assert link.EntityLinker(knowledge_base, min_score=0.8).link(JAGUAR_TEXT) == ()
+  # min_score judges a mention by its best candidate; a kept mention keeps its weaker senses
+  # (the car's 0.298 < 0.3) for CLIP to choose among.
+  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.3).link(
+      JAGUAR_TEXT)] == ['Q3783', 'Q35694', 'Q30055']  # 0.3 <= 0.350, the animal
+  assert [c.entity_id for c in link.EntityLinker(knowledge_base, min_score=0.4).link(
+      JAGUAR_TEXT)] == ['Q3783']                     # 0.350 < 0.4 <= 0.491
+  assert link.EntityLinker(knowledge_base, min_score=0.5).link(JAGUAR_TEXT) == ()
   # The same text twice: linked once (the first mention); no coherence between mentions of
   # the same text.
   twice = (M(0, 5, 'Paris', 'kb'), M(7, 12, 'Paris', 'kb'))
   assert _scores(link.EntityLinker(knowledge_base, top_k=1).link(twice)) == [
       ('Q90', twice[0], PARIS_Q90)]
+
+
+def test_nil_mass_rejects_an_obscure_unambiguous_name(knowledge_base):
+  """'DUSK' names one item, with no sitelink, through an alias matched after case folding
+  (match 0.72, the floor): the prior is 1/(1 + 10), the score (0.3 / 11) / 0.412 = 0.066, under
+  the default min_score (0.1). Without the nil mass the prior is 1 and nothing could reject it:
+  0.3 / 0.412 = 0.728."""
+  dusk = (M(0, 4, 'DUSK', 'kb'),)
+  default = link.EntityLinker(knowledge_base)
+  assert _all_scores(default, dusk) == [(dusk[0], [('Q7700001', (0.3 / 11) / 0.412)])]
+  assert default.link(dusk) == ()
+  assert _scores(link.EntityLinker(knowledge_base, nil_sitelinks=0).link(dusk)) == [
+      ('Q7700001', dusk[0], 0.3 / 0.412)]
 
 
 def test_link_stage_routes_pairs(kb_dir):
@@ -105,11 +123,13 @@ def test_link_stage_routes_pairs(kb_dir):
   pairs = [mp('k1', *JAGUAR_TEXT), mp('k2', M(0, 4, 'Lyon', 'ner:GPE')),   # not in the KB
            mp('k3', M(0, 5, 'Paris', 'kb'))]
   with test_pipeline.TestPipeline(options=PipelineOptions(IN_MEMORY)) as p:
-    out = p | beam.Create(pairs) | link.LinkEntities(kb_dir, min_score=0.6, top_k=2)
+    out = p | beam.Create(pairs) | link.LinkEntities(kb_dir, min_score=0.3, top_k=2)
     assert_that(out['main'] | 'Main' >> beam.Map(
         lambda lp: (lp.pair.key, [(c.entity_id, round(c.link_score, 6)) for c in lp.candidates])),
-                equal_to([('k1', [('Q3783', round(FOREST, 6))]),
-                          ('k3', [('Q90', round(PARIS_Q90, 6)),        # 0.6 >= 0.6
+                equal_to([('k1', [('Q3783', round(FOREST, 6)),
+                                  ('Q35694', round(JAGUAR_ANIMAL, 6)),
+                                  ('Q30055', round(JAGUAR_CAR, 6))]),   # 0.298: a weaker sense
+                          ('k3', [('Q90', round(PARIS_Q90, 6)),
                                   ('Q47899', round(PARIS_HILTON, 6))])]), label='main')
     assert_that(out['filtered'] | 'F' >> beam.Map(lambda f: (f.stage, f.reason, f.key)),
                 equal_to([('link', 'no_candidate', 'k2')]), label='filtered')
@@ -121,6 +141,8 @@ def test_bad_settings_are_clear_errors(kb_dir):
     link.LinkEntities(kb_dir, min_score=1.5)
   with pytest.raises(ValueError, match='weights must be >= 0'):
     link.LinkEntities(kb_dir, prior_weight=-1.0)
+  with pytest.raises(ValueError, match='nil_sitelinks must be >= 0'):
+    link.LinkEntities(kb_dir, nil_sitelinks=-1)
   with pytest.raises(ValueError, match='top_k must be >= 1'):
     link.LinkEntities(kb_dir, top_k=0)
 
@@ -143,4 +165,4 @@ def test_a_homonym_shared_by_thousands_decodes_only_the_kept_candidates(tmp_path
   best = sorted(entities, key=lambda e: (-e.sitelinks, int(e.id[1:])))[:32]
   assert [e.id for e, _ in scored] == [e.id for e in best]
   assert [s for _, s in scored] == pytest.approx(
-      [(0.3 * (e.sitelinks + 1) / total + 0.4 * 1.0) / 0.7 for e in best], abs=1e-12)
+      [(0.3 * (e.sitelinks + 1) / (total + 10) + 0.4 * 0.28) / 0.412 for e in best], abs=1e-12)

@@ -254,6 +254,10 @@ TRAPS = [
     types.Entity('Q3783', 'Amazon', 'river in South America', (), 200),
     types.Entity('Q7156', 'FC Barcelona', 'football club', (), 250),
     types.Entity('Q1492', 'Barcelona', 'city in Spain', (), 300),
+    types.Entity('Q870', 'train', 'rail vehicle', ('Zug', 'tren'), 150),   # de, es labels
+    types.Entity('Q11925', 'Zug', 'town in Switzerland', (), 70),
+    types.Entity('Q13191', 'orange', 'citrus fruit', (), 90),
+    types.Entity('Q191126', 'Orange', 'commune in Vaucluse, France', (), 60),
 ]
 
 
@@ -280,6 +284,14 @@ def traps_kb(tmp_path_factory):
     ('Beyonce in paris', 'en', ['Beyonce']),                # one lower-case word: not alone
     ('\u6771\u4eac\u30bf\u30ef\u30fc\u3068\u5bcc\u58eb\u5c71\u306e\u591c\u666f', 'ja',
      ['\u6771\u4eac', '\u5bcc\u58eb\u5c71']),
+    # A capital that says nothing, on a word the KB also knows as a concept: at the start of a
+    # sentence, or anywhere in German (every noun has one). Mid-sentence elsewhere it counts.
+    ('Orange and white cat. Orange sky', 'en', []),
+    ('Le th\u00e9\u00e2tre antique d\u2019Orange', 'fr', ['Orange']),
+    ('Mit dem Zug nach Z\u00fcrich', 'de', ['Z\u00fcrich']),
+    ('Der Zug f\u00e4hrt nach Zug', 'de', []),
+    ('A day trip to Zug by train', 'en', ['Zug']),
+    ('Z\u00fcrich - Orange', 'en', ['Z\u00fcrich']),            # a dash opens a title part
 ])
 def test_case_and_context_rules(traps_kb, text, lang, expected):
   finder = mentions.MentionFinder(traps_kb, languages=[lang])

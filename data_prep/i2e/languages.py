@@ -15,6 +15,10 @@ import functools
 from data_prep.i2e import surface
 
 
+# Languages whose nouns are all written with a capital: there a capital is no sign of a name.
+NOUNS_CAPITALISED = frozenset({'de', 'lb'})
+
+
 @functools.lru_cache(maxsize=None)
 def stop_words(lang):
   """Folded stop words of `lang` (empty for a language spaCy has none for)."""

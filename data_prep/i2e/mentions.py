@@ -27,6 +27,10 @@ Case and context rules for alias hits (the KB has items named 'LA', 'He', 'It', 
   * a concept (an item whose label is in lower case, as Wikidata writes common nouns: 'dog',
     whose German label is 'Hund', Spanish 'perro') is a mention only where an NER span
     confirms it;
+  * one capitalised word that is also a concept's name ('Orange': the fruit; 'Zug': the
+    train in German) counts as a name only where its capital says so: not at the start of a
+    sentence, and never in a language that capitalises every noun (German), unless an NER
+    span confirms it. Where no NER reads the language, such words are never mentions;
   * a hit made only of stop words (of the text's language and English), numbers and
     punctuation is dropped ('It', 'He', 'Us', 'Die' in German), unless it is several
     capitalised words ('The Who') and an NER span confirms them;
@@ -112,6 +116,9 @@ def merge_spans(mentions, max_mentions=0):
   return tuple(kept[:max_mentions] if max_mentions else kept)
 
 
+_SENTENCE_OPENERS = frozenset('.!?:;|\u2022\u00b7\u2013\u2014-("\u201c\u00ab[\u2026')
+
+
 @dataclasses.dataclass(frozen=True)
 class AliasHit:
   """A span of the original text whose folded tokens (or characters) are a surface key."""
@@ -154,6 +161,7 @@ class CaseRules:
 
   def __init__(self, lang):
     self._stop = lang_lib.stop_words(lang) | lang_lib.stop_words('en')
+    self._nouns_capitalised = lang in lang_lib.NOUNS_CAPITALISED
 
   def _function_words(self, hit, text):
     """Stop words, numbers and punctuation only, and not several capitalised words."""
@@ -162,15 +170,24 @@ class CaseRules:
     words = text.split()
     return len(words) < 2 or not all(w[:1].isupper() for w in words)
 
-  def accept(self, hit, text, confirmed):
+  def _common_noun(self, hit, text, initial):
+    """One capitalised word that the KB also knows as a concept ('Zug': the train, 'Orange':
+    the fruit) where the capital says nothing: at the start of a sentence, or anywhere in a
+    language that capitalises every noun."""
+    return (len(hit.tokens) == 1 and kb_index.FORM_CONCEPT in hit.forms
+            and not surface.is_lower(text) and (initial or self._nouns_capitalised))
+
+  def accept(self, hit, text, confirmed, initial=False):
     """Whether `hit` (whose original text is `text`) is a mention; `confirmed`: an NER span
-    overlaps it."""
+    overlaps it; `initial`: it starts a sentence."""
     if len(''.join(text.split())) < 2:
       return False
     if not hit.tokens:                       # a character key: no case, no spaces
       return confirmed or any(f != kb_index.FORM_CONCEPT for f in hit.forms)
     if self._function_words(hit, text) and (len(hit.tokens) == 1 or not confirmed):
       return False                           # 'Us', 'It': an NER tag does not make a name
+    if not confirmed and self._common_noun(hit, text, initial):
+      return False
     case_key = None
     for form in hit.forms:
       if form[:1] == kb_index.FORM_STRICT:
@@ -186,6 +203,13 @@ class CaseRules:
         if confirmed or len(hit.tokens) > 1 or not surface.is_lower(text):
           return True
     return False
+
+
+def sentence_initial(text, start):
+  """Whether text[start:] begins the text or a sentence (after . ! ? : ; or a bullet, quote or
+  bracket that opens one)."""
+  before = text[:start].rstrip()
+  return not before or before[-1] in _SENTENCE_OPENERS
 
 
 def _overlapping(hit, ner_spans):
@@ -243,7 +267,8 @@ class MentionFinder:
       if gate and not around:
         continue
       span = text[hit.start:hit.end]
-      if self._case_rules and not rules.accept(hit, span, bool(around)):
+      if self._case_rules and not rules.accept(hit, span, bool(around),
+                                               sentence_initial(text, hit.start)):
         continue
       if not self._case_rules and len(span) < 2:
         continue
