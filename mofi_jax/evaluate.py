@@ -90,15 +90,6 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _load_hf(folder):
-  try:
-    from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(f'--hf_clip needs mofi_jax.interop.hf_import, which cannot be imported '
-                     f'({e}).') from e
-  return hf_import.load_encoder(folder)
-
-
 def _checked_image_size(args, model_size):
   if args.image_size and args.image_size != model_size:
     raise ValueError(f'--image_size {args.image_size}, but the model takes {model_size} px '
@@ -118,7 +109,7 @@ def _encoder_and_evaluator(args, build):
   if args.hf_clip:
     if args.step is not None:
       raise ValueError('--step applies to --workdir checkpoints, not to --hf_clip.')
-    encoder = _load_hf(args.hf_clip)
+    encoder = inference.load_hf_clip(args.hf_clip)
     config = encoder.config
   else:
     encoder, config = None, inference.read_config(args.workdir)

@@ -15,6 +15,7 @@ follows it, through these functions:
 Imports nothing heavy (TensorFlow only for object-store paths), so that commands refuse a
 bad `--out` before their slow imports.
 """
+import contextlib
 import glob
 import json
 import logging
@@ -273,3 +274,23 @@ def remove_stale(pattern, tool, keep=()):
       continue
     removed.append(path)
   return removed
+
+
+@contextlib.contextmanager
+def staged_output(out, tool, overwrite=False, *, inputs=(), legacy=None):
+  """Yields a temporary sibling of the local folder `out` to fill; renames it to `out` on
+  success (check_output first). A failure leaves `out` as it was (the partial folder is
+  removed); with `overwrite`, the old `out` is replaced only once the new one is complete."""
+  out = os.path.abspath(out)
+  check_output(out, tool, overwrite, inputs=inputs, legacy=legacy)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f'{out}.tmp-{os.getpid()}'
+  # Earlier runs' leftovers (a crash): ours and not in use; never a link or another's.
+  remove_stale(f'{out}.tmp-*', tool)
+  make_staging(tmp, tool)
+  try:
+    yield tmp
+  except BaseException:
+    remove_tree(tmp, tool)
+    raise
+  swap_into_place(tmp, out, tool, f'{out}.old-{os.getpid()}', legacy)

@@ -5,7 +5,6 @@ earlier export (our marker, or the export info file of older exports), never a f
 overlaps the workdir, never through a link. Imports nothing heavy, so that the export
 command refuses a bad --out at once.
 """
-import contextlib
 import json
 import os
 
@@ -30,23 +29,7 @@ def check_output_folder(out, overwrite, inputs=()):
   safe_outputs.check_output(out, TOOL, overwrite, inputs=inputs, legacy=_older_export)
 
 
-@contextlib.contextmanager
 def staged_folder(out, overwrite=False, inputs=()):
-  """Yields a temporary sibling of `out` to fill; renames it to `out` on success.
-
-  A failure leaves `out` as it was (the partial folder is removed); with
-  `overwrite`, the old `out` is replaced only once the new one is complete.
-  """
-  out = os.path.abspath(out)
-  check_output_folder(out, overwrite, inputs)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = f'{out}.tmp-{os.getpid()}'
-  # Earlier exports' leftovers (a crash): ours and not in use; never a link or another's.
-  safe_outputs.remove_stale(f'{out}.tmp-*', TOOL)
-  safe_outputs.make_staging(tmp, TOOL)
-  try:
-    yield tmp
-  except BaseException:
-    safe_outputs.remove_tree(tmp, TOOL)
-    raise
-  safe_outputs.swap_into_place(tmp, out, TOOL, f'{out}.old-{os.getpid()}', _older_export)
+  """A temporary sibling of `out` to fill, renamed to `out` on success
+  (safe_outputs.staged_output)."""
+  return safe_outputs.staged_output(out, TOOL, overwrite, inputs=inputs, legacy=_older_export)
