@@ -7,11 +7,14 @@ are checked against independent computations with inference.Encoder and NumPy.
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from mofi_jax import checkpointing, evaluate, inference, run_setup, sharding, trainer
 from mofi_jax.evals import gpr1200, image_folder, knn, results
@@ -186,6 +189,56 @@ def test_gpr1200_from_checkpoint_saves_features_and_results(tiny_run, heldout, t
                       '--save_features', saved)
   assert saved in message and 'already exists' in message
   assert os.path.getmtime(saved) == before
+
+
+def official_folder(folder):
+  """12,000 small JPEGs in the official layout, {category}_{i}.jpg: each category a colour
+  of its own plus per-image noise, so that rankings are neither perfect nor random."""
+  rng = np.random.default_rng(0)
+  colours = rng.integers(0, 256, (image_folder.GPR1200_CATEGORIES, 3))
+  os.makedirs(folder)
+  for c, colour in enumerate(colours):
+    for i in range(image_folder.IMAGES_PER_CATEGORY):
+      pixels = np.clip(colour + rng.normal(0, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(os.path.join(folder, f'{c}_{i}.jpg'), quality=90)
+  return folder
+
+
+def test_gpr1200_official_from_the_command_line(tiny_run, encoder, tmp_path):
+  """`gpr1200 --official` as a user runs it, on a folder of the benchmark's size: the saved
+  features are the Encoder's (spot-checked on files embedded here), the six domains are
+  reported, and the printed metrics are the library's scoring (tested against the official
+  loop in test_gpr1200.py / test_study.py) of exactly those features."""
+  folder = official_folder(str(tmp_path / 'gpr1200'))
+  saved = str(tmp_path / 'feats.npy')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mofi_jax.evaluate', 'gpr1200', '--workdir', tiny_run,
+       '--images', folder, '--official', '--save_features', saved],
+      capture_output=True, text=True, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout)
+  features = np.load(saved)
+  categories = np.arange(12000) // 10
+  expected = gpr1200.mean_average_precision(features, categories)
+  assert printed['metrics']['map'] == pytest.approx(expected.pop('all'), abs=1e-6)
+  assert {k: printed['metrics'][f'map/{k}'] for k in expected} == pytest.approx(expected,
+                                                                                 abs=1e-6)
+  assert set(expected) == {'landmarks', 'inat', 'sketch', 'instre', 'sop', 'faces'}
+  with open(printed['results_file']) as f:
+    assert json.load(f)['options']['official'] is True
+  rows = np.random.default_rng(1).choice(12000, 16, replace=False)
+  files = [os.path.join(folder, f'{r // 10}_{r % 10}.jpg') for r in rows]
+  images = [open(f, 'rb').read() for f in files]  # pylint: disable=consider-using-with
+  np.testing.assert_allclose(features[rows], encoder.embed_images(encoder.preprocess(images)),
+                             atol=1e-5)
+  assert 0.1 < expected['landmarks'] < 0.99   # neither random nor perfect: a real ranking
+
+
+def test_official_refuses_a_folder_of_another_size(tiny_run, heldout):
+  message = cli_error('gpr1200', '--workdir', tiny_run, '--images', heldout[0], '--official')
+  assert heldout[0] in message and 'official GPR1200 layout' in message
+  assert 'expected 12000 (1200 categories x 10)' in message, message
 
 
 def test_zeroshot_and_knn_match_independent_computation(tiny_run, encoder, heldout, loaded_once,
