@@ -5,6 +5,7 @@ incompatible config is refused and touches nothing; non-finite values stop the
 run; bad input gets one clear message, a non-zero exit, and leaves existing
 checkpoints alone; 2 processes agree on the step to restore."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -101,6 +102,33 @@ def uninterrupted(setup):
   run(train_cmd(setup, workdir))
   assert steps(workdir) == [20, 25, 30]
   return workdir
+
+
+def evaluate_cli(workdir, step, *args):
+  out = run([sys.executable, '-m', 'mofi_jax.evaluate', *args, f'--workdir={workdir}',
+             f'--step={step}'])
+  result = json.loads(out.stdout)
+  assert result['step'] == step
+  return result['metrics']
+
+
+def test_eval_results_of_a_real_run_equal_evaluate_on_its_checkpoints(setup, uninterrupted):
+  """eval_results.jsonl as `python -m mofi_jax.train` writes it: every evaluator at the start
+  and the end, retrieval also every 10 steps; a kept checkpoint's figures equal what
+  `python -m mofi_jax.evaluate ... --step N` computes from that checkpoint alone."""
+  with open(uninterrupted / 'eval_results.jsonl') as f:
+    lines = {(r['step'], r['eval']): r for r in map(json.loads, f)}
+  everything = {'retrieval', 'zeroshot', 'knn', 'linear_probe'}
+  assert set(lines) == ({(0, e) for e in everything} | {(30, e) for e in everything}
+                        | {(10, 'retrieval'), (20, 'retrieval')})
+  heldout = setup / 'corpus' / 'retrieval'
+  for step in (20, 30):                           # kept checkpoints
+    offline = evaluate_cli(uninterrupted, step, 'gpr1200', f'--images={heldout}')
+    assert offline['map'] == pytest.approx(lines[(step, 'retrieval')]['map'], abs=1e-4)
+  offline = evaluate_cli(uninterrupted, 30, 'zeroshot', '--dataset=folder',
+                         f'--data_dir={heldout}', '--split=all', '--templates=identity')
+  assert offline['top1'] == pytest.approx(lines[(30, 'zeroshot')]['top1'], abs=1e-6)
+  assert lines[(0, 'retrieval')]['map'] != lines[(30, 'retrieval')]['map']
 
 
 def start_and_signal(cmd, workdir, min_step, *sigs):
