@@ -34,3 +34,13 @@ def one_line(error):
 def exit_with(prog, error):
   """Ends the process: `prog: error: <one line>` on stderr, exit status 1."""
   sys.exit(f'{prog}: error: {one_line(error)}')
+
+
+def run_command(prog, parse_args, run, argv=None):
+  """A command's main(): `run(parse_args(argv))`, argv defaulting to the command line; an
+  input error ends the process with `exit_with`."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    return run(args)
+  except input_errors() as e:
+    exit_with(prog, e)

@@ -90,7 +90,7 @@ def _folder_split(folder, split, train_per_category, name_key, need_names):
   return Source(FOLDER, split, names, len(paths), batches)
 
 
-def _tfds_builder(dataset, data_dir):
+def tfds_builder(dataset, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.isdir(data_dir) or not tf.io.gfile.listdir(data_dir):
     raise DatasetError(f'{dataset}: data_dir {data_dir} is missing or empty; it must hold '
@@ -115,7 +115,7 @@ def _image_and_label_keys(dataset, features):
 
 def _tfds_split(dataset, data_dir, split):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(dataset, data_dir)
+  builder = tfds_builder(dataset, data_dir)
   image_key, label_key = _image_and_label_keys(dataset, builder.info.features)
   names = builder.info.features[label_key].names
   wnids = None

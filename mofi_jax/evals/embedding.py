@@ -44,13 +44,13 @@ def embed_in_batches(embed_fn, inputs, batch_size, desc='embed'):
   for start in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=None):
     batch = inputs[start:start + batch_size]
     real = len(batch)
-    out.append(check_embeddings(embed_fn(_pad(batch, batch_size)), batch_size, 'embed_fn')[:real])
+    out.append(check_embeddings(embed_fn(pad_batch(batch, batch_size)), batch_size, 'embed_fn')[:real])
   if not out:
     raise ValueError(f'{desc}: nothing to embed.')
   return np.concatenate(out)
 
 
-def _pad(batch, batch_size):
+def pad_batch(batch, batch_size):
   missing = batch_size - len(batch)
   if not missing:
     return batch
@@ -64,7 +64,7 @@ def embed_labelled(embed_images, batches, batch_size):
   features, labels = [], []
   for images, batch_labels in batches:
     real = len(images)
-    out = check_embeddings(embed_images(_pad(images, batch_size)), batch_size, 'embed_images')
+    out = check_embeddings(embed_images(pad_batch(images, batch_size)), batch_size, 'embed_images')
     features.append(out[:real])
     labels.append(np.asarray(batch_labels))
   if not features:
