@@ -22,7 +22,13 @@ import os
 # Before TensorFlow loads: its C++ INFO/WARNING lines would bury the one-line error.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from mofi_jax import cli_errors, embed_inputs, embed_shards, model_flags  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import numpy as np
+from tqdm import tqdm
+
+from mofi_jax import cli_errors, embed_inputs, embed_shards, model_flags
+from mofi_jax.data import image_limits
+from mofi_jax.evals import embedding
 
 PROG = 'mofi_jax.embed'
 
@@ -95,7 +101,6 @@ def model_info(args, encoder, inputs):
 
 def decode(encoder, item):
   """(pixels [S, S, 3] or None, skip reason, (width, height) or None) of one item."""
-  from mofi_jax.data import image_limits  # pylint: disable=import-outside-toplevel
   data, reason = (None, item.skip) if item.skip else embed_inputs.read_bytes(item)
   if reason or not data:
     return None, reason or 'empty_file', None
@@ -111,8 +116,6 @@ def decode(encoder, item):
 
 def embed_batch(encoder, batch, pool, args, shard):
   """Embeds a list of items into `shard` (a dict of lists and counts)."""
-  from mofi_jax.evals import embedding  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   good = []
   for item, (pixels, reason, size) in zip(batch, pool.map(lambda i: decode(encoder, i), batch)):
     shard['seen'] += item.count
@@ -133,7 +136,6 @@ def embed_batch(encoder, batch, pool, args, shard):
 
 
 def embed_shard(encoder, items, pool, args, bar, out, index):
-  import numpy as np  # pylint: disable=import-outside-toplevel
   shard = dict(seen=0, skipped=collections.Counter(), rows=[], image=[], text=[])
   items = iter(items)
   while batch := list(itertools.islice(items, args.batch_size)):
@@ -157,7 +159,6 @@ def pending_total(total, args, mine):
 
 def embed_all(encoder, inputs, args, out):
   """Writes this process's unfinished shards; returns the number of shards of the inputs."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   process_id, num_processes = process_share(args)
   mine = lambda i: i % num_processes == process_id and not embed_shards.is_done(out, i)
   positions = enumerate(inputs.items())
