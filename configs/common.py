@@ -82,6 +82,7 @@ TEXT_TOWERS = {
     'H/14': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 EMBED_DIMS = {'B/16': 512, 'L/14': 768, 'H/14': 1024}
+OPT_VOCAB_SIZE = 50_272   # OPT's token embedding (50,265 tokens, padded to a multiple of 8)
 # Rematerialisation, checked with `python -m mofi_jax.aot` on v5e-256 (128
 # images per chip, 15.75 GiB usable HBM; docs/pod_scale.md) with the splash
 # kernel: B/16 saves every projection ('projections'), L/14 and H/14 recompute
@@ -102,7 +103,9 @@ def paper_config(variant, mode):
   c.input.update(batch_size=32_768, image_size=224, text_len=77)
   c.model.embed_dim = EMBED_DIMS[variant]
   c.model.image.variant = variant
-  c.model.text.update(vocab_size=49_408, **TEXT_TOWERS[variant])
+  # The released MOFI text towers read OPT's tokenizer (50,272 embedding rows): with it the
+  # towers have ml-mofi's published sizes (tests/test_paper_configs.py).
+  c.model.text.update(vocab_size=OPT_VOCAB_SIZE, **TEXT_TOWERS[variant])
   c.model.head.num_classes = 2_000_000
   c.model.remat = REMAT[variant]
   # TPU pods: the Pallas splash kernel (on GPU: --config.model.attention=cudnn).
