@@ -6,8 +6,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('mofi_jax', 'data_prep', 'configs')
-# Entry points of mofi_jax that build the demo world's corpora on purpose.
-MAY_IMPORT_DATA_PREP = ('mofi_jax.demo', 'mofi_jax.study')
+# Entry points of mofi_jax that build the demo world's corpora on purpose, and the embed
+# command's input module, which reads img2dataset output with data_prep's own readers.
+MAY_IMPORT_DATA_PREP = ('mofi_jax.demo', 'mofi_jax.study', 'mofi_jax.embed_inputs')
 
 
 def modules(root):
