@@ -29,6 +29,8 @@ EXTRAS = {
     'download': ['img2dataset==1.47.0'],
     # Checkpoint interop. Pin torch: torchvision (test) must match it exactly.
     'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.14.1'],
+    # Index and search embedded collections (mofi_jax.index / mofi_jax.search).
+    'search': ['faiss-cpu>=1.9,<2'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
     # scikit-learn and torchvision (ml-mofi's eval code) are oracles in tests;

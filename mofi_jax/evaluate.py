@@ -29,7 +29,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import numpy as np
 import tensorflow as tf
 
-from mofi_jax import cli_errors, inference
+from mofi_jax import cli_errors, inference, model_flags
 from mofi_jax.data import eval_transform
 from mofi_jax.evals import (entities, gpr1200, knn, linear_probe, results, zeroshot)
 from mofi_jax.evals.embedding import Towers
@@ -109,7 +109,7 @@ def _encoder_and_evaluator(args, build):
   if args.hf_clip:
     if args.step is not None:
       raise ValueError('--step applies to --workdir checkpoints, not to --hf_clip.')
-    encoder = inference.load_hf_clip(args.hf_clip)
+    encoder = model_flags.load_hf_clip(args.hf_clip)
     config = encoder.config
   else:
     encoder, config = None, inference.read_config(args.workdir)

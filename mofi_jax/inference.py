@@ -251,12 +251,3 @@ def load(workdir, step=None, mesh=None):
   return Encoder(config=config, params=params, tokenize=tokenize, entities=entities,
                  step=step, source=f'{workdir} (step {step})', mesh=mesh)
 
-
-def load_hf_clip(folder):
-  """The Encoder of a Hugging Face CLIP folder (released MOFI folders included)."""
-  try:
-    from mofi_jax.interop import hf_import  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise LoadError(f'--hf_clip needs mofi_jax.interop.hf_import, which cannot be imported '
-                    f'({e}).') from e
-  return hf_import.load_encoder(folder)

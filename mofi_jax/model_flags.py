@@ -27,5 +27,16 @@ def load_encoder(args):
   from mofi_jax import inference  # pylint: disable=import-outside-toplevel
   check_model_flags(args)
   if args.hf_clip:
-    return inference.load_hf_clip(args.hf_clip)
+    return load_hf_clip(args.hf_clip)
   return inference.load(os.path.abspath(args.workdir), args.step)
+
+
+def load_hf_clip(folder):
+  """The inference.Encoder of a Hugging Face CLIP folder (released MOFI folders included).
+  Here, not in inference.py: interop imports inference, so the way back would be a circle."""
+  try:
+    from mofi_jax.interop import hf_import  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError(f'--hf_clip needs mofi_jax.interop.hf_import, which cannot be imported '
+                     f'({e}).') from e
+  return hf_import.load_encoder(folder)
