@@ -26,10 +26,11 @@ Building: the training sample is min(n, max(64*k, 39*256), 200,000) rows drawn w
 seed, read from the memory-mapped shards; every row is then added shard by shard in chunks
 of 65,536, so an IVF build never holds the float32 collection in memory.
 
-Recall: 1,000 rows (fewer for small n) drawn with another seed, kept out of the training
+Recall: min(1,000, max(1, n/10)) rows drawn with another seed, kept out of the training
 sample, are the queries. Their exact top-10 among the other rows (float32 brute force over
 the shards; the query's own row excluded from both lists) is compared with the index's;
-recall@10 = mean |approx top-10 & exact top-10| / 10. nprobe (IVF) or efSearch (HNSW) is
+recall@10 = |approx top-10 & exact top-10| / |exact top-10|, summed over the queries
+(fewer than 10 where the collection is that small; null for one row). nprobe (IVF) or efSearch (HNSW) is
 raised until recall@10 >= 0.95 or its largest value; the figure stored is the one at the
 chosen setting. index_info.json keeps the factory, search_params, recall@10, build time
 and the shards' row offsets; recall_queries.npy the query rows.
@@ -145,7 +146,8 @@ def sample_rows(n, size, seed, exclude=()):
 
 
 def exact_neighbours(shards, queries, query_rows, k):
-  """[Q, k] exact top-k rows of each query over the collection, its own row excluded."""
+  """[Q, <=k] exact top-k rows of each query over the collection, its own row excluded
+  (-1 where the collection has fewer than k other rows)."""
   best_s = np.full((len(queries), 0), -np.inf, np.float32)
   best_r = np.zeros((len(queries), 0), np.int64)
   for first, chunk in iter_chunks(shards):
@@ -162,17 +164,19 @@ def exact_neighbours(shards, queries, query_rows, k):
       r = np.concatenate([best_r, rows], axis=1)
       top = np.argsort(-s, axis=1, kind='stable')[:, :k]
       best_s, best_r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
-  return best_r
+  return np.where(np.isfinite(best_s), best_r, -1)   # -1: fewer than k other rows
 
 
 def recall_at_k(index, queries, query_rows, exact, k=RECALL_K):
-  """Mean share of each query's exact top-k (own row excluded) in the index's top-k."""
+  """Share of the queries' exact top-k (own row excluded) found in the index's top-k; None
+  for a one-row collection (no neighbours to find)."""
   _, found = index.search(queries, k + 1)
-  hits = 0
+  hits = wanted = 0
   for own, approx, truth in zip(query_rows, found, exact):
     approx = [r for r in approx if r != own and r >= 0][:k]
-    hits += len(set(approx) & set(truth[:k].tolist()))
-  return hits / (k * len(queries))
+    truth = {r for r in truth[:k].tolist() if r >= 0}
+    hits, wanted = hits + len(set(approx) & truth), wanted + len(truth)
+  return hits / wanted if wanted else None
 
 
 def tune(index, factory, queries, query_rows, exact):
@@ -190,7 +194,7 @@ def tune(index, factory, queries, query_rows, exact):
   for params in settings:
     space.set_index_parameters(index, params)
     recall = recall_at_k(index, queries, query_rows, exact)
-    if recall >= RECALL_TARGET:
+    if recall is None or recall >= RECALL_TARGET:
       break
   return params, recall
 
@@ -242,8 +246,8 @@ def build(embeddings_dir, tmp, max_bytes, factory=None, seed=0):
                                                    search_index.meta_name(i)))
   info = dict(factory=factory, metric='ip', rows=n, dim=d, search_params=params,
               recall_at_10=recall, recall_queries=len(query_rows),
-              recall_definition='mean |index top-10 & exact top-10| / 10 over rows of the '
-                                'collection (recall_queries.npy), own row excluded',
+              recall_definition='|index top-10 & exact top-10| / |exact top-10| summed over rows of '
+                                'the collection (recall_queries.npy), own row excluded',
               build_seconds=round(time.time() - started, 3), max_memory_bytes=max_bytes,
               embeddings=os.path.abspath(embeddings_dir), faiss_version=faiss.__version__,
               shards=[dict(embeddings=s['embeddings'], rows=s['rows'], start=s['start'])

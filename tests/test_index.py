@@ -100,6 +100,13 @@ def test_flat_equals_float64_brute_force(tmp_path):
   np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('n, recall', [(1, None), (5, 1.0)])
+def test_tiny_collections_recall(tmp_path, n, recall):
+  """Fewer than 10 other rows: recall counts the neighbours there are."""
+  _, _, info = build(tmp_path, [n], 8)
+  assert info['recall_at_10'] == recall and info['recall_queries'] == 1
+
+
 def recomputed_recall(vectors, out, k=10):
   """recall@10 of the index at its stored settings, with the exact neighbours from float64
   NumPy over all rows (the query's own row excluded)."""
