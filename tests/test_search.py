@@ -160,3 +160,24 @@ def test_bad_queries_give_one_line_errors(collection, tiny_run, loaded_once, tmp
   assert '--k 0' in cli_error(capsys, *model, '--text', 'x', '--k', '0')
   assert 'not an index folder' in cli_error(capsys, '--index', str(tmp_path), '--workdir',
                                             tiny_run, '--text', 'x')
+
+
+def test_embed_then_index_then_search(tiny_corpus, tiny_run, loaded_once, tmp_path, capsys):
+  """The layout python -m mofi_jax.embed writes (float16, 4 shards, its stats.json) is what
+  index reads: every held-out image finds itself first, named by its own metadata."""
+  from mofi_jax import embed  # pylint: disable=import-outside-toplevel
+  photos = os.path.join(tiny_corpus, 'retrieval')
+  emb, out = str(tmp_path / 'emb'), str(tmp_path / 'index')
+  embed.main(['--workdir', tiny_run, '--images', photos, '--out', emb, '--shard_size', '16',
+              '--batch_size', '16'])
+  info = index_cli.main(['--embeddings', emb, '--out', out])
+  assert info['rows'] == 50 and [s['rows'] for s in info['shards']] == [16, 16, 16, 2]
+  capsys.readouterr()
+  lines = run_search(capsys, '--index', out, '--workdir', tiny_run, '--image', photos,
+                     '--threshold', '0.99', '--k', '3')
+  firsts = {line['query']: line for line in lines if line['rank'] == 1}
+  paths = sorted(glob.glob(os.path.join(photos, '*.jpg')))
+  assert sorted(firsts) == paths
+  for path, hit in firsts.items():
+    assert hit['image_path'] == path and hit['score'] == pytest.approx(1, abs=3e-3)
+    assert hit['key'] == os.path.basename(path)
