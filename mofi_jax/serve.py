@@ -34,9 +34,13 @@ def parse_args(argv):
 
 
 def warm_up(encoder):
-  """Compiles what queries run (image tower, raw for the head, text tower) before serving."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  pixels = np.zeros((1, encoder.image_size, encoder.image_size, 3), np.float32)
+  """Traces and compiles what queries run (decoding, the image tower, raw for the head,
+  the text tower) before serving, on a small generated image."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  image = io.BytesIO()
+  Image.new('RGB', (32, 32), (128, 64, 32)).save(image, 'PNG')
+  pixels = encoder.preprocess([image.getvalue()])
   encoder.embed_images(pixels)
   if encoder.has_head:
     encoder.embed_images(pixels, normalize=False)

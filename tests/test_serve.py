@@ -8,6 +8,7 @@ shows the query image as its own top result.
 Regenerate the docs' screenshot: UPDATE_FIGURES=1 python -m pytest tests/test_serve.py -k page
 """
 import base64
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -110,6 +111,17 @@ def test_image_query_finds_itself_and_serves_its_file(server, collection, encode
   assert httpx.get(f'{server}/{results[0]["image"]}').content == data
   same = [category(paths[h['row']]) == category(paths[7]) for h in results]
   assert same[0] and sum(same) >= 2   # the random tiny model still groups its category
+
+
+def test_concurrent_queries_answer_as_one_at_a_time(server, collection):
+  paths = collection[1][:8]
+
+  def query(path):
+    return httpx.post(f'{server}/search', files={'image': ('q.jpg', read(path))},
+                      data={'k': '3'}, timeout=120).json()['results']
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    together = list(pool.map(query, paths))
+  assert together == [query(p) for p in paths]
 
 
 def test_entities_are_the_heads_top_logits(server, collection, encoder):
