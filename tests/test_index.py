@@ -63,19 +63,24 @@ def exact_top(vectors, queries, k):
     (100_001, 512, '4GB', 'HNSW32'),                 # past the exact-search row limit
     (50_000, 512, '150MB', 'HNSW32'),                # Flat's 102 MB > 75 MB; HNSW 115 MB fits
     (1_000_000, 512, '4GB', 'HNSW32'),               # 2.3 GB <= 3.2 GB
-    (1_000_000, 512, '2GB', 'IVF4096,PQ256'),        # 264 MB of codes; IVF-Flat's 2.06 GB > 1.6 GB
+    (1_000_000, 512, '2GB', 'IVF4096,PQ256,Refine(SQ8)'),   # 776 MB of PQ + SQ8 codes and ids;
+                                                            # IVF-Flat's 2.06 GB > 1.6 GB
     (1_000_000, 512, '2.6GB', 'IVF4096,Flat'),       # 2.06 GB <= 2.23 GB; HNSW's 2.3 GB is not
-    (3_000_000, 512, '4GB', 'IVF8192,PQ256'),        # HNSW past its row limit; 792 MB of codes
-    (1_000_000_000, 512, '64GB', 'IVF131072,PQ32'),  # 40 GB of codes and ids
-    (4_000, 32, '300KB', 'IVF102,PQ32'),             # k capped at n / 39
+    (3_000_000, 512, '4GB', 'IVF8192,PQ256,Refine(SQ8)'),   # HNSW past its row limit; 2.3 GB
+    (100_000_000, 512, '64GB', 'IVF32768,PQ16,Refine(SQ8)'),  # 54.4 GB; PQ32's 56 GB > 55 GB
+    (1_000_000_000, 512, '1TB', 'IVF131072,PQ256,Refine(SQ8)'),  # 776 GB
+    (4_000, 32, '400KB', 'IVF102,PQ32,Refine(SQ8)'),        # k capped at n / 39; 301 KB
+    (4_000, 32, '300KB', 'IVF102,PQ16,Refine(SQ8)'),        # PQ32's 301 KB > 246 KB
 ])
 def test_choose_factory(n, d, budget, expected):
   assert index_cli.choose_factory(n, d, index_cli.parse_memory(budget)) == expected
 
 
-def test_choose_factory_refuses_a_budget_too_small():
+@pytest.mark.parametrize('n, budget', [(1_000_000, '1MB'),
+                                       (1_000_000_000, '64GB')])   # SQ8 refine codes: 512 GB
+def test_choose_factory_refuses_a_budget_too_small(n, budget):
   with pytest.raises(ValueError, match='too small'):
-    index_cli.choose_factory(1_000_000, 512, index_cli.parse_memory('1MB'))
+    index_cli.choose_factory(n, 512, index_cli.parse_memory(budget))
 
 
 @pytest.mark.parametrize('text, value', [('4GB', 4 << 30), ('512MB', 512 << 20), ('1.5G', 3 << 29),
@@ -122,16 +127,19 @@ def recomputed_recall(vectors, out, k=10):
   return sum(hits) / (k * len(query_rows)), idx.info
 
 
-@pytest.mark.parametrize('flags, kind', [(['--max_memory', '300KB'], 'IVF102,PQ32'),
-                                         (['--factory', 'HNSW32'], 'HNSW32')])
-def test_approximate_index_recall_matches_stored_figure(tmp_path, flags, kind):
+@pytest.mark.parametrize('flags, kind, params', [
+    (['--max_memory', '400KB'], 'IVF102,PQ32,Refine(SQ8)', ('nprobe', 'k_factor_rf')),
+    (['--factory', 'IVF102,PQ32'], 'IVF102,PQ32', ('nprobe',)),   # no re-ranking stage
+    (['--factory', 'HNSW32'], 'HNSW32', ('efSearch',))])
+def test_approximate_index_recall_matches_stored_figure(tmp_path, flags, kind, params):
   vectors, out, info = build(tmp_path, [1500, 2000, 500], 32, *flags)
   assert info['factory'] == kind
   recall, stored = recomputed_recall(vectors, out)
   assert stored['recall_at_10'] == info['recall_at_10']
   assert recall == pytest.approx(stored['recall_at_10'], abs=2e-3)   # float32 vs float64 ties
-  assert recall >= 0.9 and stored['recall_queries'] == 400
-  assert stored['search_params'].split('=')[0] in ('nprobe', 'efSearch')
+  assert stored['recall_queries'] == 400
+  assert recall >= (0.9 if kind == 'IVF102,PQ32' else 0.95)
+  assert tuple(p.split('=')[0] for p in stored['search_params'].split(',')) == params
   assert stored['build_seconds'] > 0
 
 
