@@ -34,8 +34,8 @@ Recall: min(1,000, max(1, n/10)) rows drawn with another seed, kept out of the t
 sample, are the queries. Their exact top-10 among the other rows (float32 brute force over
 the shards; the query's own row excluded from both lists) is compared with the index's;
 recall@10 = |approx top-10 & exact top-10| / |exact top-10|, summed over the queries
-(fewer than 10 where the collection is that small; null for one row). nprobe (IVF) or
-efSearch (HNSW) is raised until recall@10 >= 0.95 or its largest value; with a refine stage
+(fewer than 10 where the collection is that small; null for one row). nprobe (IVF: powers
+of two, then every list) or efSearch (HNSW) is raised until recall@10 >= 0.95 or its largest value; with a refine stage
 each nprobe is tried with k_factor_rf (the refine's candidate multiplier) in K_FACTORS
 before the next; the figure stored is the one at the chosen setting. index_info.json keeps
 the factory, search_params, recall@10, build time and the shards' row offsets;
@@ -66,7 +66,6 @@ TRAIN_MAX_ROWS = 200_000
 CHUNK_ROWS = 65_536
 EXACT_BLOCK = 4_096
 RECALL_QUERIES, RECALL_K, RECALL_TARGET = 1000, 10, 0.95
-NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024)
 K_FACTORS = (2, 4, 8, 16)
 REFINE = 'Refine(SQ8)'
@@ -194,7 +193,8 @@ def tune(index, factory, queries, query_rows, exact):
   import faiss  # pylint: disable=import-outside-toplevel
   if factory.startswith('IVF'):
     nlist = int(re.match(r'IVF(\d+)', factory).group(1))
-    settings = [f'nprobe={p}' for p in NPROBES if p < nlist] + [f'nprobe={nlist}']
+    probes = [2 ** i for i in range(nlist.bit_length()) if 2 ** i < nlist] + [nlist]
+    settings = [f'nprobe={p}' for p in probes]   # powers of two up to every list
     if re.search(r',(Refine\(|RFlat)', factory):   # re-ranking: its candidate multiplier too
       settings = [f'{p},k_factor_rf={f}' for p in settings for f in K_FACTORS]
   elif factory.startswith('HNSW'):
