@@ -127,7 +127,6 @@ class KnowledgeBase:
     self.meta = dict(meta or {})
     self._index = index
     self._entity_cache = {}
-    self._last_lookup = (None, None, kb_index.NO_CANDIDATES)   # (text, alias, AliasCandidates)
 
   @classmethod
   def from_entities(cls, entities, meta=None, index_shards=1,
@@ -177,23 +176,20 @@ class KnowledgeBase:
     """AliasHits of the entities with an alias equal to `text` once normalised, most sitelinks
     first (ties: the smaller Q-number), as the alias index stores them: the build kept at most
     kb.json's max_candidates_per_alias (0: all). No entity is decoded."""
-    _, alias, found = self._alias_candidates(text)
-    return [types.AliasHit(q, quality, alias, sitelinks) for q, quality, sitelinks in found.kept]
+    return self.lookup_with_mass(text)[0]
 
   def alias_mass(self, text):
     """Sum of (sitelinks + 1) over every entity with an alias equal to `text` once normalised,
     the ones the build dropped included: the linker's prior denominator."""
-    found = self._alias_candidates(text)[2]
-    return sum(sitelinks + 1 for _, _, sitelinks in found.kept) + found.dropped_mass
+    return self.lookup_with_mass(text)[1]
 
-  def _alias_candidates(self, text):
-    """(text, normalised alias, AliasCandidates); the last text's are kept, since the linker
-    asks lookup and alias_mass of each mention in turn (one tuple: safe across threads)."""
-    last = self._last_lookup
-    if last[0] != text:
-      alias = normalize_alias(text)
-      last = self._last_lookup = (text, alias, self._index.candidates(alias))
-    return last
+  def lookup_with_mass(self, text):
+    """(lookup(text), alias_mass(text)) from one read of the alias index (the linker needs
+    both for each mention)."""
+    alias = normalize_alias(text)
+    found = self._index.candidates(alias)
+    hits = [types.AliasHit(q, quality, alias, sitelinks) for q, quality, sitelinks in found.kept]
+    return hits, sum(h.sitelinks + 1 for h in hits) + found.dropped_mass
 
   def surface_prefixes(self, joined):
     return self._index.surface_prefixes(joined)

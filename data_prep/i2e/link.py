@@ -108,8 +108,8 @@ class EntityLinker:
     """[(entity, prior, match)] of one mention, most popular first, capped. The alias index
     holds each candidate's sitelinks, so the prior's total and the order need no entity
     decoded: only the `max_candidates` kept are ('John Smith' names thousands of items)."""
-    hits = self._kb.lookup(mention.text)            # most sitelinks first
-    total = self._kb.alias_mass(mention.text)       # over all, the build's dropped ones too
+    # Most sitelinks first; the total is over all, the build's dropped ones too.
+    hits, total = self._kb.lookup_with_mass(mention.text)
     out = []
     for hit in hits[:self._max_candidates]:
       entity = self._kb.entity(hit.entity_id)
