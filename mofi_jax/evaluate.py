@@ -106,9 +106,8 @@ def _encoder_and_evaluator(args, build):
   """
   if not (args.workdir or args.hf_clip):
     raise ValueError(f'{args.eval} needs a model: pass --workdir W or --hf_clip FOLDER.')
+  model_flags.check_model_flags(args)
   if args.hf_clip:
-    if args.step is not None:
-      raise ValueError('--step applies to --workdir checkpoints, not to --hf_clip.')
     encoder = model_flags.load_hf_clip(args.hf_clip)
     config = encoder.config
   else:

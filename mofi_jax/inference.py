@@ -161,14 +161,18 @@ class Encoder:
     return self.embed_tokens(self.tokenize(list(texts)), batch_size)
 
   def head_weights(self):
-    """(kernel [D, C], bias [C] or None, kind) of the entity head, padding removed."""
+    """(kernel [D, C], bias [C] or None, kind) of the entity head, padding removed; copied to
+    the host once (a 2M-entity head is gigabytes, and a server asks on every request)."""
     if not self.has_head:
       raise LoadError(f'{self.source}: a {self.config.model.mode!r} model has no entity head.')
-    head = jax.device_get(self.params['entity_head'])
-    c = int(self.config.model.head.num_classes)
-    bias = head.get('bias')
-    return (np.asarray(head['kernel'])[:, :c], None if bias is None else np.asarray(bias)[:c],
-            self.config.model.head.kind)
+    if getattr(self, '_head_weights', None) is None:
+      head = jax.device_get(self.params['entity_head'])
+      c = int(self.config.model.head.num_classes)
+      bias = head.get('bias')
+      self._head_weights = (np.asarray(head['kernel'])[:, :c],
+                            None if bias is None else np.asarray(bias)[:c],
+                            self.config.model.head.kind)
+    return self._head_weights
 
   def logit_scale(self):
     if not self.has_text:

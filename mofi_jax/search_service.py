@@ -15,7 +15,6 @@ file inside the collection's image folder, after symlinks are resolved: the fold
 """
 import base64
 import binascii
-import json
 import os
 import threading
 
@@ -76,12 +75,8 @@ def check_k(k):
 def image_root(index_info):
   """The folder the collection's images were embedded from, or None when its embed run
   read --pairs, or it was embedded by another tool."""
-  path = os.path.join(index_info.get('embeddings') or '', embed_shards.INFO_FILE)
-  try:
-    with open(path, encoding='utf-8') as f:
-      spec = json.load(f).get('input') or {}
-  except (OSError, ValueError, AttributeError):
-    return None
+  info = embed_shards.read_info(index_info.get('embeddings') or '')
+  spec = (info.get('input') if isinstance(info, dict) else None) or {}
   if spec.get('kind') != 'images' or not spec.get('pattern'):
     return None
   return safe_outputs.pattern_root(spec['pattern'])
@@ -124,10 +119,9 @@ class SearchService:
         return self.image_vector(image), dict(kind='image', bytes=len(image))
       if text is not None:
         return search_queries.text_vector(self.encoder, text), dict(kind='text', text=text)
-      search_queries.entity_class(self.encoder, entity)
+      vector, how = search_queries.entity_vector(self.encoder, entity)
     except search_queries.QueryError as e:
       raise ServeError(400, str(e)) from e
-    vector, how = search_queries.entity_vector(self.encoder, entity)
     return vector, dict(kind='entity', entity=entity, how=how)
 
   def nearest(self, vector, k):
