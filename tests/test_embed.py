@@ -172,7 +172,7 @@ def test_pairs_with_captions(photos, tiny_run, encoder, cached_load, tmp_path):
   meta = pq.read_table(out / 'metadata' / 'metadata_0.parquet').to_pylist()
   captions = [m['caption'] for m in meta]
   assert captions == [f'photo number {i}' for i in range(10) if i != 3]
-  assert [m['url'] for m in meta][:1] == ['https://example.com/0.jpg']
+  assert [m['url'] for m in meta] == [f'https://example.com/{i}.jpg' for i in range(10) if i != 3]
   assert meta[0]['key'] == 'shards/000000000'
   texts = np.load(out / 'text_emb' / 'text_emb_0.npy').astype(np.float32)
   np.testing.assert_allclose(texts, encoder.embed_texts(captions), atol=2e-3)

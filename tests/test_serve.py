@@ -206,7 +206,7 @@ def test_bad_uploads_get_4xx_and_the_server_answers_on(server, collection, encod
           'not JSON')
   refused(post(json={'image': 'not base64!'}), 400, 'not valid base64')
   refused(post(content=b'--x\r\nnot a part', headers={'content-type': 'multipart/form-data'}),
-          400, '')
+          400, 'Missing boundary in multipart')
   refused(httpx.get(f'{server}/images/{len(paths)}'), 404, 'no such row')
   refused(httpx.get(f'{server}/no-such-route'), 404, 'Not Found')
   data = read(paths[20])
