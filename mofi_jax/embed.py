@@ -15,9 +15,11 @@ re-run resumes. Bad flags, inputs or --out end with one line and a non-zero exit
 import argparse
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import json
 import os
+from typing import Optional
 
 # Before TensorFlow loads: its C++ INFO/WARNING lines would bury the one-line error.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -33,8 +35,8 @@ from mofi_jax.evals import embedding
 PROG = 'mofi_jax.embed'
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog=f'python -m {PROG}')
+def build_parser(prog=PROG):
+  parser = argparse.ArgumentParser(prog=f'python -m {prog}')
   model_flags.add_model_flags(parser)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--images', help="image files: a glob ('**' recursive) or a folder")
@@ -49,7 +51,11 @@ def parse_args(argv):
   parser.add_argument('--process_id', type=int, help='this process (default: JAX\'s, or 0)')
   parser.add_argument('--num_processes', type=int, help='processes sharing the shards')
   parser.add_argument('--overwrite', action='store_true', help='replace another run in --out')
-  return parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv):
+  return build_parser().parse_args(argv)
 
 
 def check_flags(args):
@@ -114,39 +120,64 @@ def decode(encoder, item):
     return None, 'unreadable_image', None
 
 
-def embed_batch(encoder, batch, pool, args, shard):
-  """Embeds a list of items into `shard` (a dict of lists and counts)."""
-  good = []
-  for item, (pixels, reason, size) in zip(batch, pool.map(lambda i: decode(encoder, i), batch)):
-    shard['seen'] += item.count
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+  """What became of one item: its metadata row and embeddings, or the reason it was skipped
+  (no image bytes: this is what crosses a Beam shuffle)."""
+  count: int
+  reason: str = ''
+  row: Optional[dict] = None
+  image: Optional[np.ndarray] = None
+  text: Optional[np.ndarray] = None
+
+
+def embed_items(encoder, batch, batch_size, captions, pool=None):
+  """Items -> one Embedded each. Every tower call sees batch_size rows (zero-padded), so a
+  row's embedding does not depend on which batch it came in (local and Beam runs agree)."""
+  decoded = list((pool.map if pool else map)(lambda i: decode(encoder, i), batch))
+  good = [j for j, (_, reason, _) in enumerate(decoded) if not reason]
+  images = texts = None
+  if good:
+    pixels = np.stack([decoded[j][0] for j in good])
+    images = encoder.embed_images(embedding.pad_batch(pixels, batch_size), batch_size)
+    if captions:
+      text = [batch[j].caption or '' for j in good]
+      texts = encoder.embed_texts(embedding.pad_batch(text, batch_size), batch_size)
+  out, row = [], {j: n for n, j in enumerate(good)}
+  for j, (item, (_, reason, size)) in enumerate(zip(batch, decoded)):
     if reason:
-      shard['skipped'][reason] += item.count
+      out.append(Embedded(item.count, reason))
       continue
-    good.append(pixels)
     width, height = size or (None, None)
-    shard['rows'].append(dict(image_path=item.image_path, key=item.key, url=item.url,
-                              caption=item.caption, width=width, height=height))
-  if not good:
-    return
-  n, size = len(good), args.batch_size
-  shard['image'].append(encoder.embed_images(embedding.pad_batch(np.stack(good), size), size)[:n])
-  if args.captions:
-    texts = [r['caption'] or '' for r in shard['rows'][-n:]]
-    shard['text'].append(encoder.embed_texts(embedding.pad_batch(texts, size), size)[:n])
+    meta = dict(image_path=item.image_path, key=item.key, url=item.url, caption=item.caption,
+                width=width, height=height)
+    out.append(Embedded(item.count, row=meta, image=images[row[j]],
+                        text=None if texts is None else texts[row[j]]))
+  return out
+
+
+def write_embedded(out, index, embedded, dim, captions):
+  """Shard `index`'s files from its items' Embedded, in input order."""
+  kept = [e for e in embedded if not e.reason]
+  skipped = collections.Counter()
+  for e in embedded:
+    if e.reason:
+      skipped[e.reason] += e.count
+  stack = lambda xs: np.stack(xs) if xs else np.zeros((0, dim), np.float32)
+  counts = dict(seen=sum(e.count for e in embedded), embedded=len(kept),
+                skipped=dict(sorted(skipped.items())))
+  embed_shards.write_shard(out, index, stack([e.image for e in kept]),
+                           stack([e.text for e in kept]) if captions else None,
+                           [e.row for e in kept], counts)
 
 
 def embed_shard(encoder, items, pool, args, bar, out, index):
-  shard = dict(seen=0, skipped=collections.Counter(), rows=[], image=[], text=[])
+  embedded = []
   items = iter(items)
   while batch := list(itertools.islice(items, args.batch_size)):
-    embed_batch(encoder, batch, pool, args, shard)
+    embedded += embed_items(encoder, batch, args.batch_size, args.captions, pool)
     bar.update(len(batch))
-  dim = int(encoder.config.model.embed_dim)
-  stack = lambda parts: np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-  counts = dict(seen=shard['seen'], embedded=len(shard['rows']),
-                skipped=dict(sorted(shard['skipped'].items())))
-  embed_shards.write_shard(out, index, stack(shard['image']),
-                           stack(shard['text']) if args.captions else None, shard['rows'], counts)
+  write_embedded(out, index, embedded, int(encoder.config.model.embed_dim), args.captions)
 
 
 def pending_total(total, args, mine):

@@ -11,9 +11,12 @@
            in the split's order, images as encoded bytes.
 
 Every item is one input position: shard i holds positions [i * shard_size, (i+1) * shard_size).
+Files are the units of work: `Inputs.units` lists them in order and `Inputs.reader` (picklable,
+so that a Beam worker can hold it: data_prep/embed_beam.py) gives one unit's items and count.
 """
 import dataclasses
 import glob
+import itertools
 import os
 from typing import Optional
 
@@ -44,13 +47,21 @@ class Item:
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-  """items(): a fresh iterator over the inputs; total: their number, None if unknown
-  before reading; has_captions: whether items carry captions; spec: what was asked, for
-  embed_info.json."""
-  items: object
+  """units: the input files in order, None for a TFDS split (one stream); reader: one
+  unit's items (`reader.items(unit)`) and their number (`reader.count(unit)`); total: the
+  number of items, None if unknown before reading; has_captions: whether items carry
+  captions; spec: what was asked, for embed_info.json."""
+  units: Optional[list]
+  reader: object
   total: Optional[int]
   has_captions: bool
   spec: dict
+
+  def items(self):
+    """A fresh iterator over every item, in order."""
+    if self.units is None:
+      return self.reader.items(None)
+    return itertools.chain.from_iterable(self.reader.items(u) for u in self.units)
 
 
 def _matches(pattern, keep):
@@ -62,14 +73,24 @@ def _matches(pattern, keep):
   return [os.path.abspath(p) for p in paths]
 
 
+class ImageFiles:
+  """A unit is one image file: its item, keyed by its path under `root`."""
+
+  def __init__(self, root):
+    self.root = root
+
+  def items(self, path):
+    yield Item(image_path=path, key=os.path.relpath(path, self.root))
+
+  def count(self, path):  # pylint: disable=unused-argument
+    return 1
+
+
 def image_files(pattern):
   paths = _matches(pattern, lambda p: p.lower().endswith(IMAGE_SUFFIXES))
-  root = os.path.abspath(safe_outputs.pattern_root(pattern))
-
-  def items():
-    for path in paths:
-      yield Item(image_path=path, key=os.path.relpath(path, root))
-  return Inputs(items, len(paths), False, dict(kind='images', pattern=os.path.abspath(pattern)))
+  reader = ImageFiles(os.path.abspath(safe_outputs.pattern_root(pattern)))
+  return Inputs(paths, reader, len(paths), False,
+                dict(kind='images', pattern=os.path.abspath(pattern)))
 
 
 def read_bytes(item):
@@ -84,26 +105,35 @@ def read_bytes(item):
   return (None, 'file_too_large') if len(data) > MAX_FILE_BYTES else (data, '')
 
 
+class PairFiles:
+  """A unit is one tar, Parquet or TFRecord file of pairs: its records in file order."""
+
+  def __init__(self):
+    self._read_fn = None
+
+  def items(self, path):
+    from data_prep.i2e import read, types  # pylint: disable=import-outside-toplevel  # Beam
+    if self._read_fn is None:
+      self._read_fn = read.ReadPairs([path]).read_fn
+    try:
+      for _, record in self._read_fn.records(path):
+        if isinstance(record, types.Pair):
+          yield Item(image_path=record.key, key=record.key, url=record.url or None,
+                     caption=record.text, data=record.image)
+        else:
+          yield Item(image_path=record.key, key=record.key, skip=record.reason,
+                     count=getattr(record, 'count', 1))
+    except Exception:  # pylint: disable=broad-except  # a file that breaks off is data
+      yield Item(image_path=path, key=path, skip='unreadable_shard')
+
+  def count(self, path):
+    return sum(1 for _ in self.items(path))
+
+
 def pairs(pattern):
-  from data_prep.i2e import read, types  # pylint: disable=import-outside-toplevel  # Beam
+  from data_prep.i2e import read  # pylint: disable=import-outside-toplevel  # Beam
   paths = _matches(pattern, lambda p: read.shard_format(p) is not None)
-  reader = read.ReadPairs(paths).read_fn
-
-  def item_of(record):
-    if isinstance(record, types.Pair):
-      return Item(image_path=record.key, key=record.key, url=record.url or None,
-                  caption=record.text, data=record.image)
-    return Item(image_path=record.key, key=record.key, skip=record.reason,
-                count=getattr(record, 'count', 1))
-
-  def items():
-    for path in paths:
-      try:
-        for _, record in reader.records(path):
-          yield item_of(record)
-      except Exception:  # pylint: disable=broad-except  # a file that breaks off is data
-        yield Item(image_path=path, key=path, skip='unreadable_shard')
-  return Inputs(items, None, True, dict(kind='pairs', pattern=os.path.abspath(pattern)))
+  return Inputs(paths, PairFiles(), None, True, dict(kind='pairs', pattern=os.path.abspath(pattern)))
 
 
 def _tfds_keys(name, features):
@@ -130,14 +160,23 @@ def tfds_split(name, data_dir, split):
     raise InputError(f'{name}: cannot read split {split!r} from {data_dir} '
                      f'({str(e).splitlines()[0] if str(e) else type(e).__name__}).') from e
   total = builder.info.splits[split].num_examples if split in builder.info.splits else None
-
-  def items():
-    for i, ex in enumerate(tfds.as_numpy(ds)):
-      caption = ex[text_key].decode('utf-8', 'replace') if text_key else None
-      key = f'{name}/{split}/{i}'
-      yield Item(image_path=key, key=key, caption=caption, data=bytes(ex[image_key]))
   spec = dict(kind='tfds', name=name, data_dir=os.path.abspath(data_dir), split=split)
-  return Inputs(items, total or None, text_key is not None, spec)
+  reader = _TfdsStream(ds, f'{name}/{split}', image_key, text_key)
+  return Inputs(None, reader, total or None, text_key is not None, spec)
+
+
+class _TfdsStream:
+  """The split as one stream (not split into units: embed's processes share it by shard)."""
+
+  def __init__(self, ds, prefix, image_key, text_key):
+    self.ds, self.prefix, self.image_key, self.text_key = ds, prefix, image_key, text_key
+
+  def items(self, unit):  # pylint: disable=unused-argument
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    for i, ex in enumerate(tfds.as_numpy(self.ds)):
+      caption = ex[self.text_key].decode('utf-8', 'replace') if self.text_key else None
+      key = f'{self.prefix}/{i}'
+      yield Item(image_path=key, key=key, caption=caption, data=bytes(ex[self.image_key]))
 
 
 def open_inputs(args):

@@ -90,8 +90,8 @@ def test_kill_and_resume_gives_the_files_of_an_uninterrupted_run(photos, tiny_ru
   run(tmp_path / 'whole', *flags, source=tiny_run)
   killed = tmp_path / 'killed'
   # Slowed after each batch so that the kill lands mid-run, after the first shard is done.
-  code = ('import sys, time; from mofi_jax import embed; step = embed.embed_batch; '
-          'embed.embed_batch = lambda *a: (step(*a), time.sleep(0.3)); embed.main(sys.argv[1:])')
+  code = ('import sys, time; from mofi_jax import embed; step = embed.embed_items; '
+          'embed.embed_items = lambda *a: (step(*a), time.sleep(0.3))[0]; embed.main(sys.argv[1:])')
   argv = ['--workdir', tiny_run, '--out', str(killed), '--batch_size', str(BATCH)] + flags
   proc = subprocess.Popen([sys.executable, '-c', code] + argv, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
