@@ -22,6 +22,8 @@ import sys
 # Before TensorFlow loads: its C++ INFO/WARNING lines would bury the one-line error.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import numpy as np  # pylint: disable=wrong-import-position
+
 from mofi_jax import cli_errors, model_flags, search_index  # pylint: disable=wrong-import-position
 
 PROG = 'mofi_jax.search'
@@ -48,31 +50,47 @@ def _print(hits, **extra):
     print(json.dumps(dict(hit, **extra), ensure_ascii=False, sort_keys=True, default=str))
 
 
+def image_vectors(encoder, items):
+  """(float32 [n_ok, D], the items embedded, {image_path: skip reason}) of image files,
+  decoded as embed does them (image_limits' header checks, a bounded read), FOLDER_BATCH
+  rows per tower call."""
+  from mofi_jax import embed  # pylint: disable=import-outside-toplevel
+  vectors, kept, skipped = [], [], {}
+  for start in range(0, len(items), FOLDER_BATCH):
+    batch = items[start:start + FOLDER_BATCH]
+    for item, e in zip(batch, embed.embed_items(encoder, batch, FOLDER_BATCH, False)):
+      if e.reason:
+        skipped[item.image_path] = e.reason
+      else:
+        vectors.append(e.image)
+        kept.append(item)
+  dim = int(encoder.config.model.embed_dim)
+  return np.asarray(vectors, np.float32).reshape(-1, dim), kept, skipped
+
+
 def search_folder(index, encoder, folder, k, threshold):
   """Each image under `folder` against the index: its neighbours >= threshold. Returns
   {image path: hits}."""
-  from mofi_jax import embed_inputs, search_queries  # pylint: disable=import-outside-toplevel
+  from mofi_jax import embed_inputs  # pylint: disable=import-outside-toplevel
   items = list(embed_inputs.image_files(folder).items())
+  vectors, kept, skipped = image_vectors(encoder, items)
+  for path, reason in skipped.items():
+    print(f'{PROG}: skipped: {path}: {reason}', file=sys.stderr)
   found = {}
-  for start in range(0, len(items), FOLDER_BATCH):
-    names, images = [], []
-    for item in items[start:start + FOLDER_BATCH]:
-      data, reason = embed_inputs.read_bytes(item)
-      try:
-        if data is None:
-          raise search_queries.QueryError(f'{item.image_path}: {reason}')
-        vector = search_queries.image_vectors(encoder, [data], [item.image_path])
-      except search_queries.QueryError as e:
-        print(f'{PROG}: skipped: {e}', file=sys.stderr)
-        continue
-      names.append(item.image_path)
-      images.append(vector[0])
-    if not images:
-      continue
-    for name, hits in zip(names, index.search(images, k, threshold)):
-      found[name] = hits
-      _print(hits, query=name)
+  for start in range(0, len(kept), FOLDER_BATCH):
+    chunk = kept[start:start + FOLDER_BATCH]
+    for item, hits in zip(chunk, index.search(vectors[start:start + FOLDER_BATCH], k, threshold)):
+      found[item.image_path] = hits
+      _print(hits, query=item.image_path)
   return found
+
+
+def image_file_vector(encoder, path):
+  from mofi_jax import embed_inputs, search_queries  # pylint: disable=import-outside-toplevel
+  vectors, _, skipped = image_vectors(encoder, [embed_inputs.Item(image_path=path, key=path)])
+  if skipped:
+    raise search_queries.QueryError(f'--image {path}: cannot embed it ({skipped[path]}).')
+  return vectors[0]
 
 
 def run(args):
@@ -89,9 +107,7 @@ def run(args):
     threshold = FOLDER_THRESHOLD if args.threshold is None else args.threshold
     return search_folder(index, encoder, args.image, args.k, threshold)
   if args.image:
-    with open(args.image, 'rb') as f:
-      vector = search_queries.image_vectors(encoder, [f.read()], [args.image])[0]
-    query = args.image
+    vector, query = image_file_vector(encoder, args.image), args.image
   elif args.text is not None:
     vector, query = search_queries.text_vector(encoder, args.text), args.text
   else:

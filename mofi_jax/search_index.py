@@ -19,10 +19,12 @@ A row's metadata is read from its shard's Parquet row group alone (pyarrow), nev
 whole table.
 """
 import bisect
+import collections
 import functools
 import json
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -34,6 +36,7 @@ QUERIES_FILE = 'recall_queries.npy'
 STATS_FILE = 'stats.json'   # python -m mofi_jax.embed's counts, with 'complete'
 # float16 rounding leaves norms within ~1e-3 of 1; anything further is not normalised.
 NORM_TOLERANCE = 1e-2
+GROUP_CACHE = 16   # metadata row groups kept decoded (RowTable)
 
 
 class IndexInputError(ValueError):
@@ -138,6 +141,8 @@ class RowTable:
     self.meta_paths = list(meta_paths)
     self.starts = list(starts)   # len(shards) + 1: starts[-1] is the total
     self._files = {}
+    self._groups = collections.OrderedDict()   # (shard, group) -> Arrow table, the last few
+    self._lock = threading.Lock()
 
   def __len__(self):
     return self.starts[-1]
@@ -148,22 +153,40 @@ class RowTable:
     shard = bisect.bisect_right(self.starts, row) - 1
     return shard, row - self.starts[shard]
 
-  def _file(self, shard):
+  def _group_starts(self, shard):
+    """Row offsets of the shard's row groups (its footer read once; no file kept open)."""
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     if shard not in self._files:
-      f = pq.ParquetFile(self.meta_paths[shard])
-      group_starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows
-                                      for g in range(f.metadata.num_row_groups)])
-      self._files[shard] = (f, group_starts)
+      meta = pq.read_metadata(self.meta_paths[shard])
+      self._files[shard] = np.cumsum([0] + [meta.row_group(g).num_rows
+                                            for g in range(meta.num_row_groups)])
     return self._files[shard]
 
   def metadata(self, row):
     """The metadata row (a dict) of collection row `row`; reads one row group."""
     shard, local = self.locate(row)
-    f, group_starts = self._file(shard)
+    group_starts = self._group_starts(shard)
     group = int(np.searchsorted(group_starts, local, side='right')) - 1
-    table = f.read_row_group(group)
+    table = self._group(shard, group)
     return _plain(table.slice(local - int(group_starts[group]), 1).to_pylist()[0])
+
+  def _group(self, shard, group):
+    """One row group as an Arrow table, read once while it stays among the last GROUP_CACHE
+    read: a server's queries keep hitting the same shards, and reading a group decodes
+    all of it (columnar, so a cached group costs its column bytes, not Python objects)."""
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    key = (shard, group)
+    with self._lock:
+      table = self._groups.get(key)
+      if table is not None:
+        self._groups.move_to_end(key)
+        return table
+    table = pq.ParquetFile(self.meta_paths[shard]).read_row_group(group)
+    with self._lock:
+      self._groups[key] = table
+      while len(self._groups) > GROUP_CACHE:
+        self._groups.popitem(last=False)
+    return table
 
 
 def _plain(row):

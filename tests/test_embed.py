@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mofi_jax import embed, embed_shards, inference
-from test_evaluate import encoder, tiny_run  # pylint: disable=unused-import  # fixtures
+from mofi_jax import embed
+from test_evaluate import encoder, loaded_once, tiny_run  # pylint: disable=unused-import  # fixtures
 
 BATCH = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,12 +40,6 @@ def photos(tiny_corpus, tmp_path_factory):
   return str(root)
 
 
-@pytest.fixture
-def cached_load(tiny_run, encoder, monkeypatch):
-  """The CLI reuses the loaded (compiled) encoder; the subprocess test loads its own."""
-  monkeypatch.setattr(inference, 'load', lambda wd, step=None: encoder)
-
-
 def run(out, *flags, source=None):
   argv = ['--workdir', source, '--out', str(out), '--batch_size', str(BATCH)] + list(flags)
   return embed.main(argv)
@@ -61,7 +55,7 @@ def shard_sizes(out):
                                          key=lambda p: int(p.split('_')[-1][:-4]))]
 
 
-def test_embeddings_equal_the_encoders_in_metadata_order(photos, tiny_run, encoder, cached_load,
+def test_embeddings_equal_the_encoders_in_metadata_order(photos, tiny_run, encoder, loaded_once,
                                                          tmp_path):
   out = tmp_path / 'emb'
   stats = run(out, '--images', f'{photos}/**/*', '--shard_size', '16', source=tiny_run)
@@ -84,7 +78,7 @@ def test_embeddings_equal_the_encoders_in_metadata_order(photos, tiny_run, encod
   assert info['preprocessing']['image_size'] == encoder.image_size
 
 
-def test_kill_and_resume_gives_the_files_of_an_uninterrupted_run(photos, tiny_run, cached_load,
+def test_kill_and_resume_gives_the_files_of_an_uninterrupted_run(photos, tiny_run, loaded_once,
                                                                  tmp_path):
   flags = ['--images', f'{photos}/**/*.jpg', '--shard_size', '4']
   run(tmp_path / 'whole', *flags, source=tiny_run)
@@ -119,7 +113,7 @@ def png_header_bomb(width, height):
   return bytes(data)
 
 
-def test_bad_images_are_skipped_and_counted(photos, tiny_run, cached_load, tmp_path):
+def test_bad_images_are_skipped_and_counted(photos, tiny_run, loaded_once, tmp_path):
   folder = tmp_path / 'mixed'
   shutil.copytree(photos, folder)
   good = open(sorted(glob.glob(f'{photos}/a/*.jpg'))[0], 'rb').read()
@@ -135,7 +129,7 @@ def test_bad_images_are_skipped_and_counted(photos, tiny_run, cached_load, tmp_p
   assert sum(shard_sizes(tmp_path / 'emb')) == 50
 
 
-def test_two_processes_write_the_shards_of_one(photos, tiny_run, cached_load, tmp_path):
+def test_two_processes_write_the_shards_of_one(photos, tiny_run, loaded_once, tmp_path):
   flags = ['--images', f'{photos}/**/*.jpg', '--shard_size', '8']
   run(tmp_path / 'one', *flags, source=tiny_run)
   first = run(tmp_path / 'two', *flags, '--process_id', '0', '--num_processes', '2',
@@ -162,7 +156,7 @@ def webdataset_tar(path, photos):
   return files
 
 
-def test_pairs_with_captions(photos, tiny_run, encoder, cached_load, tmp_path):
+def test_pairs_with_captions(photos, tiny_run, encoder, loaded_once, tmp_path):
   shards = tmp_path / 'shards'
   shards.mkdir()
   webdataset_tar(shards / '00000.tar', photos)
@@ -178,7 +172,7 @@ def test_pairs_with_captions(photos, tiny_run, encoder, cached_load, tmp_path):
   np.testing.assert_allclose(texts, encoder.embed_texts(captions), atol=2e-3)
 
 
-def test_other_arguments_on_an_existing_out_are_refused(photos, tiny_run, cached_load, tmp_path,
+def test_other_arguments_on_an_existing_out_are_refused(photos, tiny_run, loaded_once, tmp_path,
                                                        capsys):
   out = tmp_path / 'emb'
   flags = ['--images', f'{photos}/a/*.jpg']
@@ -197,7 +191,7 @@ def test_other_arguments_on_an_existing_out_are_refused(photos, tiny_run, cached
   capsys.readouterr()
 
 
-def test_tfds_split_in_order(tiny_run, encoder, cached_load, tmp_path):
+def test_tfds_split_in_order(tiny_run, encoder, loaded_once, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = tmp_path / 'tfds'
   data_dir.mkdir()

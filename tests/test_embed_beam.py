@@ -13,9 +13,9 @@ import pytest
 
 from data_prep import embed_beam
 from portable_runner import ROOT, portable_services
-from test_embed import (BATCH, cached_load, files_of, photos, png_header_bomb, run,  # pylint: disable=unused-import
+from test_embed import (BATCH, files_of, photos, png_header_bomb, run,  # pylint: disable=unused-import
                         webdataset_tar)
-from test_evaluate import encoder, tiny_run  # pylint: disable=unused-import  # fixtures
+from test_evaluate import encoder, loaded_once, tiny_run  # pylint: disable=unused-import  # fixtures
 
 
 def test_plan_cuts_positions_into_the_local_commands_shards():
@@ -35,7 +35,7 @@ def beam_run(out, *flags, source=None):
   return embed_beam.main(argv)
 
 
-def test_direct_runner_equals_the_local_command_and_resumes(photos, tiny_run, cached_load,
+def test_direct_runner_equals_the_local_command_and_resumes(photos, tiny_run, loaded_once,
                                                             tmp_path):
   shards = tmp_path / 'shards'
   shards.mkdir()
@@ -63,7 +63,7 @@ def test_refuses_what_the_runner_cannot_share(tiny_run, tmp_path):
              '--num_processes', '2', source=tiny_run)
 
 
-def test_portable_runner_equals_the_local_command(photos, tiny_run, cached_load, tmp_path):
+def test_portable_runner_equals_the_local_command(photos, tiny_run, loaded_once, tmp_path):
   folder = tmp_path / 'mixed'
   shutil.copytree(photos, folder)
   (folder / 'x_empty.jpg').write_bytes(b'')

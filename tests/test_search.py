@@ -12,7 +12,8 @@ import pytest
 from mofi_jax import index as index_cli
 from mofi_jax import inference, search
 from mofi_jax.data import pipeline
-from test_evaluate import encoder, tiny_run  # pylint: disable=unused-import  # fixtures
+from test_evaluate import encoder, loaded_once, tiny_run  # pylint: disable=unused-import  # fixtures
+from test_embed import png_header_bomb
 from test_index import exit_message, write_collection
 
 pytest.importorskip('faiss')
@@ -40,16 +41,6 @@ def collection(tiny_corpus, encoder, tmp_path_factory):
   out = str(root / 'index')
   index_cli.main(['--embeddings', emb, '--out', out])
   return out, paths, vectors.astype(np.float64)
-
-
-@pytest.fixture
-def loaded_once(tiny_run, encoder, monkeypatch):
-  """The CLI reuses the loaded `encoder` (already compiled); the load itself is
-  inference.load, tested in test_inference.py."""
-  def load(workdir, step=None):
-    assert workdir == tiny_run and step is None
-    return encoder
-  monkeypatch.setattr(inference, 'load', load)
 
 
 def run_search(capsys, *argv):
@@ -130,8 +121,13 @@ def test_folder_gives_near_duplicates_above_threshold(collection, encoder, tiny_
   shutil.copy(paths[2], folder / 'a.jpg')
   shutil.copy(paths[11], folder / 'sub' / 'b.png')
   (folder / 'broken.jpg').write_bytes(b'<html>not an image</html>')
-  lines = run_search(capsys, '--index', out, '--workdir', tiny_run, '--image', str(folder),
-                     '--threshold', '0.95', '--k', '50')
+  (folder / 'bomb.png').write_bytes(png_header_bomb(30000, 30000))
+  search.main(['--index', out, '--workdir', tiny_run, '--image', str(folder),
+               '--threshold', '0.95', '--k', '50'])
+  printed = capsys.readouterr()
+  lines = [json.loads(line) for line in printed.out.splitlines()]
+  assert f'skipped: {folder / "bomb.png"}: image_too_large' in printed.err
+  assert f'skipped: {folder / "broken.jpg"}: unreadable_image' in printed.err
   by_query = {}
   for line in lines:
     by_query.setdefault(line['query'], []).append(line)
@@ -155,7 +151,12 @@ def test_bad_queries_give_one_line_errors(collection, tiny_run, loaded_once, tmp
       capsys, *model, '--entity', 'Q999999999')
   broken = tmp_path / 'broken.jpg'
   broken.write_bytes(b'GIF89a not really')
-  assert f'{broken}: unreadable image' in cli_error(capsys, *model, '--image', str(broken))
+  assert f'--image {broken}: cannot embed it (unreadable_image)' in cli_error(
+      capsys, *model, '--image', str(broken))
+  bomb = tmp_path / 'bomb.png'   # read as embed reads: header checks before any decoding
+  bomb.write_bytes(png_header_bomb(30000, 30000))
+  assert f'--image {bomb}: cannot embed it (image_too_large)' in cli_error(
+      capsys, *model, '--image', str(bomb))
   assert 'no such file' in cli_error(capsys, *model, '--image', str(tmp_path / 'none.jpg'))
   assert '--k 0' in cli_error(capsys, *model, '--text', 'x', '--k', '0')
   assert 'not an index folder' in cli_error(capsys, '--index', str(tmp_path), '--workdir',
