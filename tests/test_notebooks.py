@@ -4,7 +4,10 @@ checks hold, each against something it did not draw itself:
   02  the last held-out retrieval mAP is over 3x the chance mAP of random features;
   03  over every query, the top hit shares the query's category for at least half of them
       (chance is about 2%);
-  04  PyTorch (the exported HF folder) and JAX similarities agree to 1e-4.
+  04  PyTorch (the exported HF folder) and JAX similarities agree to 1e-4;
+  05  entity search's precision@10 against the world's ground truth is over 5x chance, an
+      image query through the (exact) index finds itself and the brute-force top 5, and the
+      HTTP server answers a text query with the rows of the in-process search.
 
 The notebooks share one folder, so later ones reuse the corpus and the run that
 earlier ones built; each also works alone (it builds what is missing).
