@@ -2,8 +2,9 @@ r"""Search benchmarks (issue 33, part 6): index build, API latency, embed throug
 1B-image extrapolation. Figures are printed; --json OUT keeps them.
 
   python benchmarks/retrieval.py --only index --rows 1000000 [--max_memory 2GB]
-  python benchmarks/retrieval.py --only api [--seconds 100] [--clients 8]
-  python benchmarks/retrieval.py --only embed [--images 256]
+  python benchmarks/retrieval.py --only api [--seconds 100] [--clients 8] [--api_index I]
+  python benchmarks/retrieval.py --only index --only api --rows 1000000   # API over 1M rows
+  python benchmarks/retrieval.py --only embed [--images 256] [--embed_workdir W]
   python benchmarks/retrieval.py --only extrapolate [--target_rows 1e9 --shard_rows 1e8]
   python benchmarks/retrieval.py --json out.json          # all four
 
@@ -14,12 +15,15 @@ layout (shards of 100,000 rows, stats.json complete), then `python -m mofi_jax.i
 subprocess: wall time, the subprocess's peak RSS (getrusage RUSAGE_CHILDREN), and the
 factory, search_params and recall@10 of index_info.json.
 
-api: a tiny random transformers CLIP folder (tests/test_interop_hf.write_hf_folder), 400
-generated JPEGs embedded by `python -m mofi_jax.embed --hf_clip`, indexed, served by
-`python -m mofi_jax.serve`; `--clients` threads (httpx) post text and image queries for
-`--seconds`; p50/p99 of each kind.
+api: a tiny random transformers CLIP folder (tests/test_interop_hf.write_hf_folder) serving
+`--api_index`, or the index part's index when it ran first in the same command (the tiny
+model then embeds to that index's dimension), else 400 generated JPEGs embedded by
+`python -m mofi_jax.embed --hf_clip` and indexed; `python -m mofi_jax.serve` is queried by
+`--clients` threads (httpx) posting text and image queries for `--seconds`; p50/p99 of
+each kind.
 
-embed: a B/16 CLIP with random weights (vision 768 wide, 12 layers, 12 heads, patch 16, 224
+embed: a training workdir (`--embed_workdir`, e.g. the trained demo model), or a B/16 CLIP
+with random weights (vision 768 wide, 12 layers, 12 heads, patch 16, 224
 px; text tower transformers' default), saved by transformers, run by
 `python -m mofi_jax.embed --hf_clip` over `--images` generated 640x480 JPEGs; images/s and
 per CPU core (os.cpu_count()), the model load and compile included in the wall time and
@@ -27,6 +31,7 @@ excluded in the steady figure (a run over 32 images first, subtracted).
 """
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -101,8 +106,11 @@ def bench_index(args, work):
               targets=dict(build_seconds=600, peak_rss_gib=2.0, recall_at_10=0.95))
 
 
-def query_figures(emb, out, info, settings=('nprobe=64', 'nprobe=256', 'nprobe=1024'),
-                  k_factor=16, timed=200):
+IVF_SETTINGS = ('nprobe=64', 'nprobe=256', 'nprobe=1024')
+HNSW_SETTINGS = ('efSearch=32', 'efSearch=64', 'efSearch=128', 'efSearch=256')
+
+
+def query_figures(emb, out, info, k_factor=16, timed=200):
   """recall@10 at cheaper settings than the stored one (the same queries and exact top-10 as
   the build), and the index's own search time per query, one query at a time, at each."""
   import faiss  # pylint: disable=import-outside-toplevel
@@ -113,6 +121,7 @@ def query_figures(emb, out, info, settings=('nprobe=64', 'nprobe=256', 'nprobe=1
   queries = index_cli.gather_rows(shards, rows)
   exact = index_cli.exact_neighbours(shards, queries, rows, index_cli.RECALL_K)
   refine = 'Refine' in info['factory']
+  settings = HNSW_SETTINGS if info['factory'].startswith('HNSW') else IVF_SETTINGS
   space, curve, latency = faiss.ParameterSpace(), {}, {}
   stored = info['search_params']
   for params in [p + (f',k_factor_rf={k_factor}' if refine else '') for p in settings] + [stored]:
@@ -141,9 +150,12 @@ def write_jpegs(folder, count, size=(640, 480), seed=0):
         os.path.join(folder, f'img_{i:05d}.jpg'), quality=90)
 
 
-def tiny_clip(folder):
+def tiny_clip(folder, projection_dim=16):
+  """A tiny random CLIP (vision 48 wide, 2 layers, 32 px; text 32 wide); projection_dim: its
+  embedding width, to query an index of that dimension."""
   import test_interop_hf as hf  # pylint: disable=import-outside-toplevel
-  hf.write_hf_folder(folder, False, hf.IMAGENET_MEAN, hf.IMAGENET_STD, 16, 32, 48, 'gelu')
+  hf.write_hf_folder(folder, False, hf.IMAGENET_MEAN, hf.IMAGENET_STD, 16, 32, 48, 'gelu',
+                     projection_dim=projection_dim)
 
 
 def b16_clip(folder):
@@ -176,13 +188,21 @@ def bench_api(args, work):
   import httpx  # pylint: disable=import-outside-toplevel
   from portable_runner import free_port  # pylint: disable=import-outside-toplevel
   model, photos = os.path.join(work, 'clip'), os.path.join(work, 'photos')
-  tiny_clip(model)
   write_jpegs(photos, args.api_images, size=(160, 120))
-  emb, index = os.path.join(work, 'emb'), os.path.join(work, 'index')
-  run_child([sys.executable, '-m', 'mofi_jax.embed', '--hf_clip', model, '--images', photos,
-             '--out', emb], os.path.join(work, 'embed.log'))
-  run_child([sys.executable, '-m', 'mofi_jax.index', '--embeddings', emb, '--out', index],
-            os.path.join(work, 'index.log'))
+  if args.api_index:   # the index part's 1M rows, queried with a 512-d tiny model
+    with open(os.path.join(args.api_index, 'index_info.json'), encoding='utf-8') as f:
+      api_info = json.load(f)
+    tiny_clip(model, api_info['dim'])
+    index = args.api_index
+  else:
+    tiny_clip(model)
+    emb, index = os.path.join(work, 'emb'), os.path.join(work, 'index')
+    run_child([sys.executable, '-m', 'mofi_jax.embed', '--hf_clip', model, '--images', photos,
+               '--out', emb], os.path.join(work, 'embed.log'))
+    run_child([sys.executable, '-m', 'mofi_jax.index', '--embeddings', emb, '--out', index],
+              os.path.join(work, 'index.log'))
+    with open(os.path.join(index, 'index_info.json'), encoding='utf-8') as f:
+      api_info = json.load(f)
   port = free_port()
   url = f'http://127.0.0.1:{port}'
   log = open(os.path.join(work, 'serve.log'), 'wb')  # pylint: disable=consider-using-with
@@ -232,7 +252,9 @@ def bench_api(args, work):
     proc.wait(timeout=30)
     log.close()
   total = len(results['text']) + len(results['image'])
-  return dict(clients=args.clients, seconds=args.seconds, rows=args.api_images,
+  return dict(clients=args.clients, seconds=args.seconds, rows=api_info['rows'],
+              factory=api_info['factory'], search_params=api_info['search_params'],
+              recall_at_10=api_info['recall_at_10'],
               model='tiny random CLIP (vision 48 wide, 2 layers, 32 px; text 32 wide)',
               text=percentiles(results['text']), image=percentiles(results['image']),
               all=percentiles(results['text'] + results['image']),
@@ -243,22 +265,25 @@ def bench_api(args, work):
 def bench_embed(args, work):
   model, photos = os.path.join(work, 'b16'), os.path.join(work, 'photos')
   t0 = time.time()
-  b16_clip(model)
+  if args.embed_workdir:
+    model_flag, name = ['--workdir', args.embed_workdir], f'workdir {args.embed_workdir}'
+  else:
+    b16_clip(model)
+    model_flag, name = ['--hf_clip', model], 'B/16 random (HF CLIPModel, vision 768/12/12 patch 16, 224 px)'
   setup = time.time() - t0
   write_jpegs(photos, args.images)
   warm_dir = os.path.join(work, 'photos_warm')
   os.makedirs(warm_dir)
-  for name in sorted(os.listdir(photos))[:32]:
-    os.symlink(os.path.join(photos, name), os.path.join(warm_dir, name))
-  base = [sys.executable, '-m', 'mofi_jax.embed', '--hf_clip', model, '--batch_size', '32']
+  for file_name in sorted(os.listdir(photos))[:32]:
+    os.symlink(os.path.join(photos, file_name), os.path.join(warm_dir, file_name))
+  base = [sys.executable, '-m', 'mofi_jax.embed', *model_flag, '--batch_size', '32']
   warm, _ = run_child(base + ['--images', warm_dir, '--out', os.path.join(work, 'e32')],
                       os.path.join(work, 'embed32.log'))
   wall, _ = run_child(base + ['--images', photos, '--out', os.path.join(work, 'eall')],
                       os.path.join(work, 'embed.log'))
   cores = os.cpu_count()
   steady = (args.images - 32) / max(wall - warm, 1e-9)
-  return dict(model='B/16 random (HF CLIPModel, vision 768/12/12 patch 16, 224 px)',
-              images=args.images, image_size='640x480 JPEG', cores=cores,
+  return dict(model=name, images=args.images, image_size='640x480 JPEG', cores=cores,
               model_setup_seconds=round(setup, 1), wall_seconds=round(wall, 1),
               wall_32_images_seconds=round(warm, 1),
               images_per_second_wall=round(args.images / wall, 2),
@@ -304,17 +329,23 @@ def main():
   parser.add_argument('--seconds', type=float, default=100)
   parser.add_argument('--clients', type=int, default=8)
   parser.add_argument('--api_images', type=int, default=400)
+  parser.add_argument('--api_index', help='api: serve this index (default: the index part\'s, '
+                      'when it runs first; else 400 images embedded by the tiny model)')
+  parser.add_argument('--embed_workdir', help='embed: a training workdir instead of the B/16')
   parser.add_argument('--images', type=int, default=256)
   parser.add_argument('--target_rows', type=float, default=1e9)
   parser.add_argument('--shard_rows', type=float, default=1e8)
   parser.add_argument('--workdir', help='scratch folder (default: a temporary one)')
   parser.add_argument('--no_query_figures', dest='query_figures', action='store_false',
                       help='index: skip the recall curve and per-query search times')
+  parser.add_argument('--keep', action='store_true', help='keep the scratch folder (its path is '
+                      'printed), e.g. to serve its index again with --api_index')
   parser.add_argument('--json')
   args = parser.parse_args()
   parts = args.only or ['index', 'api', 'embed', 'extrapolate']
   figures = {}
-  with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+  keep = contextlib.nullcontext(tempfile.mkdtemp(dir=args.workdir)) if args.keep else None
+  with keep or tempfile.TemporaryDirectory(dir=args.workdir) as work:
     for part in parts:
       sub = os.path.join(work, part)
       os.makedirs(sub)
@@ -322,8 +353,12 @@ def main():
         figures[part] = extrapolate(args, figures.get('index'))
         print('\n'.join(figures[part].pop('arithmetic')))
       else:
+        if part == 'api' and 'index' in figures and not args.api_index:
+          args.api_index = os.path.join(work, 'index', 'index')   # the part run before
         figures[part] = dict(index=bench_index, api=bench_api, embed=bench_embed)[part](args, sub)
       print(part, json.dumps(figures[part], indent=1), flush=True)
+    if args.keep:
+      print(f'kept: {work}')
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(figures, f, indent=2)

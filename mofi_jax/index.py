@@ -12,6 +12,8 @@ Choosing the index (`choose_factory`; --factory overrides), n rows of dimension 
      100k x 512 is ~10 ms a query on one core, and exact needs no tuning.
   2. `HNSW32` when n <= 2,000,000 and its (4*d + 8*32)*n bytes (vectors plus level-0
      links) fit in 0.8*B: best recall per query time, but no compression and a slow build.
+     Else `HNSW32,SQfp16` when its (2*d + 8*32)*n bytes fit: the vectors as float16, which
+     is how embed stores them, so nothing is lost (1M x 512 in 1.28 GB).
   3. `IVF{k},Flat` when its (4*d + 8)*n bytes fit in 0.8*B (exact distances, coarse lists).
   4. `IVF{k},PQ{m},Refine(SQ8)`: k = the power of two nearest 4*sqrt(n), at most n/39 (faiss
      wants 39 training points per list); m = the largest divisor of d up to 256 (8-bit
@@ -23,7 +25,7 @@ Choosing the index (`choose_factory`; --factory overrides), n rows of dimension 
      `RFlat` (float32 rows, 4*d bytes) is never chosen: wherever it fits, rule 3 does.
      No m fits: an error that says how much memory is needed.
 autofaiss (criteo/autofaiss, get_optimal_index_keys_v2) differs: Flat only below 1,000
-rows, HNSW up to M=32 whenever it fits, IVF-Flat below 1M rows, and OPQ + IVF_HNSW
+rows, HNSW up to M=32 whenever it fits (float32 only), IVF-Flat below 1M rows, and OPQ + IVF_HNSW
 coarse quantiser + PQ otherwise; its k rule (nearest power of two of 4*sqrt(n)) is ours.
 
 Building: the training sample is min(n, max(64*k, 39*256), 200,000) rows drawn with a fixed
@@ -90,8 +92,10 @@ def choose_factory(n, d, max_bytes):
   budget = HEADROOM * max_bytes
   if n <= FLAT_MAX_ROWS and 4 * n * d <= max_bytes / 2:
     return 'Flat'
-  if n <= HNSW_MAX_ROWS and (4 * d + 8 * HNSW_M) * n <= budget:
-    return f'HNSW{HNSW_M}'
+  if n <= HNSW_MAX_ROWS:
+    for bytes_per_value, codes in ((4, ''), (2, ',SQfp16')):
+      if (bytes_per_value * d + 8 * HNSW_M) * n <= budget:
+        return f'HNSW{HNSW_M}{codes}'
   k = ivf_lists(n)
   if (4 * d + 8) * n + 4 * k * d <= budget:
     return f'IVF{k},Flat'
@@ -222,6 +226,23 @@ def _no_polysemous_training(index):
     inner.do_polysemous_training = False
 
 
+def _presize(index, n):
+  """Sizes the code and graph arrays of an index that stores rows (Flat, HNSW) for n rows
+  before the chunked adds. Each add grows them as std::vector does, by doubling, and the
+  copy holds the old and the new array at once: 1.5x the codes at the peak (0.5 GB more
+  for HNSW32,SQfp16 at 1M x 512). resize(n) then resize(0) keeps the capacity."""
+  import faiss  # pylint: disable=import-outside-toplevel
+  inner = faiss.downcast_index(index)
+  storage = faiss.downcast_index(inner.storage) if hasattr(inner, 'storage') else inner
+  if isinstance(getattr(storage, 'code_size', None), int) and hasattr(storage, 'codes'):
+    storage.codes.resize(n * storage.code_size)
+    storage.codes.resize(0)
+  if hasattr(inner, 'hnsw'):   # level 0 holds 2M links a row, the levels above ~M/(M-1)
+    links = n * (2 * inner.hnsw.nb_neighbors(1) + 2)
+    inner.hnsw.neighbors.resize(links)
+    inner.hnsw.neighbors.resize(0)
+
+
 def build(embeddings_dir, tmp, max_bytes, factory=None, seed=0):
   """Writes the index folder's files into `tmp`; returns index_info."""
   import faiss  # pylint: disable=import-outside-toplevel
@@ -244,6 +265,7 @@ def build(embeddings_dir, tmp, max_bytes, factory=None, seed=0):
     except RuntimeError as e:   # faiss: e.g. fewer training rows than centroids
       raise ValueError(f'{factory}: cannot train on {len(train_rows)} of {n} rows '
                        f'({str(e).strip().splitlines()[-1][:200]}).') from e
+  _presize(index, n)
   for _, chunk in iter_chunks(shards):
     index.add(chunk)
   queries = gather_rows(shards, query_rows)

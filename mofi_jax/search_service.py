@@ -16,7 +16,6 @@ file inside the collection's image folder, after symlinks are resolved: the fold
 import base64
 import binascii
 import os
-import threading
 
 import numpy as np
 
@@ -90,9 +89,9 @@ class SearchService:
     root = root or image_root(index.info)
     self.root = os.path.realpath(root) if root else None
     self.name = name or os.path.basename(os.path.normpath(index.folder))
-    # faiss searches are thread-safe, but one pyarrow ParquetFile is not read from two
-    # threads at once; the model calls run unlocked.
-    self._index_lock = threading.Lock()
+    # Nothing here is locked: faiss searches are thread-safe, and the index's RowTable
+    # guards its own cache (each row-group read opens its own file), so concurrent queries
+    # share the cores (a lock around the search held the 1M-row API to one search at a time).
 
   def health(self):
     e = self.encoder
@@ -125,8 +124,7 @@ class SearchService:
     return vector, dict(kind='entity', entity=entity, how=how)
 
   def nearest(self, vector, k):
-    with self._index_lock:
-      return self.index.search(np.asarray(vector, np.float32)[None], k)[0]
+    return self.index.search(np.asarray(vector, np.float32)[None], k)[0]
 
   def search(self, k=10, **query):
     """{'query': what was asked, 'results': [{rank, score, row, metadata, image}]}; image
@@ -172,8 +170,7 @@ class SearchService:
 
   def metadata(self, row):
     try:
-      with self._index_lock:
-        return self.index.rows.metadata(int(row))
+      return self.index.rows.metadata(int(row))
     except (IndexError, TypeError, ValueError) as e:
       raise ServeError(404, f'row {row!r}: no such row ({e}).') from e
 

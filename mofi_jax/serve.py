@@ -53,6 +53,10 @@ def load_service(args):
   if args.image_root and not os.path.isdir(args.image_root):
     raise FileNotFoundError(f'--image_root {args.image_root}: no such folder.')
   index = search_index.load(args.index)
+  # Requests run concurrently, one thread each; an OpenMP team per search as well would
+  # oversubscribe the cores (docs/benchmarks.md, "Search": the API figures).
+  import faiss  # pylint: disable=import-outside-toplevel
+  faiss.omp_set_num_threads(1)
   # After the index: TensorFlow's start-up lines would bury a bad --index's one line.
   from mofi_jax import search_service  # pylint: disable=import-outside-toplevel
   encoder = model_flags.load_encoder(args)

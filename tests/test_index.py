@@ -63,9 +63,10 @@ def exact_top(vectors, queries, k):
     (100_001, 512, '4GB', 'HNSW32'),                 # past the exact-search row limit
     (50_000, 512, '150MB', 'HNSW32'),                # Flat's 102 MB > 75 MB; HNSW 115 MB fits
     (1_000_000, 512, '4GB', 'HNSW32'),               # 2.3 GB <= 3.2 GB
-    (1_000_000, 512, '2GB', 'IVF4096,PQ256,Refine(SQ8)'),   # 776 MB of PQ + SQ8 codes and ids;
-                                                            # IVF-Flat's 2.06 GB > 1.6 GB
-    (1_000_000, 512, '2.6GB', 'IVF4096,Flat'),       # 2.06 GB <= 2.23 GB; HNSW's 2.3 GB is not
+    (1_000_000, 512, '2GB', 'HNSW32,SQfp16'),        # 1.28 GB <= 1.72 GB; HNSW32's 2.3 GB is not
+    (1_000_000, 512, '1.4GB', 'IVF4096,PQ256,Refine(SQ8)'),   # HNSW-fp16's 1.28 GB > 1.2 GB;
+                                                     # 776 MB of PQ + SQ8 codes and ids fit
+    (3_000_000, 512, '8GB', 'IVF8192,Flat'),         # HNSW past its row limit; 6.19 GB <= 6.87
     (3_000_000, 512, '4GB', 'IVF8192,PQ256,Refine(SQ8)'),   # HNSW past its row limit; 2.3 GB
     (100_000_000, 512, '64GB', 'IVF32768,PQ16,Refine(SQ8)'),  # 54.4 GB; PQ32's 56 GB > 55 GB
     (1_000_000_000, 512, '1TB', 'IVF131072,PQ256,Refine(SQ8)'),  # 776 GB
@@ -130,7 +131,8 @@ def recomputed_recall(vectors, out, k=10):
 @pytest.mark.parametrize('flags, kind, params', [
     (['--max_memory', '400KB'], 'IVF102,PQ32,Refine(SQ8)', ('nprobe', 'k_factor_rf')),
     (['--factory', 'IVF102,PQ32'], 'IVF102,PQ32', ('nprobe',)),   # no re-ranking stage
-    (['--factory', 'HNSW32'], 'HNSW32', ('efSearch',))])
+    (['--factory', 'HNSW32'], 'HNSW32', ('efSearch',)),
+    (['--factory', 'HNSW32,SQfp16'], 'HNSW32,SQfp16', ('efSearch',))])
 def test_approximate_index_recall_matches_stored_figure(tmp_path, flags, kind, params):
   vectors, out, info = build(tmp_path, [1500, 2000, 500], 32, *flags)
   assert info['factory'] == kind

@@ -202,13 +202,14 @@ def save_random_clip(folder, cfg, seed):
   return model
 
 
-def write_hf_folder(folder, legacy_eos, mean, std, patch, image_size, width, act, seed=0):
+def write_hf_folder(folder, legacy_eos, mean, std, patch, image_size, width, act, seed=0,
+                    projection_dim=16):
   """A random transformers CLIPModel saved like a hub folder, and the model."""
   hf_tok = clip_style_tokenizer(folder)
   vocab = len(hf_tok)
   eos = 2 if legacy_eos else hf_tok.eos_token_id
   cfg = transformers.CLIPConfig(
-      projection_dim=16, logit_scale_init_value=2.0,
+      projection_dim=projection_dim, logit_scale_init_value=2.0,
       text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=12,
                        hidden_act=act, eos_token_id=eos, bos_token_id=0 if legacy_eos else
