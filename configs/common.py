@@ -82,6 +82,9 @@ TEXT_TOWERS = {
     'H/14': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 EMBED_DIMS = {'B/16': 512, 'L/14': 768, 'H/14': 1024}
+# The paper's models in open_clip's spelling (mofi_jax/models/names.py parses any ViT name;
+# configs import nothing from the library).
+OPEN_CLIP_NAMES = {'ViT-B-16': 'B/16', 'ViT-L-14': 'L/14', 'ViT-H-14': 'H/14'}
 OPT_VOCAB_SIZE = 50_272   # OPT's token embedding (50,265 tokens, padded to a multiple of 8)
 # Rematerialisation, checked with `python -m mofi_jax.aot` on v5e-256 (128
 # images per chip, 15.75 GiB usable HBM; docs/pod_scale.md) with the splash
@@ -97,6 +100,10 @@ def paper_config(variant, mode):
   v5e-256 slice with >= 10% HBM to spare."""
   if mode not in MODES:
     raise ValueError(f'unknown variant {mode!r}; expected one of {MODES}')
+  variant = OPEN_CLIP_NAMES.get(variant, variant)
+  if variant not in EMBED_DIMS:
+    raise ValueError(f'{variant}: the paper trains {", ".join(EMBED_DIMS)} only (or, in '
+                     f'open_clip\'s names, {", ".join(OPEN_CLIP_NAMES)}).')
   c = base_config(mode)
   c.total_steps = 1_200_000
   c.log_every = 100

@@ -2,11 +2,13 @@ r"""Compiles the real training step for a TPU slice on a CPU host (no TPU
 attached) and says whether it fits, how long a step should take, and the MFU.
 
   python -m mofi_jax.aot --config configs/mofi_h14.py:multitask --topology v5e:16x16
-  python -m mofi_jax.aot --config configs/mofi_b16.py:multitask --topology v4-128 \
-      --set input.batch_size=16384 --set model.remat=dots --json /tmp/b16.json
+  python -m mofi_jax.aot --config configs/mofi.py:ViT-B-16 --topology v4-128 \
+      --config.input.batch_size=16384 --config.model.remat=dots --json /tmp/b16.json
 
-Needs libtpu: pip install -e ".[tpu]". No corpus is read: head.num_classes and
-text.vocab_size come from the config (give them with --set where it says -1).
+Overrides are spelt as train's, `--config.key=value` (`--set key=value` is the same), and
+type-checked against the config. Needs libtpu: pip install -e ".[tpu]". No corpus is read:
+head.num_classes and text.vocab_size come from the config (give them with --config.KEY=N
+where it says -1).
 Exit status: 0 fits with --min_headroom to spare; 1 does not; 2 bad input.
 """
 import dataclasses
@@ -34,7 +36,8 @@ flags.DEFINE_string('config', None, 'Config file[:variant], e.g. '
 flags.DEFINE_string('topology', None, 'TPU slice: v5e:16x16, v4:4x4x4, '
                     'v5p:4x4x8, v6e:16x16, or a slice name such as v5e-256.')
 flags.DEFINE_multi_string('set', [], 'key=value config override, type-checked '
-                          'against the config (repeatable).')
+                          'against the config (repeatable); --config.key=value is the same.')
+OVERRIDE_PREFIX = '--config.'   # train's spelling (ml_collections' config_flags)
 flags.DEFINE_string('json', None, 'Write the report here as JSON.')
 flags.DEFINE_float('min_headroom', 0.10, 'Fraction of HBM that must stay free.')
 flags.DEFINE_bool('cost', True, 'Also compile shallow unrolled variants for '
@@ -66,7 +69,7 @@ def check_complete(config):
       node = node[part]
     if node == -1:
       raise AotError(f'config.{key} is -1 (train.py reads it from the corpus); '
-                     f'give it with --set {key}=N')
+                     f'give it with --config.{key}=N')
 
 
 # ---------------------------------------------------------------- analysis
@@ -172,7 +175,7 @@ def main(argv):
       if not FLAGS[name].value:
         raise AotError(f'--{name} is required')
     topology = tpu_specs.parse(FLAGS.topology)
-    config = config_files.load(FLAGS.config, FLAGS.set, flag='--set ')
+    config = config_files.load(FLAGS.config, FLAGS.set, flag=OVERRIDE_PREFIX)
     check_complete(config)
     report = analyse(config, topology, FLAGS.min_headroom, FLAGS.cost,
                      label=FLAGS.config)
@@ -190,5 +193,22 @@ def main(argv):
   sys.exit(0 if report['fits'] else 1)
 
 
+def set_flags_of(argv):
+  """argv with train's spelling of overrides, `--config.k=v` (or `--config.k v`), as
+  `--set=k=v`, in the order given."""
+  out, rest = [argv[0]], iter(argv[1:])
+  for arg in rest:
+    if arg.startswith(OVERRIDE_PREFIX):
+      key, eq, value = arg[len(OVERRIDE_PREFIX):].partition('=')
+      out.append(f'--set={key}={value if eq else next(rest, "")}')
+    else:
+      out.append(arg)
+  return out
+
+
+def parse_flags(argv):
+  return FLAGS(set_flags_of(argv))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

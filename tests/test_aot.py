@@ -75,7 +75,7 @@ def test_topology_devices(name, kind, hosts):
 
 def test_sizes_from_the_corpus_must_be_given():
   from configs import demo  # pylint: disable=g-import-not-at-top
-  with pytest.raises(aot.AotError, match=r'model.head.num_classes is -1.*--set'):
+  with pytest.raises(aot.AotError, match=r'model.head.num_classes is -1.*--config\.model'):
     aot.check_complete(demo.get_config('multitask'))
 
 
@@ -221,13 +221,24 @@ def test_cli_out_of_memory_exits_1(tmp_path):
   assert oom['required'] > oom['available']
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-  p = run_aot(tmp_path, '--topology=v5e:2x2', '--set=model.no_such=1')
+@pytest.mark.parametrize('spelling', [['--set=model.no_such=1'],     # aot's first spelling
+                                      ['--config.model.no_such=1'],  # train's
+                                      ['--config.model.no_such', '1']])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, spelling):
+  p = run_aot(tmp_path, '--topology=v5e:2x2', *spelling)
   assert p.returncode == 2, p.stderr[-3000:]
   last = p.stderr.strip().splitlines()[-1]
-  assert last == ("mofi_jax.aot: error: --set model.no_such: config has no entry "
+  assert last == ("mofi_jax.aot: error: --config.model.no_such: config has no entry "
                   "'model.no_such'"), last
   assert 'Traceback' not in p.stderr
+
+
+def test_train_spelling_of_overrides_is_set():
+  """`--config.k=v` and `--config.k v` reach the loader as --set, in order; `--config=F` is
+  the config file."""
+  argv = ['aot', '--config=c.py:x', '--config.a.b=1', '--set=c=2', '--config.d', '3', '--cost']
+  assert aot.set_flags_of(argv) == ['aot', '--config=c.py:x', '--set=a.b=1', '--set=c=2',
+                                    '--set=d=3', '--cost']
 
 
 @needs_libtpu

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mofi_jax.data import pixels as mofi_pixels
-from mofi_jax.models import mofi, text, vit
+from mofi_jax.models import mofi, names, text, vit
 
 
 def n_params(tree):
@@ -194,3 +194,16 @@ def test_logit_scale_is_exp_of_the_parameter_and_the_clamp_caps_it():
     assert float(model.apply({'params': params}, x, t)['logit_scale']) == pytest.approx(value)
     capped = mofi.clamp_logit_scale(params, 100.0)
     assert float(jnp.exp(capped['log_logit_scale'])) == pytest.approx(clamped, rel=1e-6)
+
+@pytest.mark.parametrize('name, canonical', [
+    ('B/16', 'B/16'), ('ViT-B-16', 'B/16'), ('ViT-L-14', 'L/14'), ('vit_h14', 'H/14'),
+    ('ViT-H/14', 'H/14'), ('ti-16', 'Ti/16'), (' S/32 ', 'S/32')])
+def test_open_clip_names_are_ours(name, canonical):
+  assert names.canonical_variant(name) == canonical
+  assert vit.decode_variant(name) == vit.decode_variant(canonical)
+
+
+@pytest.mark.parametrize('name', ['ViT-g-14', 'ViT-B', 'B/16/2', 'ViT-B-16-quickgelu', ''])
+def test_unknown_names_say_both_spellings(name):
+  with pytest.raises(ValueError, match=r'"B/16".*"ViT-B-16"'):
+    names.canonical_variant(name)

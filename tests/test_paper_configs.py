@@ -46,3 +46,19 @@ def test_paper_configs_have_the_released_sizes(variant, mode):
   tower = text.TextTower(c.model.embed_dim, **dict(c.model.text))
   n_text = params_without_projection(tower, jnp.zeros((1, c.model.text.context), jnp.int32))
   assert round(n_text / 1e6) == text_m, n_text
+
+
+@pytest.mark.parametrize('name, variant', [('ViT-B-16', 'B/16'), ('ViT-L-14', 'L/14'),
+                                           ('ViT-H-14', 'H/14')])
+def test_configs_by_open_clip_name_are_the_paper_configs(name, variant):
+  from configs import mofi  # pylint: disable=import-outside-toplevel
+  for mode in ('supervised', 'contrastive', 'multitask'):
+    assert (mofi.get_config(f'{name},{mode}').to_dict()
+            == RELEASED[variant][0].get_config(mode).to_dict())
+  assert mofi.get_config(name).to_dict() == RELEASED[variant][0].get_config().to_dict()
+  with pytest.raises(ValueError, match='the paper trains B/16, L/14, H/14 only'):
+    mofi.get_config('ViT-S-16')
+  # The table in configs/common.py agrees with the library's parser of ViT names.
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from mofi_jax.models import names  # pylint: disable=import-outside-toplevel
+  assert all(names.canonical_variant(k) == v for k, v in common.OPEN_CLIP_NAMES.items())

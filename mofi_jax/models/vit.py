@@ -4,7 +4,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mofi_jax.models import layers
+from mofi_jax.models import layers, names
 
 # width, depth, heads, mlp_dim (big_vision / CLIP presets).
 PRESETS = {
@@ -17,14 +17,11 @@ PRESETS = {
 
 
 def decode_variant(variant):
-  """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch=16)."""
-  try:
-    size, patch = variant.split('/')
-    width, depth, heads, mlp = PRESETS[size]
-    patch = int(patch)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f'unknown ViT variant {variant!r}; expected '
-                     f'<{"|".join(PRESETS)}>/<patch>, e.g. "B/16"') from e
+  """'B/16' (or open_clip's 'ViT-B-16') -> dict(width=768, depth=12, num_heads=12,
+  mlp_dim=3072, patch=16)."""
+  size, patch = names.canonical_variant(variant).split('/')
+  width, depth, heads, mlp = PRESETS[size]
+  patch = int(patch)
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
               patch=patch)
 
