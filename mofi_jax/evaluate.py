@@ -9,8 +9,10 @@ r"""Evaluates a checkpoint (or a features file); prints JSON and writes it besid
   python -m mofi_jax.evaluate entities --workdir W --image X.jpg [--k 10]
 
 `--hf_clip FOLDER` (a Hugging Face CLIP folder) may replace `--workdir W [--step N]`.
-`--dataset` is a TFDS name (read from --data_dir, never downloaded) or `folder`, an image
-folder in the GPR1200 layout with a categories.json (the demo's held-out set).
+`--dataset` is a TFDS name (read from --data_dir, never downloaded), `folder`, an image
+folder in the GPR1200 layout with a categories.json (the demo's held-out set), or
+`imagefolder`, torchvision's class_name/*.jpg layout (evals/class_folders.py). Accuracy is
+reported as top1/top5 and as CLIP_benchmark's acc1/acc5, with mean_per_class_recall.
 Results go to `<workdir>/eval/<eval>_<dataset>_step<N>.json` (see evals/results.py), or for
 --hf_clip to `./eval_results/<folder name>/` (an imported folder is never written into).
 `gpr1200 --features` scores [12000, D] features in the official order (row i has
@@ -55,7 +57,8 @@ def _model_flags(parser):
 
 
 def _data_flags(parser, splits):
-  parser.add_argument('--dataset', required=True, help='TFDS name or "folder"')
+  parser.add_argument('--dataset', required=True,
+                      help='TFDS name, "folder" (GPR1200 layout) or "imagefolder" (class_name/*.jpg)')
   parser.add_argument('--data_dir', required=True, help='TFDS data_dir, or the image folder')
   for split in splits:
     parser.add_argument(f'--{split}', help='default: the dataset\'s usual split')
@@ -149,8 +152,8 @@ def _build(module, cfg, preprocessing):
 
 
 def _dataset_tag(dataset, data_dir):
-  if dataset == 'folder':
-    return f'folder-{os.path.basename(os.path.normpath(data_dir))}'
+  if dataset in ('folder', 'imagefolder'):
+    return f'{dataset}-{os.path.basename(os.path.normpath(data_dir))}'
   return dataset
 
 

@@ -82,6 +82,26 @@ def test_topk_accuracy_by_hand():
     zeroshot.topk_accuracy(scores, np.array([1, 3, 1, 4]))
 
 
+@pytest.mark.parametrize('num_classes, n', [(4, 9), (12, 200)])
+def test_classification_metrics_match_scikit_learn(num_classes, n):
+  """CLIP_benchmark's names and its mean per-class recall (scikit-learn's balanced accuracy
+  of the top-1 predictions), on unbalanced classes with one class absent."""
+  from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(num_classes)
+  labels = rng.choice(num_classes - 1, size=n, p=np.arange(1, num_classes) / np.arange(
+      1, num_classes).sum())   # class num_classes - 1 never appears
+  scores = rng.normal(size=(n, num_classes)) + 1.5 * np.eye(num_classes)[labels]
+  m = zeroshot.classification_metrics(scores, labels, num_classes)
+  assert m['mean_per_class_recall'] == pytest.approx(
+      balanced_accuracy_score(labels, scores.argmax(1)), abs=1e-12)
+  ks = (1, 5) if num_classes > 5 else (1,)
+  assert sorted(m) == sorted([f'top{k}' for k in ks] + [f'acc{k}' for k in ks]
+                             + ['mean_per_class_recall'])
+  for k in ks:
+    assert m[f'acc{k}'] == m[f'top{k}'] == pytest.approx(top_k_accuracy_score(
+        labels, scores, k=k, labels=np.arange(num_classes)), abs=1e-12)
+
+
 # ----------------------------------------------------------------------------------------
 # End to end on TFDS mock data.
 
@@ -130,11 +150,13 @@ def test_zeroshot_on_mock_cifar10_known_answer(data_dir):
     assert evaluator.templates is templates.CIFAR and evaluator.source.split == 'test'
     right = embedding.Towers(palette_tower, prompt_tower(classnames.CIFAR10, templates.CIFAR))
     wrong = embedding.Towers(palette_tower, prompt_tower(classnames.CIFAR10, templates.CIFAR, 1))
-    assert evaluator.run(right) == dict(top1=1.0, top5=1.0, chance_top1=0.1, num_examples=30)
+    assert evaluator.run(right) == dict(top1=1.0, top5=1.0, acc1=1.0, acc5=1.0,
+                                     mean_per_class_recall=1.0, chance_top1=0.1, num_examples=30)
     # Each prompt points at the next class: an image of label y scores 1 for class y - 1 and
     # ties at 0 with every other class, lower indices first, so y ranks y-th (label 0: 1st).
     # Labels 0-4 are within the top 5, labels 5-9 are not.
-    assert evaluator.run(wrong) == dict(top1=0.0, top5=0.5, chance_top1=0.1, num_examples=30)
+    assert evaluator.run(wrong) == dict(top1=0.0, top5=0.5, acc1=0.0, acc5=0.5,
+                                     mean_per_class_recall=0.0, chance_top1=0.1, num_examples=30)
 
 
 def test_tfds_source_reads_mock_pets_in_order(data_dir):
@@ -196,7 +218,7 @@ def test_zeroshot_on_a_folder_with_categories_json(tmp_path):
   evaluator = zeroshot.Evaluator(cfg, image_size=8)
   assert evaluator.templates == ('{}',) and evaluator.source.class_names[0] == 'a red square'
   assert evaluator.run(embedding.Towers(rgb_tower, text_tower)) == dict(
-      top1=1.0, chance_top1=1 / 3, num_examples=30)
+      top1=1.0, acc1=1.0, mean_per_class_recall=1.0, chance_top1=1 / 3, num_examples=30)
   (tmp_path / 'categories.json').write_text(json.dumps([{'category': 0}]))
   with pytest.raises(ValueError, match=r'categories.json: expected a list of 3 category entries'):
     zeroshot.Evaluator(cfg, image_size=8)

@@ -2,6 +2,10 @@
 
   source = datasets.open_split('cifar10', data_dir='~/tensorflow_datasets', split='test')
   source = datasets.open_split('folder', data_dir='/corpus/retrieval', split='train')
+  source = datasets.open_split('imagefolder', data_dir='/data/pets', split='test')
+
+'folder' is the GPR1200 layout (image_folder.py); 'imagefolder' torchvision's ImageFolder
+layout, class_name/*.jpg (class_folders.py).
 
 TFDS datasets are read from `data_dir` and never downloaded: preparing them (`tfds build
 NAME --data_dir DIR`, or the manual ImageNet download) is a separate, deliberate step.
@@ -19,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from mofi_jax.evals import classnames, image_folder
+from mofi_jax.evals import class_folders, classnames, image_folder
 
 FOLDER = 'folder'
 _WNID = re.compile(r'^n\d{8}$')
@@ -58,12 +62,15 @@ def open_split(dataset, data_dir, split=None, *, train_per_category=5, name_key=
                need_names=True):
   """The `split` of `dataset` ('folder' or a TFDS name) as a Source."""
   if not dataset:
-    raise DatasetError(f'No dataset given: expected a TFDS name or {FOLDER!r}.')
+    raise DatasetError(f'No dataset given: expected a TFDS name, {FOLDER!r} or '
+                       f'{class_folders.DATASET!r}.')
   if not data_dir:
     raise DatasetError(f'{dataset}: no data_dir given; pass the folder that holds the data.')
   split = split or default_split(dataset)
   if dataset == FOLDER:
     return _folder_split(data_dir, split, train_per_category, name_key, need_names)
+  if dataset == class_folders.DATASET:
+    return _class_folder_split(data_dir, split, need_names)
   return _tfds_split(dataset, data_dir, split)
 
 
@@ -90,6 +97,17 @@ def _folder_split(folder, split, train_per_category, name_key, need_names):
   return Source(FOLDER, split, names, len(paths), batches)
 
 
+def _class_folder_split(folder, split, need_names):
+  paths, labels = class_folders.list_split(folder, split)
+  classes, _ = class_folders.layout(folder)
+  names = class_folders.class_names(folder) if need_names else classes
+  desc = f'{os.path.basename(os.path.normpath(folder))}:{split}'
+
+  def batches(transform, batch_size):
+    return image_folder.image_batches(paths, labels, transform, batch_size, desc=desc)
+  return Source(class_folders.DATASET, split, names, len(paths), batches)
+
+
 def tfds_builder(dataset, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.isdir(data_dir) or not tf.io.gfile.listdir(data_dir):
@@ -100,7 +118,7 @@ def tfds_builder(dataset, data_dir):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(f'Unknown dataset {dataset!r}: not a TFDS dataset name (e.g. '
                        f'imagenet2012, imagenet_v2, cifar10, cifar100, caltech101, '
-                       f'oxford_iiit_pet) nor {FOLDER!r}.') from e
+                       f'oxford_iiit_pet) nor {FOLDER!r} / {class_folders.DATASET!r}.') from e
 
 
 def _image_and_label_keys(dataset, features):

@@ -18,7 +18,7 @@ import numpy as np
 
 from mofi_jax.data import eval_transform
 from mofi_jax.evals import datasets, embedding
-from mofi_jax.evals.zeroshot import topk_accuracy
+from mofi_jax.evals.zeroshot import classification_metrics
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -85,6 +85,6 @@ class Evaluator:
     num_classes = len(self.train.class_names)
     votes = knn_votes(train_x, train_y, test_x, num_classes, k=min(self.k, len(train_y)),
                       temperature=self.temperature)
-    metrics = topk_accuracy(votes, test_y, ks=(1, 5) if num_classes > 5 else (1,))
+    metrics = classification_metrics(votes, test_y, num_classes)
     metrics.update(num_train=len(train_y), num_test=len(test_y))
     return metrics

@@ -26,7 +26,7 @@ import optax
 
 from mofi_jax.data import eval_transform
 from mofi_jax.evals import datasets, embedding
-from mofi_jax.evals.zeroshot import topk_accuracy
+from mofi_jax.evals.zeroshot import classification_metrics, topk_accuracy
 
 LOG10_L2_RANGE = (-6.0, 6.0)
 FINAL_STEPS_PER_DECADE = 8
@@ -121,7 +121,7 @@ def probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, *, max_it
 
   best, scores = search_l2(val_score)
   w, b, iterations = fit(x, y, num_classes, 10.0 ** best, max_iter=max_iter)
-  metrics = topk_accuracy(test_x @ w + b, test_y, ks=(1, 5) if num_classes > 5 else (1,))
+  metrics = classification_metrics(test_x @ w + b, test_y, num_classes)
   metrics.update(l2=10.0 ** best, log10_l2=best, val_top1=scores[best][0],
                  num_l2_tried=len(scores), final_iterations=iterations,
                  num_train=len(train_y), num_val=len(val_y), num_test=len(test_y))

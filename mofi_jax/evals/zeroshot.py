@@ -2,7 +2,8 @@
 
 Each class is embedded by the text tower under every template; the L2-normalised template
 embeddings are averaged and re-normalised (templates.py lists CLIP's published sets). An
-image is assigned the class of highest cosine similarity; we report top-1 and top-5.
+image is assigned the class of highest cosine similarity; we report top-1 and top-5 (also
+as CLIP_benchmark's acc1/acc5) and the mean per-class recall.
 
 Config (evals.<name>, type='zeroshot'): dataset ('folder' or a TFDS name), data_dir,
 split (default: the split CLIP reports), templates (a set name or one '{}' template;
@@ -35,6 +36,23 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
   return {f'top{k}': float(np.mean(rank < k)) for k in ks}
 
 
+def classification_metrics(scores, labels, num_classes):
+  """top-k accuracy (k = 1, and 5 when there are more than 5 classes) under our names
+  (`top1`, `top5`) and CLIP_benchmark's (`acc1`, `acc5`), and its `mean_per_class_recall`:
+  the top-1 recall of each class present in `labels`, averaged (scikit-learn's
+  balanced_accuracy_score; top-1 ties go to the lower class index, as everywhere here)."""
+  ks = (1, 5) if num_classes > 5 else (1,)
+  metrics = topk_accuracy(scores, labels, ks)
+  metrics.update({f'acc{k}': metrics[f'top{k}'] for k in ks})
+  labels = np.asarray(labels)
+  hits = np.argmax(np.asarray(scores), axis=1) == labels
+  support = np.bincount(labels, minlength=num_classes)
+  present = support > 0
+  recall = np.bincount(labels, weights=hits, minlength=num_classes)[present] / support[present]
+  metrics['mean_per_class_recall'] = float(recall.mean()) if recall.size else 0.0
+  return metrics
+
+
 def zeroshot_scores(image_features, class_emb, block=4096):
   """Cosine similarities [N, C] of (re-normalised) image features to the class embeddings."""
   x = np.asarray(image_features, np.float32)
@@ -63,6 +81,6 @@ class Evaluator:
     features, labels = embedding.embed_source(towers, self.source, *self.embed_args)
     scores = zeroshot_scores(features, class_emb)
     num_classes = len(self.source.class_names)
-    metrics = topk_accuracy(scores, labels, ks=(1, 5) if num_classes > 5 else (1,))
+    metrics = classification_metrics(scores, labels, num_classes)
     metrics.update(chance_top1=1.0 / num_classes, num_examples=len(labels))
     return metrics
