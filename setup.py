@@ -33,6 +33,8 @@ EXTRAS = {
     'search': ['faiss-cpu>=1.9,<2'],
     # The search server and its page (mofi_jax.serve); clip-front works against it.
     'serve': ['fastapi>=0.165,<0.170', 'uvicorn>=0.55,<0.60', 'python-multipart>=0.0.34,<0.1'],
+    # Training metrics to Weights & Biases (config.log.wandb); imported only when enabled.
+    'wandb': ['wandb>=0.31,<0.32'],
     # Compile for real TPU topologies on a CPU host (AOT); keep out of defaults.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
     # scikit-learn and torchvision (ml-mofi's eval code) are oracles in tests;
@@ -41,6 +43,8 @@ EXTRAS = {
              'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8',
              'hypothesis>=6',
+             # A real run logs to W&B offline and the tests read its run files.
+             'wandb>=0.31,<0.32',
              # The server over HTTP and its page in headless Chromium (Debian's chromium and
              # chromium-driver; Selenium is pointed at them and downloads nothing).
              'httpx>=0.28,<0.30', 'selenium>=4.51,<5',

@@ -71,6 +71,12 @@ def base_config(mode='multitask'):
   # too) where compiled steps are kept, so that a restarted (preempted) run skips the
   # compile. Programs that compiled faster than min_compile_secs are not stored.
   c.compile_cache = mlc.ConfigDict(dict(dir='', min_compile_secs=1.0))
+  # Telemetry (mofi_jax/telemetry.py): metrics.jsonl and perf/ throughput every log_every
+  # steps. MFU needs the chip's peak FLOP/s: known for TPUs; give a GPU's or CPU's here.
+  # W&B: --config.log.wandb.enabled=True (mode: '' = WANDB_MODE or W&B's default, 'offline').
+  c.log = mlc.ConfigDict(dict(
+      peak_flops_per_chip=0.0,
+      wandb=dict(enabled=False, project='mofi_jax', entity='', name='', mode='')))
   c.evals = mlc.ConfigDict()
   return c
 

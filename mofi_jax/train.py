@@ -15,12 +15,12 @@ import threading
 
 import jax
 from absl import app, flags, logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from clu.data import dataset_iterator
 from ml_collections import config_flags
 
 from mofi_jax import (checkpoint_checks, checkpointing, cli_errors, inference,
-                      periodic_evals, run_setup, sharding, trainer)
+                      periodic_evals, run_setup, sharding, telemetry, trainer)
 from mofi_jax.data import device_feed, pipeline
 from mofi_jax.models import mofi
 
@@ -138,9 +138,9 @@ def _train_and_evaluate(config, workdir, fresh_run):
   evaluators = periodic_evals.from_config(config, data_dir=data_dir,
                                           workdir=workdir)
   # ------------------------------------------------- metrics and progress
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = telemetry.create_writer(workdir, first_step, config.get('log'))  # + jsonl, W&B
   writer.write_hparams(run_setup.flat_hparams(config))
+  meter = telemetry.Throughput(config, jax.devices(), first_step)
   hooks = [periodic_actions.ReportProgress(
       num_train_steps=config.total_steps, writer=writer,
       every_steps=config.log_every)]
@@ -162,7 +162,9 @@ def _train_and_evaluate(config, workdir, fresh_run):
   step = first_step
   while step < config.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = setup.train_step(state, feed.next())
+      with meter.waiting_for_input():
+        batch = feed.next()
+      state, metrics = setup.train_step(state, batch)
     step += 1
     acc = metrics if acc is None else acc.merge(metrics)
     for hook in hooks:
@@ -176,21 +178,25 @@ def _train_and_evaluate(config, workdir, fresh_run):
     stop = stopping and not feed.pending
     if step % config.log_every == 0 or last or stop:
       run_setup.check_finite(state, config, restored_from)
-      writer.write_scalars(step, {f'train/{k}': v
-                                  for k, v in acc.compute().items()})
+      train_scalars = {f'train/{k}': v for k, v in acc.compute().items()}
+      writer.write_scalars(step, {**train_scalars, **meter.report(step)})
       acc = None
-    run_evals(periodic_evals.due(evaluators, step, last), step)
+    evals_due = periodic_evals.due(evaluators, step, last)
+    run_evals(evals_due, step)
     if ckpt.should_save(step) or last or stop:
       run_setup.check_finite(state, config, restored_from)
       ckpt.save(step, state, dict(meta, examples_seen=step *
                                   config.input.batch_size), data_iter,
                 force=last or stop)
+      meter.restart(step)   # throughput counts training steps, not saves or evals
+    elif evals_due:
+      meter.restart(step)
     if stop:
       logging.warning('Stopped at step %d after a preemption signal; re-run '
                       'the same command to resume.', step)
       break
   ckpt.close()
-  writer.flush()
+  writer.close()
   return state
 
 

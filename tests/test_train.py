@@ -4,6 +4,7 @@ newest checkpoint falls back to the previous one and ends bit-identical; an
 incompatible config is refused and touches nothing; non-finite values stop the
 run; bad input gets one clear message, a non-zero exit, and leaves existing
 checkpoints alone; 2 processes agree on the step to restore."""
+import glob
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import wandb_records
 from portable_runner import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,10 +98,13 @@ def assert_same_params(a, b, atol=1e-6):
                                atol=atol, err_msg=str(k))
 
 
+WANDB_OFFLINE = ('--config.log.wandb.enabled=True', '--config.log.wandb.mode=offline')
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(setup):
   workdir = setup / 'uninterrupted'
-  run(train_cmd(setup, workdir))
+  run(train_cmd(setup, workdir, *WANDB_OFFLINE))
   assert steps(workdir) == [20, 25, 30]
   return workdir
 
@@ -148,7 +153,7 @@ def start_and_signal(cmd, workdir, min_step, *sigs):
 
 def test_interrupted_runs_resume_to_identical_params(setup, uninterrupted):
   workdir = setup / 'interrupted'
-  cmd = train_cmd(setup, workdir)
+  cmd = train_cmd(setup, workdir, *WANDB_OFFLINE)
   # SIGUSR1 prints the stacks (main thread in this loop) and the run goes on.
   code, err = start_and_signal(cmd, workdir, 5, signal.SIGUSR1, signal.SIGTERM)
   assert code == 0, err[-3000:]
@@ -161,6 +166,83 @@ def test_interrupted_runs_resume_to_identical_params(setup, uninterrupted):
   p = run(cmd)
   assert f'Restored checkpoint step {resumed_from}' in p.stderr
   assert_same_params(final_params(workdir), final_params(uninterrupted), atol=0)
+  # metrics.jsonl reads as one run's: the killed run's lines after the restored step were
+  # dropped (steps never go back), and the figures equal the uninterrupted run's: evals at
+  # every step, train/ wherever its log interval lies after the last restore (the SIGTERM
+  # run also logged at the step it stopped, and its next interval is shorter).
+  resumed, whole = metrics_lines(workdir), metrics_lines(uninterrupted)
+  order = [r['step'] for r in resumed]
+  assert order == sorted(order) and order[-1] == TOTAL
+  a, b = by_step(resumed), by_step(whole)
+  assert set(b) <= set(a) and all(s < resumed_from for s in set(a) - set(b))
+  for step, row in b.items():
+    for key, value in row.items():
+      timing = key.startswith('perf/') or key in ('steps_per_sec', 'uptime')
+      if not timing and (step > resumed_from or not key.startswith('train/')):
+        assert a[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+  # The three starts logged to one W&B run (its id kept in the workdir); the last one's
+  # history starts after the step it restored.
+  with open(workdir / 'wandb_run_id') as f:
+    run_id = f.read().strip()
+  files = sorted(glob.glob(str(workdir / 'wandb' / 'offline-run-*' / 'run-*.wandb')))
+  assert len(files) == 3 and {p.rsplit('-', 1)[1][:-len('.wandb')] for p in files} == {run_id}
+  # (The SIGKILLed start may die before its run record is written.)
+  assert {wandb_records.run_id(p) for p in files} - {None} == {run_id}
+  last_steps = [r['_step'] for r in wandb_records.history(files[-1])]
+  assert last_steps and min(last_steps) > resumed_from and max(last_steps) == TOTAL
+
+
+def by_step(lines):
+  """{step: every scalar logged at it}: train/ and perf/ at a log step, evals at theirs."""
+  out = {}
+  for r in lines:
+    out.setdefault(r['step'], {}).update({k: v for k, v in r.items() if k != 'step'})
+  return out
+
+
+def metrics_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def tensorboard_scalars(workdir):
+  """{(step, tag): value} of the run's event files, read with TensorFlow's own reader."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor') and not value.tensor.string_val:
+          array = tf.make_ndarray(value.tensor)
+          if array.size == 1:   # scalars (hparams and text are not)
+            out[(event.step, value.tag)] = float(array.reshape(()))
+  return out
+
+
+def test_metrics_jsonl_holds_what_tensorboard_holds_and_throughput(uninterrupted):
+  """Every scalar of metrics.jsonl is in the event files with the same value, train/ at
+  every log step; perf/ holds images/s whose ratio to TFLOP/s is the model's FLOPs per
+  image (step_analysis.model_flops / batch), and no MFU on a CPU without a configured peak."""
+  from mofi_jax import inference, step_analysis  # pylint: disable=g-import-not-at-top
+  lines, events = metrics_lines(uninterrupted), tensorboard_scalars(uninterrupted)
+  assert [r['step'] for r in lines if 'train/loss' in r] == list(range(EVERY, TOTAL + 1, EVERY))
+  for step, row in by_step(lines).items():   # the last value of a tag at a step, as events
+    for tag, value in row.items():
+      assert events[(step, tag)] == pytest.approx(value, rel=1e-6), (step, tag)
+  config = inference.read_config(str(uninterrupted))
+  per_image = step_analysis.model_flops(config) / config.input.batch_size
+  # The W&B run (offline) holds the same rows.
+  files = glob.glob(str(uninterrupted / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+  assert len(files) == 1
+  logged = {r['_step']: {k: v for k, v in r.items() if not k.startswith('_')}
+            for r in wandb_records.history(files[0])}
+  assert logged == {s: pytest.approx(row, rel=1e-6) for s, row in by_step(lines).items()}
+  for r in (r for r in lines if 'perf/images_per_s' in r):
+    assert r['perf/images_per_s'] > 0 and 0 <= r['perf/input_wait_share'] < 1
+    assert r['perf/images_per_s_per_chip'] == pytest.approx(r['perf/images_per_s'])  # 1 device
+    assert r['perf/tflops_per_chip'] * 1e12 == pytest.approx(r['perf/images_per_s'] * per_image,
+                                                             rel=1e-6)
+    assert 'perf/mfu' not in r
 
 
 def damage(state_dir, how):

@@ -1,0 +1,224 @@
+"""What a training run reports besides its TensorBoard events: metrics.jsonl and throughput.
+
+metrics.jsonl (process 0, in the workdir beside the event files): one JSON object a line,
+{"step": s, "<name>": value, ...}, every scalar the run writes (train/, perf/, evals), as
+big_vision's metrics and open_clip's results.jsonl keep them. A resumed run first drops the
+lines of steps after the one it restored (the interrupted run wrote them; they will be
+written again), so the file reads as one run's.
+
+Weights & Biases (`WandbWriter`, config.log.wandb.enabled; wandb is imported only then, on
+process 0): every scalar and the hyperparameters go to a W&B run in <workdir>/wandb/. The
+run id is kept in <workdir>/wandb_run_id, so a resumed run continues the same W&B run
+(resume='allow'); W&B keeps the first value logged at a step, so the steps an interrupted
+run logged after its last checkpoint keep that run's values. `mode` '' leaves WANDB_MODE
+(or W&B's default) in charge; 'offline' writes the run files only (`wandb sync` uploads
+them later).
+
+Throughput (`Throughput`), logged each log interval under perf/:
+  images_per_s, images_per_s_per_chip   global batch x steps / wall time of the interval
+  tflops_per_chip                       model FLOPs (step_analysis.model_flops: 3x the
+                                        forward matmuls, no remat) x steps / wall / chips
+  mfu                                   tflops_per_chip / the chip's peak: tpu_specs for a
+                                        TPU; config.log.peak_flops_per_chip elsewhere (a
+                                        GPU's or CPU's measured matmul rate); absent if 0
+  input_wait_share                      time in the input feed's next() / wall time: the
+                                        share of the interval spent waiting for batches
+"""
+import contextlib
+import json
+import os
+import secrets
+import string
+import time
+
+import jax
+from clu import metric_writers
+from clu.metric_writers import interface
+
+from mofi_jax import step_analysis, tpu_specs
+
+METRICS_FILE = 'metrics.jsonl'
+# jax Device.device_kind -> tpu_specs chip (most specific first).
+_TPU_KINDS = (('v6 lite', 'v6e'), ('v6e', 'v6e'), ('v5 lite', 'v5e'), ('v5e', 'v5e'),
+              ('v5p', 'v5p'), ('v5', 'v5p'), ('v4', 'v4'))
+
+
+def _plain(value):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+class JsonlWriter(interface.MetricWriter):
+  """CLU MetricWriter appending scalars to <workdir>/metrics.jsonl (see the docstring)."""
+
+  def __init__(self, workdir, first_step=0):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._drop_after(first_step)
+    self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def _drop_after(self, step):
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding='utf-8') as f:
+      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+    tmp = f'{self.path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write_scalars(self, step, scalars):
+    record = {'step': int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
+    self._file.write(json.dumps(record, sort_keys=False) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def _step_of(line):
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None   # a line cut short by a kill: dropped
+
+
+class WandbWriter(interface.MetricWriter):
+  """CLU MetricWriter logging scalars and hyperparameters to W&B (see the docstring)."""
+  RUN_ID_FILE = 'wandb_run_id'
+
+  def __init__(self, workdir, cfg):
+    import wandb  # pylint: disable=import-outside-toplevel
+    path = os.path.join(workdir, self.RUN_ID_FILE)
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        run_id = f.read().strip()
+    else:
+      # W&B's id alphabet (lowercase letters and digits), drawn here: wandb 0.31 has no
+      # public generator.
+      run_id = ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+      with open(path, 'w', encoding='utf-8') as f:
+        f.write(run_id + '\n')
+    self._run = wandb.init(project=cfg.get('project') or 'mofi_jax',
+                           entity=cfg.get('entity') or None, name=cfg.get('name') or None,
+                           id=run_id, resume='allow', dir=workdir,
+                           mode=cfg.get('mode') or None)
+
+  def write_scalars(self, step, scalars):
+    self._run.log({k: _plain(v) for k, v in scalars.items()}, step=int(step))
+
+  def write_hparams(self, hparams):
+    self._run.config.update(dict(hparams), allow_val_change=True)
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self._run.finish()
+
+
+def create_writer(workdir, first_step, log_config=None):
+  """TensorBoard + logging (CLU's default writer); on process 0 also metrics.jsonl, and
+  W&B when log_config.wandb.enabled."""
+  default = metric_writers.create_default_writer(workdir,
+                                                 just_logging=jax.process_index() > 0)
+  if jax.process_index() > 0:
+    return default
+  writers = [default, JsonlWriter(workdir, first_step)]
+  wandb_cfg = (log_config or {}).get('wandb') or {}
+  if wandb_cfg.get('enabled'):
+    writers.append(WandbWriter(workdir, wandb_cfg))
+  return metric_writers.MultiWriter(writers)
+
+
+def chip_peak_flops(devices, configured=0.0):
+  """Peak FLOP/s of one device: config.log.peak_flops_per_chip when set, else tpu_specs'
+  bf16 peak for a TPU; None when neither is known (no MFU is logged)."""
+  if configured:
+    return float(configured)
+  kind = devices[0].device_kind.lower() if devices[0].platform == 'tpu' else ''
+  for needle, chip in _TPU_KINDS:
+    if needle in kind:
+      return tpu_specs.CHIPS[chip].peak_bf16_flops
+  return None
+
+
+class Throughput:
+  """Images/s, TFLOP/s and MFU per chip, and the input-wait share, per log interval."""
+
+  def __init__(self, config, devices, first_step):
+    self.batch = config.input.batch_size
+    self.chips = len(devices)
+    self.flops_per_step = step_analysis.model_flops(config)
+    self.peak = chip_peak_flops(devices, config.get('log', {}).get('peak_flops_per_chip', 0.0))
+    self.restart(first_step)
+
+  def restart(self, step):
+    """Starts the next interval at `step`, now (after an eval or a save, whose time is
+    not the training step's)."""
+    self._step, self._time, self._waiting = step, time.perf_counter(), 0.0
+
+  @contextlib.contextmanager
+  def waiting_for_input(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._waiting += time.perf_counter() - start
+
+  def report(self, step):
+    """perf/ scalars since the last report (call after the step's results are ready)."""
+    now = time.perf_counter()
+    wall, steps = max(now - self._time, 1e-9), step - self._step
+    flops_per_chip = self.flops_per_step * steps / wall / self.chips
+    out = {'perf/images_per_s': self.batch * steps / wall,
+           'perf/images_per_s_per_chip': self.batch * steps / wall / self.chips,
+           'perf/tflops_per_chip': flops_per_chip / 1e12,
+           'perf/input_wait_share': self._waiting / wall}
+    if self.peak:
+      out['perf/mfu'] = flops_per_chip / self.peak
+    self.restart(step)
+    return out
