@@ -28,7 +28,7 @@ import apache_beam as beam
 from apache_beam.ml.inference import base as inference_base
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from mofi_jax import cli_errors, embed, embed_inputs, embed_shards, model_flags
+from mofi_jax import cli_errors, embed, embed_shards, model_flags
 
 PROG = 'data_prep.embed_beam'
 _MODEL_FLAGS = ('workdir', 'hf_clip', 'step')
@@ -143,13 +143,7 @@ def build(pipeline, inputs, args, out, dim):
 
 def run(args):
   check_flags(args)
-  out = os.path.abspath(args.out)
-  inputs = embed_inputs.open_inputs(args)
-  spec = embed.run_spec(args, inputs)
-  embed_shards.check_output(out, spec, args.overwrite, embed.input_paths(args))
-  encoder = model_flags.load_encoder(args)   # for embed_info.json: what the workers load
-  info = dict(spec, **embed.model_info(args, encoder, inputs))
-  embed_shards.open_output(out, info, args.overwrite, embed.input_paths(args))
+  out, inputs, _, info = embed.prepare(args)   # the model loads here for embed_info.json too
   options = PipelineOptions(args.beam_argv)
   with beam.Pipeline(options=options) as pipeline:
     build(pipeline, inputs, args, out, info['dim'])

@@ -204,8 +204,9 @@ def embed_all(encoder, inputs, args, out):
   return num_shards
 
 
-def run(args):
-  check_flags(args)
+def prepare(args):
+  """(out, inputs, encoder, embed_info) of checked flags, --out opened for the run (shared
+  with the Beam pipeline, data_prep/embed_beam.py)."""
   out = os.path.abspath(args.out)
   inputs = embed_inputs.open_inputs(args)
   spec = run_spec(args, inputs)
@@ -213,6 +214,12 @@ def run(args):
   encoder = model_flags.load_encoder(args)
   info = dict(spec, **model_info(args, encoder, inputs))
   embed_shards.open_output(out, info, args.overwrite, input_paths(args))
+  return out, inputs, encoder, info
+
+
+def run(args):
+  check_flags(args)
+  out, inputs, encoder, _ = prepare(args)
   num_shards = embed_all(encoder, inputs, args, out)
   stats = embed_shards.write_stats(out, num_shards)
   print(json.dumps(stats, sort_keys=True))

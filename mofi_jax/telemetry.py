@@ -50,28 +50,8 @@ def _plain(value):
     return str(value)
 
 
-class JsonlWriter(interface.MetricWriter):
-  """CLU MetricWriter appending scalars to <workdir>/metrics.jsonl (see the docstring)."""
-
-  def __init__(self, workdir, first_step=0):
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self._drop_after(first_step)
-    self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-
-  def _drop_after(self, step):
-    if not os.path.exists(self.path):
-      return
-    with open(self.path, encoding='utf-8') as f:
-      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
-    tmp = f'{self.path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
-
-  def write_scalars(self, step, scalars):
-    record = {'step': int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
-    self._file.write(json.dumps(record, sort_keys=False) + '\n')
-    self._file.flush()
+class _ScalarWriter(interface.MetricWriter):
+  """A MetricWriter that keeps scalars (and hparams) only: the rest is TensorBoard's."""
 
   def write_summaries(self, step, values, metadata=None):
     del step, values, metadata
@@ -95,6 +75,34 @@ class JsonlWriter(interface.MetricWriter):
     del hparams
 
   def flush(self):
+    pass
+
+
+class JsonlWriter(_ScalarWriter):
+  """CLU MetricWriter appending scalars to <workdir>/metrics.jsonl (see the docstring)."""
+
+  def __init__(self, workdir, first_step=0):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._drop_after(first_step)
+    self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def _drop_after(self, step):
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding='utf-8') as f:
+      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+    tmp = f'{self.path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write_scalars(self, step, scalars):
+    record = {'step': int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
+    self._file.write(json.dumps(record, sort_keys=False) + '\n')
+    self._file.flush()
+
+
+  def flush(self):
     self._file.flush()
 
   def close(self):
@@ -108,7 +116,7 @@ def _step_of(line):
     return None   # a line cut short by a kill: dropped
 
 
-class WandbWriter(interface.MetricWriter):
+class WandbWriter(_ScalarWriter):
   """CLU MetricWriter logging scalars and hyperparameters to W&B (see the docstring)."""
   RUN_ID_FILE = 'wandb_run_id'
 
@@ -134,27 +142,6 @@ class WandbWriter(interface.MetricWriter):
 
   def write_hparams(self, hparams):
     self._run.config.update(dict(hparams), allow_val_change=True)
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def flush(self):
-    pass
 
   def close(self):
     self._run.finish()
