@@ -142,12 +142,17 @@ def write_shard(out, shard, image_emb, text_emb, rows, counts):
   _write_atomic(out, done_path(out, shard), _json_bytes(dict(counts, shard=shard)), f'{shard}.done')
 
 
+def done_shards(out):
+  """The done markers' file names (one per finished shard)."""
+  folder = os.path.join(out, _DONE)
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 def write_stats(out, num_shards):
   """stats.json: the counts of every done shard summed (all processes' shards);
   num_shards: how many the inputs make, known once a process has passed over them all."""
   folder = os.path.join(out, _DONE)
-  done = [json.load(open(os.path.join(folder, n), encoding='utf-8'))
-          for n in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+  done = [json.load(open(os.path.join(folder, n), encoding='utf-8')) for n in done_shards(out)]
   reasons = {}
   for d in done:
     for reason, n in d['skipped'].items():

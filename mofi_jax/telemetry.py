@@ -90,7 +90,7 @@ class JsonlWriter(_ScalarWriter):
     if not os.path.exists(self.path):
       return
     with open(self.path, encoding='utf-8') as f:
-      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+      kept = [line for line in f if (s := _step_of(line)) is not None and s <= step]
     tmp = f'{self.path}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(kept)

@@ -76,25 +76,26 @@ def layout(folder):
 
 
 def list_split(folder, split):
-  """(paths, labels int64 [N]) of `split`, classes in layout()'s order."""
+  """(paths, labels int64 [N], class folder names) of `split`, classes in layout()'s order."""
   if split not in SPLITS:
     raise ClassFolderError(f'Unknown split {split!r} of an image folder; expected one of '
                            f'{SPLITS}.')
   classes, splits = layout(folder)
-  roots = ([splits[split]] if split != 'all' else [splits['train'], splits['test']])
-  paths, labels = [], []
-  for root in (r for r in roots if r):
-    for label, name in enumerate(classes):
-      class_dir = os.path.join(root, name)
-      files = _images_under(class_dir) if tf.io.gfile.isdir(class_dir) else []
-      paths += files
-      labels += [label] * len(files)
   if splits['train'] is None:
     paths, labels = _cut(folder, classes, split)
+  else:
+    roots = [splits[split]] if split != 'all' else [splits['train'], splits['test']]
+    paths, labels = [], []
+    for root in roots:
+      for label, name in enumerate(classes):
+        class_dir = os.path.join(root, name)
+        files = _images_under(class_dir) if tf.io.gfile.isdir(class_dir) else []
+        paths += files
+        labels += [label] * len(files)
   if not paths:
     raise ClassFolderError(f'{folder}: no images in split {split!r} (extensions '
                            f'{", ".join(_IMAGE_EXTENSIONS)}).')
-  return paths, np.asarray(labels, np.int64)
+  return paths, np.asarray(labels, np.int64), classes
 
 
 def _cut(folder, classes, split):
@@ -109,9 +110,10 @@ def _cut(folder, classes, split):
   return paths, labels
 
 
-def class_names(folder):
-  """Zero-shot names of the classes: classnames.txt, else the folder names."""
-  classes, _ = layout(folder)
+def class_names(folder, classes=None):
+  """Zero-shot names of the classes (layout()'s folder names, listed again when not given):
+  classnames.txt, else the folder names."""
+  classes = layout(folder)[0] if classes is None else classes
   path = os.path.join(os.fspath(folder), CLASSNAMES_FILE)
   if not tf.io.gfile.exists(path):
     return [c.replace('_', ' ') for c in classes]

@@ -98,9 +98,8 @@ def _folder_split(folder, split, train_per_category, name_key, need_names):
 
 
 def _class_folder_split(folder, split, need_names):
-  paths, labels = class_folders.list_split(folder, split)
-  classes, _ = class_folders.layout(folder)
-  names = class_folders.class_names(folder) if need_names else classes
+  paths, labels, classes = class_folders.list_split(folder, split)
+  names = class_folders.class_names(folder, classes) if need_names else classes
   desc = f'{os.path.basename(os.path.normpath(folder))}:{split}'
 
   def batches(transform, batch_size):
