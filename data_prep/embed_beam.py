@@ -21,7 +21,6 @@ are written with a rename. A TFDS split is one stream: embed it with the local c
 """
 import argparse
 import itertools
-import json
 
 import apache_beam as beam
 from apache_beam.ml.inference import base as inference_base
@@ -147,9 +146,7 @@ def run(args):
   with beam.Pipeline(options=options) as pipeline:
     build(pipeline, inputs, args, out, info['dim'])
   # The pipeline finished, so every shard the plan made is done.
-  stats = embed_shards.write_stats(out, len(embed_shards.done_shards(out)))
-  print(json.dumps(stats, sort_keys=True))
-  return stats
+  return embed.report(out, len(embed_shards.done_shards(out)))
 
 
 def main(argv=None):

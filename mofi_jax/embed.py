@@ -220,7 +220,11 @@ def prepare(args):
 def run(args):
   check_flags(args)
   out, inputs, encoder, _ = prepare(args)
-  num_shards = embed_all(encoder, inputs, args, out)
+  return report(out, embed_all(encoder, inputs, args, out))
+
+
+def report(out, num_shards):
+  """Writes stats.json (the done shards' counts) and prints it as one JSON line."""
   stats = embed_shards.write_stats(out, num_shards)
   print(json.dumps(stats, sort_keys=True))
   return stats
