@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     'absl-py>=2',
 ]
 
+CLIP_ECOSYSTEM = ['open_clip_torch==3.3.0', 'clip-benchmark==1.6.2',
+                  'webdataset>=0.2.100,<0.3']
+
 EXTRAS = {
     # I2E construction (Apache Beam, spaCy NER, Parquet KB, memory-mapped KB index).
     'prep': ['apache-beam>=2.70,<3', 'spacy>=3.7,<4', 'pyarrow>=15,<27',
@@ -29,6 +32,8 @@ EXTRAS = {
     'download': ['img2dataset==1.47.0'],
     # Checkpoint interop. Pin torch: torchvision (test) must match it exactly.
     'export': ['safetensors>=0.4', 'transformers>=5.0,<6', 'torch==2.14.1'],
+    # The open_clip export loaded by open_clip, scored by CLIP_benchmark (tests run both).
+    'clip': CLIP_ECOSYSTEM,
     # Index and search embedded collections (mofi_jax.index / mofi_jax.search).
     'search': ['faiss-cpu>=1.9,<2'],
     # The search server and its page (mofi_jax.serve); clip-front works against it.
@@ -43,6 +48,7 @@ EXTRAS = {
              'torchvision==0.29.1',
              'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6', 'matplotlib>=3.8',
              'hypothesis>=6',
+             *CLIP_ECOSYSTEM,
              # A real run logs to W&B offline and the tests read its run files.
              'wandb>=0.31,<0.32',
              # The server over HTTP and its page in headless Chromium (Debian's chromium and

@@ -1,11 +1,15 @@
 r"""Exports a training checkpoint for other frameworks.
 
   python -m mofi_jax.export --workdir W [--step N] --format hf --out OUT [--overwrite]
+  python -m mofi_jax.export --workdir W --format open_clip --out OUT
   python -m mofi_jax.export --workdir W --format savedmodel --out OUT
 
 hf: a folder transformers loads with `AutoModel.from_pretrained(OUT)` (a
 CLIPModel), with the tokenizer, the image preprocessor config and the entity
 head beside it (see mofi_jax/interop/hf_export.py and docs/interop.md).
+open_clip: a folder open_clip loads with `create_model_and_transforms('local-dir:OUT')`
+and CLIP_benchmark with `--model_type open_clip --model local-dir:OUT`
+(mofi_jax/interop/open_clip_export.py).
 savedmodel: the image and text encoders as a TF SavedModel (jax2tf), batch size
 polymorphic (mofi_jax/interop/savedmodel.py).
 
@@ -19,7 +23,7 @@ import sys
 from mofi_jax import cli_errors
 from mofi_jax.interop import outputs
 
-FORMATS = ('hf', 'savedmodel')
+FORMATS = ('hf', 'open_clip', 'savedmodel')
 
 
 def parse_args(argv):
@@ -40,11 +44,15 @@ def export(args):
   outputs.check_output_folder(args.out, args.overwrite, inputs)   # before the slow imports
   # Imported here so that --help and a bad --out are answered at once.
   from mofi_jax import inference  # pylint: disable=g-import-not-at-top
-  from mofi_jax.interop import hf_export, savedmodel  # pylint: disable=g-import-not-at-top
+  from mofi_jax.interop import (hf_export, open_clip_export,  # pylint: disable=g-import-not-at-top
+                                savedmodel)
   encoder = inference.load(args.workdir, args.step)
   inputs.append(('the corpus', encoder.config.input.data_dir))
   if args.format == 'hf':
     return hf_export.export_hf(encoder, args.out, overwrite=args.overwrite, inputs=inputs)
+  if args.format == 'open_clip':
+    return open_clip_export.export_open_clip(encoder, args.out, overwrite=args.overwrite,
+                                             inputs=inputs)
   return savedmodel.export_savedmodel(encoder, args.out, overwrite=args.overwrite,
                                       platforms=tuple(args.platforms.split(',')),
                                       inputs=inputs)

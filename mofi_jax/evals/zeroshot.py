@@ -37,11 +37,11 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
 
 
 def classification_metrics(scores, labels, num_classes):
-  """top-k accuracy (k = 1, and 5 when there are more than 5 classes) under our names
-  (`top1`, `top5`) and CLIP_benchmark's (`acc1`, `acc5`), and its `mean_per_class_recall`:
+  """top-k accuracy (k = 1, and 5 when there are 5 classes or more, as in CLIP_benchmark)
+  under our names (`top1`, `top5`) and CLIP_benchmark's (`acc1`, `acc5`), and its `mean_per_class_recall`:
   the top-1 recall of each class present in `labels`, averaged (scikit-learn's
   balanced_accuracy_score; top-1 ties go to the lower class index, as everywhere here)."""
-  ks = (1, 5) if num_classes > 5 else (1,)
+  ks = (1, 5) if num_classes >= 5 else (1,)
   metrics = topk_accuracy(scores, labels, ks)
   metrics.update({f'acc{k}': metrics[f'top{k}'] for k in ks})
   labels = np.asarray(labels)

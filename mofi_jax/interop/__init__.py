@@ -6,6 +6,7 @@
   clip_tokenizer  tokenizers across the boundary, and where the text tower pools
   outputs         output folders: written aside, renamed when complete
   hf_export       a training checkpoint -> a CLIPModel folder (+ the entity head)
+  open_clip_export  a training checkpoint -> an open_clip `local-dir:` folder
   hf_import       a CLIPModel folder -> an inference.Encoder, or training init
   savedmodel      the image and text encoders -> a TF SavedModel (jax2tf)
 

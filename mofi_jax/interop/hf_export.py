@@ -66,30 +66,47 @@ def export_hf(encoder, out, overwrite=False, inputs=()):
   `inputs` ((flag, path) pairs; outputs.check_output_folder).
   """
   config = encoder.config
-  clip_config.check_exportable(config)
-  data_dir = config.input.data_dir
-  tok = _corpus_tokenizer(config, data_dir)
-  ids = clip_tokenizer.plan_text_ids(dict(config.model.text), tok,
-                                     int(config.model.text['vocab_size']))
-  tensors = clip_params.swap_token_rows(
-      clip_params.to_hf(_effective_params(encoder), config.model), ids.swap)
+  tok, ids, tensors = clip_tensors(encoder)
   import transformers  # pylint: disable=g-import-not-at-top  (slow; only here)
   hf_config = transformers.CLIPConfig(**clip_config.to_clip_config(config, ids.hf_config_ids()))
   with outputs.staged_folder(out, overwrite, inputs) as tmp:
     hf_config.to_json_file(os.path.join(tmp, 'config.json'))
     clip_files.write_safetensors(os.path.join(tmp, clip_files.WEIGHTS_FILE), tensors)
-    hf_tok = clip_tokenizer.swapped_tokenizer(tok, ids.swap)
-    hf_tok.save(os.path.join(tmp, 'tokenizer.json'))
-    _write_json(os.path.join(tmp, 'tokenizer_config.json'),
-                clip_tokenizer.tokenizer_config(hf_tok, ids, int(config.input.text_len)))
-    _write_json(os.path.join(tmp, 'preprocessor_config.json'),
+    write_tokenizer(tmp, tok, ids, int(config.input.text_len))
+    write_json(os.path.join(tmp, 'preprocessor_config.json'),
                 preprocessor_config(int(config.input.image_size)))
-    if encoder.has_head:
-      export_entity_head(encoder, tmp, data_dir)
-    _write_json(os.path.join(tmp, INFO_FILE), dict(
-        source=encoder.source, step=int(encoder.step), format='hf',
-        token_id_swap=list(ids.swap) if ids.swap else None))
+    write_head_and_info(encoder, tmp, 'hf', ids)
   return out
+
+
+def clip_tensors(encoder):
+  """(corpus tokenizer, TextIds, {CLIPModel tensor name: float32 array}) of `encoder`,
+  with the token rows swapped as the exported tokenizer's ids are (plan_text_ids)."""
+  config = encoder.config
+  clip_config.check_exportable(config)
+  tok = _corpus_tokenizer(config, config.input.data_dir)
+  ids = clip_tokenizer.plan_text_ids(dict(config.model.text), tok,
+                                     int(config.model.text['vocab_size']))
+  tensors = clip_params.swap_token_rows(
+      clip_params.to_hf(_effective_params(encoder), config.model), ids.swap)
+  return tok, ids, tensors
+
+
+def write_tokenizer(folder, tok, ids, text_len):
+  """tokenizer.json and tokenizer_config.json: a fast tokenizer with the ids of `ids`."""
+  hf_tok = clip_tokenizer.swapped_tokenizer(tok, ids.swap)
+  hf_tok.save(os.path.join(folder, 'tokenizer.json'))
+  write_json(os.path.join(folder, 'tokenizer_config.json'),
+              clip_tokenizer.tokenizer_config(hf_tok, ids, text_len))
+
+
+def write_head_and_info(encoder, folder, fmt, ids):
+  """The entity head and its table (models with one), and export_info.json."""
+  if encoder.has_head:
+    export_entity_head(encoder, folder, encoder.config.input.data_dir)
+  write_json(os.path.join(folder, INFO_FILE), dict(
+      source=encoder.source, step=int(encoder.step), format=fmt,
+      token_id_swap=list(ids.swap) if ids.swap else None))
 
 
 def _corpus_tokenizer(config, data_dir):
@@ -150,7 +167,7 @@ def export_entity_head(encoder, folder, data_dir):
   shutil.copyfile(table, os.path.join(folder, schema.ENTITIES_FILE))
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write('\n')
