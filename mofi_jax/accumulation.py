@@ -17,7 +17,7 @@ The entity loss alone (supervised mode) is a mean over examples: `mean_value_and
 runs each microbatch's forward and backward once and averages, with no second forward.
 On XLA:CPU it is also the faster step at the same batch: each execution maps fresh pages
 for its temporaries, and a microbatch's temporaries are 1/M of the batch's and are reused
-by every microbatch of the step (README, "train step against big_vision's").
+by every microbatch of the step (docs/benchmarks.md, "Training").
 
 Microbatch m takes rows m, m + M, m + 2M, ... of the batch, so that every device's
 contiguous shard of the batch holds rows of every microbatch and no row moves.

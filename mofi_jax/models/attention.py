@@ -3,7 +3,7 @@
   xla         jax.nn.dot_product_attention's XLA path: the reference
   head_major  the same math with q/k/v projected straight into [batch, heads,
               length, head_dim], so that the score and value matmuls batch over
-              (batch, heads) with no transposes; faster on XLA:CPU (README)
+              (batch, heads) with no transposes; faster on XLA:CPU (docs/benchmarks.md)
   cudnn       jax.nn.dot_product_attention's cuDNN fused kernel (GPU; bf16/fp16)
   splash      the Pallas splash-attention kernel (TPU), under shard_map over the
               mesh axes that shard batch and heads
