@@ -45,6 +45,7 @@ def base_config(mode='multitask'):
       scan=True,
       remat='none',               # none | full | dots | dots_no_batch | projections
       attention='xla',            # xla | head_major (CPU) | cudnn (GPU) | splash (TPU)
+      lock_image=False,           # LiT: freeze the image tower (with config.init.*)
   ))
 
   c.loss = mlc.ConfigDict(dict(
@@ -62,10 +63,11 @@ def base_config(mode='multitask'):
       microbatches=1))
 
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  # Initialise the towers from foreign weights before step 0 (never on resume):
-  # a Hugging Face CLIP folder on local disk (OpenAI CLIP layout or a released
-  # MOFI folder), see mofi_jax/interop.
-  c.init = mlc.ConfigDict(dict(hf_clip=''))
+  # Initialise before step 0 (never on resume), from one of: a Hugging Face CLIP folder on
+  # local disk (OpenAI CLIP layout or a released MOFI folder, see mofi_jax/interop), or
+  # our own workdir's checkpoint (step -1: newest) taking load = 'image' | 'towers' |
+  # 'towers+head' (mofi_jax/warm_start.py).
+  c.init = mlc.ConfigDict(dict(hf_clip='', workdir='', step=-1, load='towers'))
   c.profile = mlc.ConfigDict(dict(enabled=False, first_step=10, num_steps=5))
   # JAX's persistent compilation cache: '' = off; a folder ('{workdir}/...' allowed, gs://
   # too) where compiled steps are kept, so that a restarted (preempted) run skips the

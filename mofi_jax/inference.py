@@ -201,7 +201,8 @@ def _param_shardings(model, config, mesh):
 def _abstract_state(config, mesh):
   """The TrainState's shapes with shardings, for an Orbax restore."""
   model = mofi.build(config.model)
-  tx, _ = optim.make(config.optim, config.total_steps)
+  tx, _ = optim.make(config.optim, config.total_steps,
+                     frozen=optim.frozen_modules(config.model))
   abstract, shardings = trainer.state_shardings(model, tx, mesh, trainer.dummy_batch(config, 1))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)

@@ -1,5 +1,6 @@
 """AdamW with warm-up + cosine decay, global-norm clipping, decay only on kernels,
-and an optional learning-rate multiplier for the entity head."""
+an optional learning-rate multiplier for the entity head, and frozen towers (LiT's
+locked image tower: no update)."""
 import optax
 from flax import traverse_util
 
@@ -26,7 +27,13 @@ def head_mask(params):
   return _path_mask(params, lambda path: 'entity_head' in path)
 
 
-def make(cfg, total_steps):
+def frozen_modules(model_cfg):
+  """Top-level parameter collections that never change (config.model.lock_image)."""
+  return ('image_tower',) if model_cfg.get('lock_image', False) else ()
+
+
+def make(cfg, total_steps, frozen=()):
+  """(optax transform, lr schedule); `frozen`: top-level parameter names left as they are."""
   lr = schedule(cfg, total_steps)
   parts = [
       optax.clip_by_global_norm(cfg.clip_norm),
@@ -38,4 +45,12 @@ def make(cfg, total_steps):
   ]
   if cfg.head_lr_mult != 1.0:
     parts.append(optax.masked(optax.scale(cfg.head_lr_mult), head_mask))
-  return optax.chain(*parts), lr
+  tx = optax.chain(*parts)
+  if frozen:
+    # The model stops the frozen tower's gradient (Mofi.lock_image), so clipping and Adam
+    # see zeros there; this zeroes the weight decay too. Its Adam moments stay allocated
+    # (at zero): optax.masked/multi_transform around the chain would drop them, but their
+    # states do not map onto parameter shardings (optax.tree_map_params).
+    is_frozen = lambda params: _path_mask(params, lambda path: path[0] in frozen)
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), is_frozen))
+  return tx, lr

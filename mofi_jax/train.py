@@ -20,7 +20,7 @@ from clu.data import dataset_iterator
 from ml_collections import config_flags
 
 from mofi_jax import (checkpoint_checks, checkpointing, cli_errors, inference,
-                      periodic_evals, run_setup, sharding, telemetry, trainer)
+                      periodic_evals, run_setup, sharding, telemetry, trainer, warm_start)
 from mofi_jax.data import device_feed, pipeline
 from mofi_jax.models import mofi
 
@@ -82,6 +82,7 @@ def _train_and_evaluate(config, workdir, fresh_run):
   preemption = _Preemption()
   # ---------------------------------------------------------------- config
   run_setup.validate_config(config)
+  warm_start.check_init_config(config)
   run_setup.enable_compile_cache(config.compile_cache, workdir)
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -126,6 +127,8 @@ def _train_and_evaluate(config, workdir, fresh_run):
     if config.init.hf_clip:   # foreign towers before step 0, never on resume
       from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
       state = state.replace(params=hf_import.init_from_hf_clip(state.params, config))
+    if config.init.get('workdir'):   # our own checkpoint's towers (and head), likewise
+      state = state.replace(params=warm_start.init_from_workdir(state.params, config, mesh))
   run_setup.log_param_counts(state.params)
   # ------------------------------------------------------------ evaluators
   embed_images = trainer.make_embed_fn(setup.model, mofi.Mofi.encode_image,

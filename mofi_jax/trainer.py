@@ -186,7 +186,8 @@ class Setup:
 def build(config, mesh):
   """Model, optimizer, state shardings and the compiled-on-first-call step."""
   model = mofi.build(config.model)
-  tx, lr_schedule = optim.make(config.optim, config.total_steps)
+  tx, lr_schedule = optim.make(config.optim, config.total_steps,
+                               frozen=optim.frozen_modules(config.model))
   batch_spec = dummy_batch(config)
   abstract, shardings = state_shardings(model, tx, mesh, batch_spec)
   step = make_train_step(model, tx, lr_schedule, config, mesh,

@@ -219,6 +219,22 @@ def tensorboard_scalars(workdir):
   return out
 
 
+def test_a_run_from_a_workdir_with_a_locked_image_tower_keeps_that_tower(setup, uninterrupted):
+  """config.init.workdir + config.model.lock_image (LiT) through the command: the new run
+  ends with the source's final image tower bit for bit (loaded, then never updated), and
+  its text tower moved on from the source's."""
+  workdir = setup / 'lit'
+  run(train_cmd(setup, workdir, f'--config.init.workdir={uninterrupted}',
+                '--config.model.lock_image=True', f'--config.total_steps={EVERY}'))
+  source, lit = final_params(uninterrupted), final_params(workdir, EVERY)
+  assert source.keys() == lit.keys()
+  for k in source:
+    if k[0] == 'image_tower':
+      np.testing.assert_array_equal(np.asarray(lit[k]), np.asarray(source[k]), err_msg=str(k))
+  assert any(not np.array_equal(np.asarray(lit[k]), np.asarray(source[k]))
+             for k in source if k[0] == 'text_tower')
+
+
 def test_metrics_jsonl_holds_what_tensorboard_holds_and_throughput(uninterrupted):
   """Every scalar of metrics.jsonl is in the event files with the same value, train/ at
   every log step; perf/ holds images/s whose ratio to TFLOP/s is the model's FLOPs per

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mofi_jax.data import pixels
@@ -50,6 +51,9 @@ class Mofi(nn.Module):
   scan: bool = False
   remat: str = 'none'
   attention: str = 'xla'   # the kernel: models/attention.py
+  # LiT: the image tower is frozen (no gradient flows into it; optim.make leaves it
+  # alone too), and the text tower (and head) learn to match it.
+  lock_image: bool = False
 
   def setup(self):
     if self.mode not in MODES:
@@ -82,7 +86,9 @@ class Mofi(nn.Module):
 
   def embed(self, images, text=None):
     """The per-example outputs: the embeddings (what gradient accumulation splits)."""
-    out = {'image_emb': self.encode_image(images)}
+    image_emb = self.encode_image(images)
+    # stop_gradient: XLA then drops the image tower's backward pass altogether.
+    out = {'image_emb': jax.lax.stop_gradient(image_emb) if self.lock_image else image_emb}
     if uses_text(self.mode):
       if text is None:
         raise ValueError(f'mode {self.mode!r} needs text tokens')
