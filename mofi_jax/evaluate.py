@@ -6,6 +6,7 @@ r"""Evaluates a checkpoint (or a features file); prints JSON and writes it besid
   python -m mofi_jax.evaluate zeroshot --workdir W --dataset imagenet2012 --data_dir D
   python -m mofi_jax.evaluate linear_probe --workdir W --dataset cifar10 --data_dir D
   python -m mofi_jax.evaluate knn --workdir W --dataset folder --data_dir W/corpus/retrieval
+  python -m mofi_jax.evaluate classifier --workdir W --dataset imagefolder --data_dir D  # own head
   python -m mofi_jax.evaluate image_text --workdir W --data_dir FLICKR30K_TEST   # captions.jsonl
   python -m mofi_jax.evaluate entities --workdir W --image X.jpg [--k 10]
 
@@ -34,8 +35,8 @@ import tensorflow as tf
 
 from mofi_jax import cli_errors, inference, model_flags
 from mofi_jax.data import eval_transform
-from mofi_jax.evals import (entities, gpr1200, image_text, knn, linear_probe, results,
-                            zeroshot)
+from mofi_jax.evals import (classifier, entities, gpr1200, image_text, knn, linear_probe,
+                            results, zeroshot)
 from mofi_jax.evals.embedding import Towers
 
 USER_ERRORS = cli_errors.INPUT_ERRORS + (tf.errors.OpError,)
@@ -84,6 +85,7 @@ def parse_args(argv):
   nn_ = sub.add_parser('knn', help='weighted kNN on frozen features (DINO)')
   nn_.add_argument('--k', type=int, default=knn.DEFAULT_K)
   nn_.add_argument('--temperature', type=float, default=knn.DEFAULT_TEMPERATURE)
+  clf = sub.add_parser('classifier', help="the model's own head: top-1/top-5 (fine-tuned models)")
   it = sub.add_parser('image_text', help='image-text retrieval recall@1/5/10 both ways')
   it.add_argument('--dataset', default=image_text.DATASET,
                   help='"captions": --data_dir holds the images and captions.jsonl/.csv')
@@ -95,7 +97,8 @@ def parse_args(argv):
   _data_flags(zs, ['split'])
   _data_flags(lp, ['train_split', 'val_split', 'test_split'])
   _data_flags(nn_, ['train_split', 'test_split'])
-  for p in (gpr, zs, lp, nn_, it, ent):
+  _data_flags(clf, ['test_split'])
+  for p in (gpr, zs, lp, nn_, clf, it, ent):
     _model_flags(p)
   return parser.parse_args(argv)
 
@@ -191,10 +194,10 @@ def run_gpr1200(args):
 
 
 def run_classification(args):
-  """zeroshot, linear_probe, knn and image_text: the same evaluators as in training, on
-  any model."""
+  """zeroshot, linear_probe, knn, classifier and image_text: the same evaluators as in
+  training, on any model."""
   module = {'zeroshot': zeroshot, 'linear_probe': linear_probe, 'knn': knn,
-            'image_text': image_text}[args.eval]
+            'classifier': classifier, 'image_text': image_text}[args.eval]
   keys = ('dataset', 'data_dir', 'split', 'train_split', 'val_split', 'test_split',
           'templates', 'max_iter', 'val_fraction', 'k', 'temperature', 'batch_size',
           'text_batch_size')
@@ -224,7 +227,8 @@ def run_entities(args):
 
 COMMANDS = {'gpr1200': run_gpr1200, 'zeroshot': run_classification,
             'linear_probe': run_classification, 'knn': run_classification,
-            'image_text': run_classification, 'entities': run_entities}
+            'classifier': run_classification, 'image_text': run_classification,
+            'entities': run_entities}
 
 
 def main(argv=None):

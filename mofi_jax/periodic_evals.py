@@ -44,8 +44,10 @@ def from_config(config, *, data_dir, workdir):
   return out
 
 
-def towers_factory(config, data_dir, embed_images, embed_tokens=None, text_batch_size=256):
-  """params -> Towers, from jitted `embed_*(params, host_batch)` functions.
+def towers_factory(config, data_dir, embed_images, embed_tokens=None, text_batch_size=256,
+                   classify_images=None):
+  """params -> Towers, from jitted `embed_*(params, host_batch)` functions (and the head's
+  `classify_images(params, host_batch)`, for models with one).
 
   Texts are tokenised with the corpus tokenizer at config.input.text_len.
   """
@@ -60,8 +62,10 @@ def towers_factory(config, data_dir, embed_images, embed_tokens=None, text_batch
       tokens = tokenize(texts)
       return embedding.embed_in_batches(lambda t: embed_tokens(params, t), tokens,
                                         min(text_batch_size, len(tokens)), desc='texts')
-    return embedding.Towers(embed_images=lambda x: embed_images(params, x),
-                            embed_texts=embed_texts if tokenize else None)
+    return embedding.Towers(
+        embed_images=lambda x: embed_images(params, x),
+        embed_texts=embed_texts if tokenize else None,
+        classify_images=(lambda x: classify_images(params, x)) if classify_images else None)
   return towers
 
 

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from mofi_jax import (checkpoint_checks, checkpointing, cli_errors, inference,
                       periodic_evals, run_setup, sharding, telemetry, trainer, warm_start)
-from mofi_jax.data import device_feed, pipeline
+from mofi_jax.data import classification_input, device_feed, pipeline
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -94,18 +94,7 @@ def _train_and_evaluate(config, workdir, fresh_run):
                jax.device_count(), jax.process_count())
   # ----------------------------------------------------------------- input
   data_dir = run_setup.resolve_path(config.input.data_dir, workdir=workdir)
-  if config.input.get('recipe'):
-    recipe = run_setup.corpus_recipe(config.input.recipe, CORPUS_RECIPES)
-    run_setup.on_process_zero(
-        lambda: recipe(data_dir, config.input.get('recipe_args')), 'corpus_recipe')
-  # Validates the corpus (the first shards up front; every later record as it
-  # is read) before anything reads the corpus metadata.
-  per_process_batch = config.input.batch_size // jax.process_count()
-  dataset = pipeline.make_train_dataset(
-      data_dir, config.input, process_index=jax.process_index(),
-      process_count=jax.process_count(), per_process_batch=per_process_batch,
-      seed=config.input.seed)
-  config = run_setup.resolve_from_corpus(config, data_dir)
+  dataset, config, input_fingerprint = _train_input(config, data_dir)
   inference.write_config(workdir, config, data_dir)
   data_iter = dataset_iterator.TfDatasetIterator(dataset, checkpoint=True)
   # -------------------------------------- model, optimizer and update step
@@ -113,7 +102,7 @@ def _train_and_evaluate(config, workdir, fresh_run):
   # --------------------------------------------- sharded init, or restore
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
   run_config = dict(checkpoint_checks.flat_config(config),
-                    **{'input.corpus': run_setup.corpus_fingerprint(data_dir)})
+                    **{'input.corpus': input_fingerprint})
   restored = run_setup.restore_or_start_fresh(
       ckpt, run_setup.with_shardings(setup.abstract, setup.shardings),
       data_iter, run_config, fresh_run)
@@ -136,8 +125,11 @@ def _train_and_evaluate(config, workdir, fresh_run):
   embed_tokens = (trainer.make_embed_fn(setup.model, mofi.Mofi.encode_text,
                                         mesh, setup.shardings.params)
                   if mofi.uses_text(config.model.mode) else None)
+  classify_images = (trainer.make_embed_fn(setup.model, mofi.Mofi.classify_image, mesh,
+                                           setup.shardings.params, normalize=False)
+                     if mofi.uses_head(config.model.mode) else None)   # compiled if used
   towers_at = periodic_evals.towers_factory(config, data_dir, embed_images,
-                                            embed_tokens)
+                                            embed_tokens, classify_images=classify_images)
   evaluators = periodic_evals.from_config(config, data_dir=data_dir,
                                           workdir=workdir)
   # ------------------------------------------------- metrics and progress
@@ -201,6 +193,31 @@ def _train_and_evaluate(config, workdir, fresh_run):
   ckpt.close()
   writer.close()
   return state
+
+
+def _train_input(config, data_dir):
+  """(batches of this process, config resolved from the data, the data's fingerprint):
+  an I2E corpus (built first by config.input.recipe, if set), or a labelled image set
+  (config.input.dataset: fine-tuning, data/classification_input.py)."""
+  per_process_batch = config.input.batch_size // jax.process_count()
+  where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               per_process_batch=per_process_batch)
+  if classification_input.configured(config.input):
+    records = classification_input.open_records(config.input, data_dir)
+    config = classification_input.resolve(config, records)
+    return (classification_input.make_train_dataset(records, config.input,
+                                                    seed=config.input.seed, **where),
+            config, classification_input.fingerprint(config.input, records))
+  if config.input.get('recipe'):
+    recipe = run_setup.corpus_recipe(config.input.recipe, CORPUS_RECIPES)
+    run_setup.on_process_zero(
+        lambda: recipe(data_dir, config.input.get('recipe_args')), 'corpus_recipe')
+  # Validates the corpus (the first shards up front; every later record as it
+  # is read) before anything reads the corpus metadata.
+  dataset = pipeline.make_train_dataset(data_dir, config.input, seed=config.input.seed,
+                                        **where)
+  config = run_setup.resolve_from_corpus(config, data_dir)
+  return dataset, config, run_setup.corpus_fingerprint(data_dir)
 
 
 def main(argv):

@@ -176,7 +176,8 @@ def test_mean_average_precision_input_errors(tmp_path):
 
 def test_registry():
   assert evals.get_evaluator('gpr1200') is gpr1200.Evaluator
-  assert evals.known_types() == ['gpr1200', 'image_text', 'knn', 'linear_probe', 'zeroshot']
+  assert evals.known_types() == ['classifier', 'gpr1200', 'image_text', 'knn', 'linear_probe',
+                                 'zeroshot']
   with pytest.raises(ValueError, match=r"Unknown evaluator type 'nope'.*'gpr1200'"):
     evals.get_evaluator('nope')
   with pytest.raises(ValueError, match=r"Unknown evaluator type 'templates'"):

@@ -235,6 +235,37 @@ def test_a_run_from_a_workdir_with_a_locked_image_tower_keeps_that_tower(setup, 
              for k in source if k[0] == 'text_tower')
 
 
+def test_transfer_config_fine_tunes_a_fresh_head_from_a_workdir(setup, uninterrupted):
+  """configs/transfer.py on the held-out folder, from the uninterrupted run: 5 classes read
+  from the folder; at step 0 the linear probe is the source model's own (its image tower
+  was loaded); the head's accuracy logged in training equals `evaluate classifier` on the
+  saved checkpoint; the image tower was fine-tuned too."""
+  workdir, heldout = setup / 'transfer', setup / 'corpus' / 'retrieval'
+  run([sys.executable, '-m', 'mofi_jax.train',
+       f'--config={ROOT}/configs/transfer.py:{uninterrupted}', f'--workdir={workdir}',
+       '--config.input.dataset=folder', f'--config.input.data_dir={heldout}',
+       '--config.input.batch_size=8', '--config.total_steps=10', '--config.log_every=5',
+       '--config.ckpt.every_steps=10', '--config.evals.classifier.every_steps=10',
+       '--config.evals.linear_probe.every_steps=10'])
+  with open(workdir / 'config.json') as f:
+    config = json.load(f)
+  assert (config['model']['mode'], config['model']['head']['num_classes']) == ('supervised', 5)
+  with open(workdir / 'eval_results.jsonl') as f:
+    lines = {(r['step'], r['eval']): r for r in map(json.loads, f)}
+  assert set(lines) == {(s, e) for s in (0, 10) for e in ('classifier', 'linear_probe')}
+  with open(uninterrupted / 'eval_results.jsonl') as f:
+    source_probe = [r for r in map(json.loads, f) if (r['step'], r['eval']) ==
+                    (TOTAL, 'linear_probe')][0]
+  assert lines[(0, 'linear_probe')]['top1'] == pytest.approx(source_probe['top1'], abs=1e-9)
+  offline = evaluate_cli(workdir, 10, 'classifier', '--dataset=folder', f'--data_dir={heldout}')
+  for key in ('acc1', 'acc5', 'mean_per_class_recall'):
+    assert offline[key] == pytest.approx(lines[(10, 'classifier')][key], abs=1e-6), key
+  source, tuned = final_params(uninterrupted), final_params(workdir, 10)
+  assert tuned[('entity_head', 'kernel')].shape[1] == 64   # 5 classes, padded
+  assert any(not np.array_equal(np.asarray(tuned[k]), np.asarray(source[k]))
+             for k in tuned if k[0] == 'image_tower')
+
+
 def test_metrics_jsonl_holds_what_tensorboard_holds_and_throughput(uninterrupted):
   """Every scalar of metrics.jsonl is in the event files with the same value, train/ at
   every log step; perf/ holds images/s whose ratio to TFLOP/s is the model's FLOPs per

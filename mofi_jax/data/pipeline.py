@@ -106,6 +106,11 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   ds = skip_bad_records(ds, example_fn, describe_fn, threads,
                         _get(cfg_input, 'max_bad_record_rate', DEFAULT_MAX_BAD_RECORD_RATE))
   ds = ds.batch(per_process_batch, drop_remainder=True)
+  return ds.with_options(train_options()).prefetch(_get(cfg_input, 'prefetch_batches', 2))
+
+
+def train_options():
+  """tf.data options of every training input: deterministic, symbolically checkpointed."""
   options = tf.data.Options()
   options.deterministic = True
   # The iterator checkpoint holds cursors (file offsets, block position), not
@@ -116,7 +121,7 @@ def make_train_dataset(corpus_dir, cfg_input, *, process_index, process_count,
   # iterator's destructor waits for it, so a finished run sat silent for up
   # to a minute before exiting. Parallelism is explicit instead.
   options.autotune.enabled = False
-  return ds.with_options(options).prefetch(_get(cfg_input, 'prefetch_batches', 2))
+  return options
 
 
 def block_shuffle(ds, block, seed):

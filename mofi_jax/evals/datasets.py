@@ -48,6 +48,8 @@ class Source:
   class_names: List[str]
   num_examples: Optional[int]
   batches: Callable
+  paths_and_labels: Optional[tuple] = None   # folders: (paths, labels int64 [N])
+  records: Optional[tf.data.Dataset] = None  # TFDS: (encoded image, label), in order
 
 
 def default_split(dataset, purpose='test'):
@@ -94,7 +96,7 @@ def _folder_split(folder, split, train_per_category, name_key, need_names):
 
   def batches(transform, batch_size):
     return image_folder.image_batches(paths, labels, transform, batch_size, desc=desc)
-  return Source(FOLDER, split, names, len(paths), batches)
+  return Source(FOLDER, split, names, len(paths), batches, (paths, labels))
 
 
 def _class_folder_split(folder, split, need_names):
@@ -104,7 +106,7 @@ def _class_folder_split(folder, split, need_names):
 
   def batches(transform, batch_size):
     return image_folder.image_batches(paths, labels, transform, batch_size, desc=desc)
-  return Source(class_folders.DATASET, split, names, len(paths), batches)
+  return Source(class_folders.DATASET, split, names, len(paths), batches, (paths, labels))
 
 
 def tfds_builder(dataset, data_dir):
@@ -162,7 +164,38 @@ def _tfds_split(dataset, data_dir, split):
       for images, labels in pipe.as_numpy_iterator():
         bar.update(len(images))
         yield images, labels
-  return Source(dataset, split, names, num_examples, batches)
+  return Source(dataset, split, names, num_examples, batches,
+                records=ds.map(lambda ex: (ex[image_key], ex[label_key])))
+
+
+@dataclasses.dataclass
+class Records:
+  """One split as encoded images, for training (data/classification_input.py).
+
+  dataset: one pass over the split in a fixed order, elements {'file': tf.string naming the
+  image (a path, or 'NAME:SPLIT#i' for TFDS), 'record': encoded image bytes, 'label': int64}.
+  """
+  dataset: tf.data.Dataset
+  class_names: List[str]
+  num_examples: int
+
+
+def open_records(dataset, data_dir, split='train', *, train_per_category=5):
+  """The `split` of `dataset` (as in open_split) as Records."""
+  source = open_split(dataset, data_dir, split, train_per_category=train_per_category,
+                      need_names=False)
+  if dataset in (FOLDER, class_folders.DATASET):
+    paths, labels = source.paths_and_labels
+    ds = tf.data.Dataset.from_tensor_slices({'file': list(paths), 'label': labels}).map(
+        lambda x: {**x, 'record': tf.io.read_file(x['file'])})
+  else:
+    ds = source.records.enumerate().map(lambda i, ex: {
+        'file': tf.strings.join([f'{dataset}:{split}#', tf.strings.as_string(i)]),
+        'record': ex[0],
+        'label': tf.cast(ex[1], tf.int64)})
+  if not source.num_examples:
+    raise DatasetError(f'{dataset}: split {split!r} has no examples.')
+  return Records(ds, source.class_names, int(source.num_examples))
 
 
 def holdout_indices(labels, fraction, seed=0):

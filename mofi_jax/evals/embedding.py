@@ -18,12 +18,31 @@ class Towers:
   tower. Both may be jitted for one batch shape: callers pad (see `embed_in_batches`)."""
   embed_images: Callable
   embed_texts: Optional[Callable] = None
+  # float32 [B, S, S, 3] -> [B, C] scores of the model's own head; None without a head.
+  classify_images: Optional[Callable] = None
 
   @classmethod
   def from_encoder(cls, encoder):
     """Towers of an `inference.Encoder` (the CLI's models)."""
     texts = encoder.embed_texts if encoder.has_text and encoder.tokenize is not None else None
-    return cls(embed_images=encoder.embed_images, embed_texts=texts)
+    classify = None
+    if encoder.has_head:
+      classify = lambda x: head_logits(encoder.embed_images(x, normalize=False),
+                                       *encoder.head_weights())
+    return cls(embed_images=encoder.embed_images, embed_texts=texts, classify_images=classify)
+
+
+def head_logits(raw, kernel, bias, kind):
+  """[N, C] head logits (linear) or cosines (cosine head) of raw image embeddings [N, D]
+  (float64; ranks as the entity loss's logits do)."""
+  x = np.asarray(raw, np.float64)
+  kernel = np.asarray(kernel, np.float64)
+  if kind == 'linear':
+    return x @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
+  if kind == 'cosine':
+    columns = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ columns
+  raise ValueError(f'Unknown head kind {kind!r}; expected linear or cosine.')
 
 
 def check_embeddings(embeddings, rows, what):

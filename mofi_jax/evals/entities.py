@@ -31,14 +31,7 @@ def top_k(scores, k):
 
 def head_scores(raw_embedding, kernel, bias, kind):
   """[C] head logits (linear) or cosines (cosine head) of one raw image embedding [D]."""
-  x = np.asarray(raw_embedding, np.float64)
-  kernel = np.asarray(kernel, np.float64)
-  if kind == 'linear':
-    return x @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
-  if kind == 'cosine':
-    columns = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
-    return (x / max(np.linalg.norm(x), 1e-12)) @ columns
-  raise ValueError(f'Unknown head kind {kind!r}; expected linear or cosine.')
+  return embedding.head_logits(np.asarray(raw_embedding)[None], kernel, bias, kind)[0]
 
 
 def text_cache_key(encoder, texts):

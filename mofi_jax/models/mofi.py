@@ -77,6 +77,20 @@ class Mofi(nn.Module):
   def encode_text(self, tokens):
     return self.text_tower(tokens).astype(jnp.float32)
 
+  def classify_image(self, images):
+    """float32 [B, num_classes]: the entity head's logits (linear) or cosines (cosine head;
+    the scale does not change the ranking), padding columns dropped. For evals of the
+    model's own head (evals/classifier.py); training never forms these whole (losses.py)."""
+    x = self.encode_image(images)
+    head = self.entity_head(self.embed_dim)
+    kernel = head['kernel'].astype(jnp.float32)
+    if head['bias'] is not None:
+      logits = x @ kernel + head['bias'].astype(jnp.float32)
+    else:
+      unit = lambda v, axis: v / jnp.maximum(jnp.linalg.norm(v, axis=axis, keepdims=True), 1e-12)
+      logits = unit(x, 1) @ unit(kernel, 0)
+    return logits[:, :int(dict(self.head)['num_classes'])]
+
   def logit_scale(self):
     # exp(p), with gradient everywhere: the cap logit_scale_max is kept by
     # clamping p after each update (clamp_logit_scale, as open_clip does);
