@@ -2,8 +2,8 @@
 open_clip's CLIP built from the exported config and weights gives our features (random
 towers, every activation open_clip can express); the exported folder loads with
 `create_model_and_transforms('local-dir:OUT')` and `get_tokenizer`, whose ids, pixels and
-features are ours; `clip_benchmark eval` on that folder, offline, scores a tiny dataset the
-test writes exactly as our evaluate CLI scores the same images."""
+features are ours; `clip_benchmark eval` on that folder, offline, scores our ImageFolder and
+captions folder (converted by interop.clip_benchmark_data) exactly as our evaluate CLI does."""
 import io
 import json
 import os
@@ -14,12 +14,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import webdataset
 from PIL import Image
 
 from mofi_jax import export, losses
 from mofi_jax.data import tokenizer as tokenizer_lib
-from mofi_jax.interop import clip_tokenizer, hf_export, open_clip_export
+from mofi_jax.interop import clip_benchmark_data, clip_tokenizer, hf_export, open_clip_export
 from mofi_jax.interop.clip_config import InteropError
 from test_evaluate import (STEP, encoder, heldout, loaded_once, run_cli,  # pylint: disable=unused-import
                            tiny_run)
@@ -136,38 +135,26 @@ def _png(image):
   return buf.getvalue()
 
 
-def write_both_layouts(root, heldout_set, size):
+def write_ours(root, heldout_set, size):
   """The held-out images at the model's size (PNG, so that no decoder or resampler can
-  differ), as CLIP_benchmark's webdatasets (classification and retrieval) and as our
-  ImageFolder and captions folder. Returns the two roots."""
+  differ) as our ImageFolder (classes/) and captions folder (two captions an image)."""
   folder, categories, names, _ = heldout_set
   files = sorted(f for f in os.listdir(folder) if f.endswith('.jpg'))
   files.sort(key=lambda n: (int(n.split('_')[0]), n))
-  wds_cls, wds_ret, ours = root / 'wds_cls', root / 'wds_ret', root / 'ours'
-  for d in (wds_cls / 'test', wds_ret / 'test', ours / 'classes'):
-    d.mkdir(parents=True)
-    (d / 'nshards.txt').write_text('1\n') if 'wds' in str(d) else None
-  (wds_cls / 'classnames.txt').write_text('\n'.join(names) + '\n')
-  (wds_cls / 'zeroshot_classification_templates.txt').write_text(
-      TEMPLATE.replace('{}', '{c}') + '\n')
-  (wds_ret / 'dataset_type.txt').write_text('retrieval\n')
+  ours = root / 'ours'
+  (ours / 'classes').mkdir(parents=True)
   (ours / 'classes' / 'classnames.txt').write_text('\n'.join(names) + '\n')
   captions = []
-  with webdataset.TarWriter(str(wds_cls / 'test' / '0.tar')) as cls_tar, \
-       webdataset.TarWriter(str(wds_ret / 'test' / '0.tar')) as ret_tar:
-    for i, (name, c) in enumerate(zip(files, categories)):
-      image = Image.open(os.path.join(folder, name)).convert('RGB').resize((size, size))
-      data, key = _png(image), f'{i:05d}'
-      cls_tar.write({'__key__': key, 'png': data, 'cls': int(c)})
-      caps = [names[c], f'photo {i} of {names[c]}']
-      ret_tar.write({'__key__': key, 'png': data, 'txt': '\n'.join(caps)})
-      class_dir = ours / 'classes' / f'{c:03d}'
-      class_dir.mkdir(exist_ok=True)
-      (class_dir / f'{key}.png').write_bytes(data)
-      (ours / f'{key}.png').write_bytes(data)
-      captions.append({'image': f'{key}.png', 'captions': caps})
+  for i, (name, c) in enumerate(zip(files, categories)):
+    image = Image.open(os.path.join(folder, name)).convert('RGB').resize((size, size))
+    data, key = _png(image), f'{i:05d}'
+    class_dir = ours / 'classes' / f'{c:03d}'
+    class_dir.mkdir(exist_ok=True)
+    (class_dir / f'{key}.png').write_bytes(data)
+    (ours / f'{key}.png').write_bytes(data)
+    captions.append({'image': f'{key}.png', 'captions': [names[c], f'photo {i} of {names[c]}']})
   (ours / 'captions.jsonl').write_text(''.join(json.dumps(c) + '\n' for c in captions))
-  return root, ours
+  return ours
 
 
 def clip_benchmark(model_dir, dataset_root, task, output):
@@ -187,10 +174,14 @@ def clip_benchmark(model_dir, dataset_root, task, output):
 def test_clip_benchmark_on_the_export_scores_as_our_evaluate(
     open_clip_out, tiny_run, heldout, loaded_once, capsys, tmp_path):
   size = int(json.load(open(os.path.join(tiny_run, 'config.json')))['input']['image_size'])
-  root, ours = write_both_layouts(tmp_path, heldout, size)
-  theirs_cls = clip_benchmark(open_clip_out, root / 'wds_cls', 'zeroshot_classification',
+  ours = write_ours(tmp_path, heldout, size)
+  wds_cls, wds_ret = tmp_path / 'wds_cls', tmp_path / 'wds_ret'
+  clip_benchmark_data.main(['--imagefolder', str(ours / 'classes'), '--split', 'all',
+                            '--templates', TEMPLATE, '--out', str(wds_cls)])
+  clip_benchmark_data.main(['--captions', str(ours), '--out', str(wds_ret)])
+  theirs_cls = clip_benchmark(open_clip_out, wds_cls, 'zeroshot_classification',
                               tmp_path / 'cls.json')
-  theirs_ret = clip_benchmark(open_clip_out, root / 'wds_ret', 'zeroshot_retrieval',
+  theirs_ret = clip_benchmark(open_clip_out, wds_ret, 'zeroshot_retrieval',
                               tmp_path / 'ret.json')
   ours_cls = run_cli(capsys, 'zeroshot', '--workdir', tiny_run, '--dataset', 'imagefolder',
                      '--data_dir', str(ours / 'classes'), '--split', 'all',
@@ -206,3 +197,52 @@ def test_clip_benchmark_on_the_export_scores_as_our_evaluate(
       assert theirs_ret[key] == pytest.approx(ours_ret[key], abs=1e-6), key
   # Random towers still rank: the figures are not all 0 or all 1.
   assert 0 < ours_ret['image_retrieval_recall@1'] < 1
+
+
+def test_clip_benchmark_data_writes_what_the_folder_holds(tmp_path):
+  """Every image once, with its class; JPEG bytes copied, BMP re-encoded as PNG (decoded to
+  the same pixels); names and templates in CLIP_benchmark's spelling; a non-empty --out is
+  refused in one line and left alone."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  src = tmp_path / 'folder'
+  pixels = {}
+  for c, name in enumerate(['b_dog', 'a_cat']):
+    (src / name).mkdir(parents=True)
+    for i, fmt in enumerate(['JPEG', 'BMP']):
+      arr = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+      path = src / name / f'{i}.{"JPG" if fmt == "JPEG" else "bmp"}'
+      Image.fromarray(arr).save(path, format=fmt)
+      pixels[(1 - c, i)] = (path.read_bytes(), arr)   # classes sort: a_cat=0, b_dog=1
+  out = tmp_path / 'wds'
+  clip_benchmark_data.main(['--imagefolder', str(src), '--split', 'all',
+                            '--templates', 'a {} on a mat.', '--out', str(out)])
+  assert (out / 'classnames.txt').read_text() == 'a cat\nb dog\n'
+  assert (out / 'zeroshot_classification_templates.txt').read_text() == 'a {c} on a mat.\n'
+  assert (out / 'test' / 'nshards.txt').read_text() == '1\n'
+  with tarfile.open(out / 'test' / '0.tar') as tar:
+    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+  keys = sorted({n.split('.')[0] for n in members})
+  assert len(keys) == 4
+  for key, (c, i) in zip(keys, sorted(pixels)):
+    assert int(members[f'{key}.cls']) == c
+    raw, arr = pixels[(c, i)]
+    if i == 0:
+      assert members[f'{key}.jpg'] == raw
+    else:
+      np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(members[f'{key}.png']))),
+                                    arr)
+  before = sorted(p.name for p in out.rglob('*'))
+  proc = subprocess.run([sys.executable, '-m', 'mofi_jax.interop.clip_benchmark_data',
+                         '--imagefolder', str(src), '--out', str(out)],
+                        capture_output=True, text=True, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3'))
+  errors = [l for l in proc.stderr.splitlines() if l.startswith(clip_benchmark_data.TOOL)]
+  assert proc.returncode != 0 and len(errors) == 1 and str(out) in errors[0], proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in out.rglob('*')) == before
+  # --overwrite replaces our own earlier output (here with the 'train' half only).
+  clip_benchmark_data.main(['--imagefolder', str(src), '--split', 'train', '--out', str(out),
+                            '--overwrite'])
+  with tarfile.open(out / 'test' / '0.tar') as tar:
+    assert len([m for m in tar.getmembers() if m.name.endswith('.cls')]) == 2

@@ -7,6 +7,8 @@
   outputs         output folders: written aside, renamed when complete
   hf_export       a training checkpoint -> a CLIPModel folder (+ the entity head)
   open_clip_export  a training checkpoint -> an open_clip `local-dir:` folder
+  clip_benchmark_data, clip_benchmark_cli
+                  our eval folders in CLIP_benchmark's layout; its CLI beside NumPy 2.4
   hf_import       a CLIPModel folder -> an inference.Encoder, or training init
   savedmodel      the image and text encoders -> a TF SavedModel (jax2tf)
 
