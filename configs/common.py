@@ -74,7 +74,8 @@ def base_config(mode='multitask'):
   # compile. Programs that compiled faster than min_compile_secs are not stored.
   c.compile_cache = mlc.ConfigDict(dict(dir='', min_compile_secs=1.0))
   # Telemetry (mofi_jax/telemetry.py): metrics.jsonl and perf/ throughput every log_every
-  # steps. MFU needs the chip's peak FLOP/s: known for TPUs; give a GPU's or CPU's here.
+  # steps. MFU's peak FLOP/s per chip: 0 = TPU spec sheet, else a matmul measured at start-up
+  # (CPU, GPU); > 0 = this value; -1 = no MFU.
   # W&B: --config.log.wandb.enabled=True (mode: '' = WANDB_MODE or W&B's default, 'offline').
   c.log = mlc.ConfigDict(dict(
       peak_flops_per_chip=0.0,

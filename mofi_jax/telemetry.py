@@ -18,9 +18,12 @@ Throughput (`Throughput`), logged each log interval under perf/:
   images_per_s, images_per_s_per_chip   global batch x steps / wall time of the interval
   tflops_per_chip                       model FLOPs (step_analysis.model_flops: 3x the
                                         forward matmuls, no remat) x steps / wall / chips
-  mfu                                   tflops_per_chip / the chip's peak: tpu_specs for a
-                                        TPU; config.log.peak_flops_per_chip elsewhere (a
-                                        GPU's or CPU's measured matmul rate); absent if 0
+  mfu                                   tflops_per_chip / the chip's peak:
+                                        config.log.peak_flops_per_chip if > 0; else
+                                        tpu_specs for a TPU; else (CPU, GPU) the rate of a
+                                        square matmul in the model's dtype measured on one
+                                        device at start-up (logged once as
+                                        perf/peak_tflops_per_chip); absent if -1
   input_wait_share                      time in the input feed's next() / wall time: the
                                         share of the interval spent waiting for batches
 """
@@ -161,16 +164,38 @@ def create_writer(workdir, first_step, log_config=None):
   return metric_writers.MultiWriter(writers)
 
 
-def chip_peak_flops(devices, configured=0.0):
-  """Peak FLOP/s of one device: config.log.peak_flops_per_chip when set, else tpu_specs'
-  bf16 peak for a TPU; None when neither is known (no MFU is logged)."""
-  if configured:
+def chip_peak_flops(devices, configured=0.0, measure=None):
+  """Peak FLOP/s of one device: config.log.peak_flops_per_chip when > 0; None when -1 (no
+  MFU); else tpu_specs' bf16 peak for a TPU, else `measure(device)` (CPU, GPU), else None."""
+  if configured > 0:
     return float(configured)
+  if configured < 0:
+    return None
   kind = devices[0].device_kind.lower() if devices[0].platform == 'tpu' else ''
   for needle, chip in _TPU_KINDS:
     if needle in kind:
       return tpu_specs.CHIPS[chip].peak_bf16_flops
-  return None
+  return None if measure is None or devices[0].platform == 'tpu' else measure(devices[0])
+
+
+# Matmul sizes for the measured peak: big enough to reach the device's rate, small enough
+# to take well under a second at start-up.
+MATMUL_SIZES = {'cpu': 1024, 'gpu': 8192}
+
+
+def measured_matmul_flops(device, dtype='float32', n=None, reps=5):
+  """Best-of-`reps` FLOP/s of an [n, n] @ [n, n] matmul in `dtype` on `device`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = n or MATMUL_SIZES.get(device.platform, 2048)
+  x = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()   # compile
+  best = float('inf')
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
 
 
 class Throughput:
@@ -180,7 +205,10 @@ class Throughput:
     self.batch = config.input.batch_size
     self.chips = len(devices)
     self.flops_per_step = step_analysis.model_flops(config)
-    self.peak = chip_peak_flops(devices, config.get('log', {}).get('peak_flops_per_chip', 0.0))
+    dtype = config.get('model', {}).get('dtype', 'float32')
+    self.peak = chip_peak_flops(devices, config.get('log', {}).get('peak_flops_per_chip', 0.0),
+                                measure=lambda d: measured_matmul_flops(d, dtype))
+    self._peak_logged = False
     self.restart(first_step)
 
   def restart(self, step):
@@ -207,5 +235,8 @@ class Throughput:
            'perf/input_wait_share': self._waiting / wall}
     if self.peak:
       out['perf/mfu'] = flops_per_chip / self.peak
+      if not self._peak_logged:
+        out['perf/peak_tflops_per_chip'] = self.peak / 1e12
+        self._peak_logged = True
     self.restart(step)
     return out

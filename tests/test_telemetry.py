@@ -1,8 +1,11 @@
 """mofi_jax/telemetry.py: metrics.jsonl across a resume, and the throughput arithmetic on a
 clock the test drives (the real run's figures: test_train.py)."""
 import json
+import time
 import types
 
+import jax
+import numpy as np
 import pytest
 
 from mofi_jax import telemetry, tpu_specs
@@ -46,20 +49,47 @@ def test_throughput_by_hand(monkeypatch):
   assert got == pytest.approx({
       'perf/images_per_s': 320.0, 'perf/images_per_s_per_chip': 80.0,
       'perf/tflops_per_chip': 6 * 10 / 2 / 4, 'perf/input_wait_share': 0.25,
-      'perf/mfu': 7.5e12 / tpu_specs.CHIPS['v5e'].peak_bf16_flops})
+      'perf/mfu': 7.5e12 / tpu_specs.CHIPS['v5e'].peak_bf16_flops,
+      'perf/peak_tflops_per_chip': tpu_specs.CHIPS['v5e'].peak_bf16_flops / 1e12})
   clock[0] += 3.0
   meter.restart(25)          # an eval's 3 s are not the steps'
   clock[0] += 1.0
-  assert meter.report(30)['perf/images_per_s'] == pytest.approx(320.0)
+  later = meter.report(30)
+  assert later['perf/images_per_s'] == pytest.approx(320.0)
+  assert 'perf/peak_tflops_per_chip' not in later   # logged once
 
 
 @pytest.mark.parametrize('platform, kind, configured, peak', [
     ('tpu', 'TPU v4', 0, tpu_specs.CHIPS['v4'].peak_bf16_flops),
     ('tpu', 'TPU v5', 0, tpu_specs.CHIPS['v5p'].peak_bf16_flops),
     ('tpu', 'TPU v6 lite', 0, tpu_specs.CHIPS['v6e'].peak_bf16_flops),
-    ('cpu', 'cpu', 0, None),
-    ('gpu', 'NVIDIA H100 80GB HBM3', 0, None),
-    ('gpu', 'NVIDIA H100 80GB HBM3', 7.5e14, 7.5e14)])
+    ('cpu', 'cpu', 0, 'measured'),
+    ('gpu', 'NVIDIA H100 80GB HBM3', 0, 'measured'),
+    ('gpu', 'NVIDIA H100 80GB HBM3', 7.5e14, 7.5e14),
+    ('tpu', 'TPU v5 lite', -1, None),
+    ('cpu', 'cpu', -1, None)])
 def test_chip_peak(platform, kind, configured, peak):
   devices = [types.SimpleNamespace(platform=platform, device_kind=kind)]
-  assert telemetry.chip_peak_flops(devices, configured) == peak
+  measured = []
+  got = telemetry.chip_peak_flops(devices, configured,
+                                  measure=lambda d: measured.append(d) or 1.25e11)
+  assert got == (1.25e11 if peak == 'measured' else peak)
+  assert measured == ([devices[0]] if peak == 'measured' else [])
+  if peak == 'measured':   # nothing to measure with: no peak, no MFU
+    assert telemetry.chip_peak_flops(devices, configured) is None
+
+
+def test_measured_matmul_rate_is_that_of_numpys_matmul_within_a_factor():
+  """2 n^3 FLOPs per best time: against NumPy's float32 matmul timed the same way here
+  (both run on this host's CPU cores, so their rates differ by a small factor, not by n)."""
+  n = 512
+  ours = telemetry.measured_matmul_flops(jax.devices()[0], 'float32', n=n)
+  x = np.ones((n, n), np.float32)
+  best = min(_timed(lambda: x @ x) for _ in range(5))
+  assert 0.05 < ours / (2 * n ** 3 / best) < 20
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
