@@ -23,13 +23,22 @@ SOURCE_MODEL_KEYS = ('image', 'embed_dim', 'dtype', 'scan', 'remat', 'attention'
 
 
 def _source_config(source):
+  """SOURCE/config.json as train.py writes it, or a one-line ValueError naming the file."""
   path = os.path.join(source, 'config.json')
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      raw = json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f'configs/transfer.py:{source}: cannot read {path} ({e}); pass a '
-                     'training workdir.') from e
+    raise ValueError(f'configs/transfer.py:{source}: cannot read {path} '
+                     f'({type(e).__name__}); pass a training workdir.') from None
+  model, inputs = raw.get('model') if isinstance(raw, dict) else None, (
+      raw.get('input') if isinstance(raw, dict) else None)
+  if not (isinstance(model, dict) and isinstance(model.get('image'), dict) and
+          isinstance(inputs, dict) and isinstance(inputs.get('image_size'), int)):
+    raise ValueError(f'configs/transfer.py:{source}: {path} is not a training config '
+                     '(expected model.image and input.image_size; a Hugging Face folder '
+                     'starts a run through config.init.hf_clip instead).')
+  return raw
 
 
 def get_config(source=''):

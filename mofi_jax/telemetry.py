@@ -183,18 +183,22 @@ def chip_peak_flops(devices, configured=0.0, measure=None):
 MATMUL_SIZES = {'cpu': 1024, 'gpu': 8192}
 
 
-def measured_matmul_flops(device, dtype='float32', n=None, reps=5):
+def measured_matmul_flops(device, dtype='float32', n=None, reps=5, clock=time.perf_counter):
   """Best-of-`reps` FLOP/s of an [n, n] @ [n, n] matmul in `dtype` on `device`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   n = n or MATMUL_SIZES.get(device.platform, 2048)
-  x = jax.device_put(jnp.ones((n, n), dtype), device)
+  # From the host, not jnp.ones: under a multi-process mesh (jax.set_mesh) that would be a
+  # global array spanning other processes' devices.
+  x = jax.device_put(np.ones((n, n), jnp.dtype(dtype)), device)
   matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()   # compile
   best = float('inf')
-  for _ in range(reps):
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
+  with jax.set_mesh(None):   # one device, not the run's mesh (restored on exit)
+    matmul(x).block_until_ready()   # compile
+    for _ in range(reps):
+      start = clock()
+      matmul(x).block_until_ready()
+      best = min(best, clock() - start)
   return 2 * n ** 3 / best
 
 
@@ -207,7 +211,9 @@ class Throughput:
     self.flops_per_step = step_analysis.model_flops(config)
     dtype = config.get('model', {}).get('dtype', 'float32')
     self.peak = chip_peak_flops(devices, config.get('log', {}).get('peak_flops_per_chip', 0.0),
-                                measure=lambda d: measured_matmul_flops(d, dtype))
+                                # this process's own device: others' are not addressable
+                                measure=lambda _: measured_matmul_flops(jax.local_devices()[0],
+                                                                        dtype))
     self._peak_logged = False
     self.restart(first_step)
 

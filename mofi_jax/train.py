@@ -117,7 +117,8 @@ def _train_and_evaluate(config, workdir, fresh_run):
       from mofi_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
       state = state.replace(params=hf_import.init_from_hf_clip(state.params, config))
     if config.init.get('workdir'):   # our own checkpoint's towers (and head), likewise
-      state = state.replace(params=warm_start.init_from_workdir(state.params, config, mesh))
+      state = state.replace(params=warm_start.init_from_workdir(state.params, config, mesh,
+                                                                data_dir))
   run_setup.log_param_counts(state.params)
   # ------------------------------------------------------------ evaluators
   embed_images = trainer.make_embed_fn(setup.model, mofi.Mofi.encode_image,
@@ -207,7 +208,7 @@ def _train_input(config, data_dir):
     config = classification_input.resolve(config, records)
     return (classification_input.make_train_dataset(records, config.input,
                                                     seed=config.input.seed, **where),
-            config, classification_input.fingerprint(config.input, records))
+            config, classification_input.fingerprint(records))
   if config.input.get('recipe'):
     recipe = run_setup.corpus_recipe(config.input.recipe, CORPUS_RECIPES)
     run_setup.on_process_zero(
@@ -236,6 +237,12 @@ def main(argv):
     cli_errors.exit_with('mofi_jax.train', e)
 
 
+def _last_line(message):
+  """A config file's own error, where absl wrapped it with the traceback that raised it."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  return lines[-1] if len(lines) > 1 else message
+
+
 def parse_flags(argv):
   """absl parsing, with config-override errors as one line, not a traceback."""
   try:
@@ -243,7 +250,7 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a for a in argv[1:] if a.startswith('--config.')]
     what = (f'unknown config key {e}' if isinstance(e, (AttributeError, KeyError))
-            else f'{type(e).__name__}: {e}')
+            else _last_line(f'{type(e).__name__}: {e}'))
     sys.exit(f'mofi_jax.train: error: bad command line ({what}); config '
              f'overrides given: {overrides}')
 

@@ -6,12 +6,15 @@ processes split the images), bad files are skipped and named; the jitted head sc
 cosine heads."""
 import io
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from clu.data import dataset_iterator
 from flax import linen as nn
 from PIL import Image
 
@@ -20,6 +23,7 @@ from mofi_jax.data import classification_input
 from mofi_jax.evals import classifier, embedding
 from mofi_jax.models import mofi
 from test_trainer import small_config
+from test_zeroshot import PALETTE, colour_coded_examples
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 7, 16
 
@@ -35,9 +39,9 @@ def write_folder(root):
 
 
 def cfg_input(root, **kw):
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict({**dict(
       dataset='imagefolder', data_dir=str(root), split='all', image_size=SIZE, text_len=5,
-      shuffle_buffer=1000, rrc_scale=(0.9, 1.0), max_bad_record_rate=0.5, threads=2, **kw))
+      shuffle_buffer=1000, rrc_scale=(0.9, 1.0), max_bad_record_rate=0.5, threads=2), **kw})
 
 
 def batches(cfg, n, process_index=0, process_count=1, batch=4, seed=0):
@@ -68,6 +72,52 @@ def test_batches_carry_each_images_class_and_one_pass_is_a_permutation(tmp_path)
   for a, b in zip(got, again):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_batches_mix_classes_of_a_class_sorted_folder(tmp_path):
+  """A folder lists its images class by class; the first batches must not."""
+  cfg = cfg_input(write_folder(tmp_path), shuffle_buffer=2)
+  first = np.concatenate([b['labels'][:, 0] for b in batches(cfg, 2)])   # 8 of 21 images
+  assert len(set(first.tolist())) == NUM_CLASSES
+
+
+def test_resumed_iterator_equals_the_uninterrupted_stream(tmp_path):
+  cfg = cfg_input(write_folder(tmp_path / 'data'))
+  records = classification_input.open_records(cfg)
+
+  def iterator():
+    return dataset_iterator.TfDatasetIterator(classification_input.make_train_dataset(
+        records, cfg, process_index=0, process_count=1, per_process_batch=4, seed=0),
+                                              checkpoint=True)
+  before, after = 6, 6   # the checkpoint inside the second pass over the 21 images
+  uninterrupted = [next(it) for it in [iterator()] for _ in range(before + after)]
+  first = iterator()
+  for _ in range(before):
+    next(first)
+  first.save(tmp_path / 'ckpt')
+  resumed = iterator()
+  resumed.restore(tmp_path / 'ckpt')
+  for step in range(after):
+    got, want = next(resumed), uninterrupted[before + step]
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'step {step} {k}')
+
+
+def test_tfds_split_trains_with_its_labels(tmp_path):
+  """A TFDS split (mock CIFAR-10, 30 images coloured by label): every image's label is its
+  colour's, one pass holds each image once."""
+  (tmp_path / 'placeholder').write_text('')
+  cfg = cfg_input(tmp_path, dataset='cifar10', split='train', shuffle_buffer=30)
+  with tfds.testing.mock_data(num_examples=30, as_dataset_fn=colour_coded_examples):
+    records = classification_input.open_records(cfg)
+    got = batches(cfg, 15, batch=2)   # exactly one pass of the 30 images
+  assert records.files is None and len(records.class_names) == 10
+  images = np.concatenate([b['image'] for b in got]).astype(np.float64)
+  labels = np.concatenate([b['labels'][:, 0] for b in got])
+  nearest = np.argmin(np.abs(images.mean(axis=(1, 2))[:, None] - np.asarray(PALETTE)[None]).sum(-1),
+                      axis=1)
+  np.testing.assert_array_equal(labels, nearest)
+  assert np.bincount(labels, minlength=10).tolist() == [3] * 10
 
 
 def test_two_processes_read_disjoint_halves(tmp_path):

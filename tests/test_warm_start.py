@@ -4,6 +4,8 @@
 leaf keeps this run's sharding; an architecture that differs is refused by name. And
 config.model.lock_image (LiT): the image tower never moves and holds no optimizer state,
 with the loss of the unlocked model."""
+import os
+
 import jax
 import numpy as np
 import optax
@@ -78,13 +80,39 @@ def test_a_different_architecture_or_setting_is_refused_by_name(source, edit, me
 
 def test_a_head_of_another_size_is_refused_for_towers_plus_head(source):
   config = run_config(source, load='towers+head')
-  config.model.head.num_classes += 64
+  config.model.head.num_classes += 1   # the same padded width: shapes alone would pass
   mesh, params = fresh(config)
-  with pytest.raises(warm_start.WarmStartError,
-                     match=r'parameter entity_head/\w+ is \(.*\) there and \(.*\) here'):
+  with pytest.raises(warm_start.WarmStartError, match='config.model.head.num_classes=20 there'):
     warm_start.init_from_workdir(params, config, mesh)
   config.init.load = 'towers'   # a fresh head of the new size is fine
   warm_start.init_from_workdir(params, config, mesh)
+
+
+def test_a_text_tower_is_refused_for_another_tokenizer(source, tmp_path):
+  config = run_config(source)
+  mesh, params = fresh(config)
+  other = tmp_path / 'corpus'
+  other.mkdir()
+  with open(os.path.join(config.input.data_dir, 'tokenizer.json'), 'rb') as f:
+    data = f.read()
+  (other / 'tokenizer.json').write_bytes(data.replace(b'"<pad>"', b'"<PAD>"'))
+  with pytest.raises(warm_start.WarmStartError, match='reads another tokenizer.*differ'):
+    warm_start.init_from_workdir(params, config, mesh, data_dir=str(other))
+  (other / 'tokenizer.json').write_bytes(data)   # the same file elsewhere is fine
+  warm_start.init_from_workdir(params, config, mesh, data_dir=str(other))
+  config.init.load = 'image'                      # and no text tower, no check
+  (other / 'tokenizer.json').write_text('{}')
+  warm_start.init_from_workdir(params, config, mesh, data_dir=str(other))
+
+
+def test_fields_left_unset_read_as_the_towers_defaults(source):
+  config = run_config(source)
+  config.model.image = {k: v for k, v in config.model.image.items() if k not in ('pool', 'ln_pre')}
+  mesh, params = fresh(config)
+  got = flat(warm_start.init_from_workdir(params, config, mesh))
+  saved = flat(inference.load(source).params)
+  for path in (p for p in got if p[0] == 'image_tower'):
+    np.testing.assert_array_equal(got[path], saved[path])
 
 
 # ----------------------------------------------------------------------------

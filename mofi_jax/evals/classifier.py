@@ -28,13 +28,17 @@ class Evaluator:
     if towers.classify_images is None:
       raise ValueError('classifier: the model has no head (mode contrastive); use knn, '
                        'linear_probe or zeroshot.')
+    classes = len(self.test.class_names)
+
+    def classify(images):   # refuses at the first batch, not after scoring the whole split
+      scores = towers.classify_images(images)
+      if scores.shape[1] != classes:
+        raise ValueError(f'classifier: the head has {scores.shape[1]} classes, but '
+                         f'{self.info["dataset"]} has {classes}.')
+      return scores
     scores, labels = embedding.embed_labelled(
-        towers.classify_images, self.test.batches(self.transform, self.batch_size),
-        self.batch_size)
-    num_classes = scores.shape[1]
-    if len(self.test.class_names) != num_classes:
-      raise ValueError(f'classifier: the head has {num_classes} classes, but '
-                       f'{self.info["dataset"]} has {len(self.test.class_names)}.')
+        classify, self.test.batches(self.transform, self.batch_size), self.batch_size)
+    num_classes = classes
     metrics = classification_metrics(np.asarray(scores), labels, num_classes)
     metrics.update(num_examples=len(labels))
     return metrics

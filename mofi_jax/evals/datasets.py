@@ -49,7 +49,7 @@ class Source:
   num_examples: Optional[int]
   batches: Callable
   paths_and_labels: Optional[tuple] = None   # folders: (paths, labels int64 [N])
-  records: Optional[tf.data.Dataset] = None  # TFDS: (encoded image, label), in order
+  tfds_read: Optional[Callable] = None       # TFDS: see Records
 
 
 def default_split(dataset, purpose='test'):
@@ -146,15 +146,22 @@ def _tfds_split(dataset, data_dir, split):
   except (KeyError, ValueError) as e:
     raise DatasetError(f'{dataset}: no split {split!r} (splits: {list(builder.info.splits)}).'
                        ) from e
-  try:  # Opening the files is what tells us the data is there; never download.
-    # Only the image (as encoded bytes) and the label are parsed.
-    decoders = tfds.decode.PartialDecoding({image_key: True, label_key: True},
-                                           decoders={image_key: tfds.decode.SkipDecoding()})
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-  except AssertionError as e:  # TFDS's "could not find data in ..."
-    raise DatasetError(f'{dataset}: no prepared data in {data_dir} (looked for '
-                       f'{builder.data_dir}); prepare it first with: tfds build {dataset} '
-                       f'--data_dir {data_dir}.') from e
+  # Only the image (as encoded bytes) and the label are parsed.
+  decoders = tfds.decode.PartialDecoding({image_key: True, label_key: True},
+                                         decoders={image_key: tfds.decode.SkipDecoding()})
+
+  def read(split_spec):
+    try:  # Opening the files is what tells us the data is there; never download.
+      return builder.as_dataset(split=split_spec, shuffle_files=False, decoders=decoders)
+    except AssertionError as e:  # TFDS's "could not find data in ..."
+      raise DatasetError(f'{dataset}: no prepared data in {data_dir} (looked for '
+                         f'{builder.data_dir}); prepare it first with: tfds build {dataset} '
+                         f'--data_dir {data_dir}.') from e
+  ds = read(split)
+
+  def tfds_read(process_index, process_count):
+    part = tfds.even_splits(split, n=process_count)[process_index]
+    return read(part).map(lambda ex: (ex[image_key], ex[label_key]))
 
   def batches(transform, batch_size):
     pipe = ds.map(lambda ex: (transform(ex[image_key]), ex[label_key]),
@@ -164,38 +171,33 @@ def _tfds_split(dataset, data_dir, split):
       for images, labels in pipe.as_numpy_iterator():
         bar.update(len(images))
         yield images, labels
-  return Source(dataset, split, names, num_examples, batches,
-                records=ds.map(lambda ex: (ex[image_key], ex[label_key])))
+  return Source(dataset, split, names, num_examples, batches, tfds_read=tfds_read)
 
 
 @dataclasses.dataclass
 class Records:
   """One split as encoded images, for training (data/classification_input.py).
 
-  dataset: one pass over the split in a fixed order, elements {'file': tf.string naming the
-  image (a path, or 'NAME:SPLIT#i' for TFDS), 'record': encoded image bytes, 'label': int64}.
+  Folders set `files`: (paths, labels int64 [N]) in listing order (sorted by class). TFDS
+  sets `tfds_read(process_index, process_count)`: that process's even share of the split
+  (tfds.even_splits), a tf.data.Dataset of (encoded image, label) in a fixed order.
   """
-  dataset: tf.data.Dataset
+  name: str
+  split: str
   class_names: List[str]
-  num_examples: int
+  num_examples: Optional[int]   # None: TFDS did not record it
+  files: Optional[tuple] = None
+  tfds_read: Optional[Callable] = None
 
 
 def open_records(dataset, data_dir, split='train', *, train_per_category=5):
   """The `split` of `dataset` (as in open_split) as Records."""
   source = open_split(dataset, data_dir, split, train_per_category=train_per_category,
                       need_names=False)
-  if dataset in (FOLDER, class_folders.DATASET):
-    paths, labels = source.paths_and_labels
-    ds = tf.data.Dataset.from_tensor_slices({'file': list(paths), 'label': labels}).map(
-        lambda x: {**x, 'record': tf.io.read_file(x['file'])})
-  else:
-    ds = source.records.enumerate().map(lambda i, ex: {
-        'file': tf.strings.join([f'{dataset}:{split}#', tf.strings.as_string(i)]),
-        'record': ex[0],
-        'label': tf.cast(ex[1], tf.int64)})
-  if not source.num_examples:
+  if source.paths_and_labels is None and source.num_examples == 0:
     raise DatasetError(f'{dataset}: split {split!r} has no examples.')
-  return Records(ds, source.class_names, int(source.num_examples))
+  return Records(dataset, split, source.class_names, source.num_examples,
+                 files=source.paths_and_labels, tfds_read=source.tfds_read)
 
 
 def holdout_indices(labels, fraction, seed=0):

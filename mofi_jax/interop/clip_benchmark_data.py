@@ -42,9 +42,12 @@ def _image(path):
   if ext:
     return ext, data
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(io.BytesIO(data)) as image:
-    buf = io.BytesIO()
-    image.convert('RGB').save(buf, format='PNG')
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      buf = io.BytesIO()
+      image.convert('RGB').save(buf, format='PNG')
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+    raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e}).') from e
   return 'png', buf.getvalue()
 
 

@@ -54,10 +54,10 @@ def export_refusals(config):
   return found
 
 
-def check_exportable(config):
+def check_exportable(config, what='a Hugging Face CLIPModel'):
   refusals = export_refusals(config)
   if refusals:
-    raise InteropError('cannot export as a Hugging Face CLIPModel: ' + '; '.join(refusals))
+    raise InteropError(f'cannot export as {what}: ' + '; '.join(refusals))
 
 
 def to_clip_config(config, text_ids):

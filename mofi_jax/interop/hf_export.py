@@ -79,11 +79,12 @@ def export_hf(encoder, out, overwrite=False, inputs=()):
   return out
 
 
-def clip_tensors(encoder):
+def clip_tensors(encoder, what='a Hugging Face CLIPModel'):
   """(corpus tokenizer, TextIds, {CLIPModel tensor name: float32 array}) of `encoder`,
-  with the token rows swapped as the exported tokenizer's ids are (plan_text_ids)."""
+  with the token rows swapped as the exported tokenizer's ids are (plan_text_ids); `what`
+  names the format in a refusal."""
   config = encoder.config
-  clip_config.check_exportable(config)
+  clip_config.check_exportable(config, what)
   tok = _corpus_tokenizer(config, config.input.data_dir)
   ids = clip_tokenizer.plan_text_ids(dict(config.model.text), tok,
                                      int(config.model.text['vocab_size']))

@@ -69,7 +69,7 @@ GELU_KWARGS = {'gelu': None, 'gelu_pytorch_tanh': {'approximate': 'tanh'}}
 def export_open_clip(encoder, out, overwrite=False, inputs=()):
   """Writes `encoder` as an open_clip `local-dir:` folder at `out` (module docstring)."""
   config = encoder.config
-  tok, ids, hf_tensors = hf_export.clip_tensors(encoder)   # refuses what CLIP can't express
+  tok, ids, hf_tensors = hf_export.clip_tensors(encoder, 'an open_clip CLIP')   # refusals
   model_cfg = open_clip_model_cfg(config, ids, os.path.abspath(out))
   tensors = to_open_clip(hf_tensors, config.model)
   with outputs.staged_folder(out, overwrite, inputs) as tmp:
