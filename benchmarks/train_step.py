@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mofi_jax import run_setup, sharding, step_analysis, trainer
+from mofi_jax import run_setup, sharding, step_analysis, telemetry, trainer
 from mofi_jax.models import mofi
 
 FLAGS = flags.FLAGS
@@ -42,16 +42,9 @@ flags.DEFINE_string('profile_dir', None,
 
 
 def measure_matmul_peak(n, dtype, reps=10):
-  """Best-of FLOP/s of an n x n x n matmul in `dtype` on device 0."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best * jax.device_count()
+  """Best-of FLOP/s of an n x n x n matmul in `dtype` on each device, times the devices."""
+  return telemetry.measured_matmul_flops(jax.devices()[0], dtype, n=n, reps=reps) * (
+      jax.device_count())
 
 
 def random_batch(config, num_classes, vocab):

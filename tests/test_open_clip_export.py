@@ -37,7 +37,7 @@ def open_clip_model(config, params, tok):
       hf_export.clip_params.to_hf(params, config.model), ids.swap)
   model = open_clip.model.CLIP(**model_cfg).eval()
   result = model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                                  open_clip_export.to_open_clip(hf, config.model).items()},
+                                  open_clip_export.to_open_clip(hf).items()},
                                  strict=True)
   assert not result.missing_keys and not result.unexpected_keys
   return model, ids

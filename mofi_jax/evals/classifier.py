@@ -38,7 +38,6 @@ class Evaluator:
       return scores
     scores, labels = embedding.embed_labelled(
         classify, self.test.batches(self.transform, self.batch_size), self.batch_size)
-    num_classes = classes
-    metrics = classification_metrics(np.asarray(scores), labels, num_classes)
+    metrics = classification_metrics(np.asarray(scores), labels, classes)
     metrics.update(num_examples=len(labels))
     return metrics

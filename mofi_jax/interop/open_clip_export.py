@@ -60,7 +60,7 @@ TOWER_RENAMES = {
 }
 # Inside block i: CLIPModel's encoder.layers.<i>.<a> -> open_clip's resblocks.<i>.<b>.
 BLOCK_RENAMES = {'layer_norm1': 'ln_1', 'layer_norm2': 'ln_2', 'mlp.fc1': 'mlp.c_fc',
-                 'mlp.fc2': 'mlp.c_proj', 'self_attn.out_proj': 'attn.out_proj'}
+                 'mlp.fc2': 'mlp.c_proj', 'self_attn': 'attn'}
 TOWER_PREFIXES = {'vision_model': 'visual.transformer', 'text_model': 'transformer'}
 # open_clip activations: QuickGELU for both towers, or nn.GELU(**act_kwargs) per tower.
 GELU_KWARGS = {'gelu': None, 'gelu_pytorch_tanh': {'approximate': 'tanh'}}
@@ -71,7 +71,7 @@ def export_open_clip(encoder, out, overwrite=False, inputs=()):
   config = encoder.config
   tok, ids, hf_tensors = hf_export.clip_tensors(encoder, 'an open_clip CLIP')   # refusals
   model_cfg = open_clip_model_cfg(config, ids, os.path.abspath(out))
-  tensors = to_open_clip(hf_tensors, config.model)
+  tensors = to_open_clip(hf_tensors)
   with outputs.staged_folder(out, overwrite, inputs) as tmp:
     hf_export.write_json(os.path.join(tmp, CONFIG_FILE), dict(
         model_cfg=model_cfg, preprocess_cfg=preprocess_cfg(int(config.input.image_size))))
@@ -142,25 +142,20 @@ def _block_name(name):
   return f'{TOWER_PREFIXES[tower]}.resblocks.{layer}.{rest}'
 
 
-def to_open_clip(hf_tensors, model_cfg):
-  """{CLIPModel name: array} -> {open_clip.CLIP state-dict name: float32 array}."""
+def to_open_clip(hf_tensors):
+  """{CLIPModel name: array} -> {open_clip.CLIP state-dict name: float32 array}.
+
+  q_proj/k_proj/v_proj of a block become its in_proj (rows q, k, v), found from the names
+  themselves, so whatever towers and depths the tensors hold convert."""
   out = {}
   for name, x in hf_tensors.items():
     if name in TOWER_RENAMES:
       theirs = TOWER_RENAMES[name]
       out[theirs.removesuffix('.T')] = x.T if theirs.endswith('.T') else x
-    elif '.self_attn.' in name and name.split('.')[-2] in ('q_proj', 'k_proj', 'v_proj'):
-      continue   # merged below
-    else:
+    elif name.split('.')[-2] == 'q_proj':   # ....self_attn.q_proj.{weight,bias}
+      attn, kind = name.rsplit('.', 2)[0], name.rsplit('.', 1)[1]
+      merged = np.concatenate([hf_tensors[f'{attn}.{p}_proj.{kind}'] for p in 'qkv'], axis=0)
+      out[_block_name(f'{attn}.in_proj_{kind}')] = merged
+    elif name.split('.')[-2] not in ('k_proj', 'v_proj'):   # k/v: merged with q
       out[_block_name(name)] = x
-  for tower, prefix in (('vision_model', 'image'), ('text_model', 'text')):
-    if prefix == 'text' and not mofi.uses_text(model_cfg.mode):
-      continue
-    depth = (mofi.image_kwargs(model_cfg.image) if prefix == 'image' else model_cfg.text)['depth']
-    for i in range(depth):
-      attn = f'{tower}.encoder.layers.{i}.self_attn'
-      block = f'{TOWER_PREFIXES[tower]}.resblocks.{i}.attn'
-      for kind in ('weight', 'bias'):
-        out[f'{block}.in_proj_{kind}'] = np.concatenate(
-            [hf_tensors[f'{attn}.{p}_proj.{kind}'] for p in 'qkv'], axis=0)
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mofi_jax import losses
 from mofi_jax.data import pixels
 from mofi_jax.models.heads import EntityHead
 from mofi_jax.models.text import TextTower
@@ -87,8 +88,7 @@ class Mofi(nn.Module):
     if head['bias'] is not None:
       logits = x @ kernel + head['bias'].astype(jnp.float32)
     else:
-      unit = lambda v, axis: v / jnp.maximum(jnp.linalg.norm(v, axis=axis, keepdims=True), 1e-12)
-      logits = unit(x, 1) @ unit(kernel, 0)
+      logits = losses.l2_normalize(x, axis=1) @ losses.l2_normalize(kernel, axis=0)
     return logits[:, :int(dict(self.head)['num_classes'])]
 
   def logit_scale(self):
