@@ -80,6 +80,9 @@ def base_config(mode='multitask'):
   c.log = mlc.ConfigDict(dict(
       peak_flops_per_chip=0.0,
       wandb=dict(enabled=False, project='mofi_jax', entity='', name='', mode='')))
+  # Evaluators run every `every_steps` and at the last step; eval_at_start: also at step 0,
+  # the untrained baseline.
+  c.eval_at_start = True
   c.evals = mlc.ConfigDict()
   return c
 

@@ -19,6 +19,11 @@ def get_config():
       multi_entity_frac=0.15,
       label_noise=0.1,
       retrieval_categories=40,
+      # The attribute grid (data_prep/demo_world/world.py): up to 16 colours and 3 sizes,
+      # 3,072 combinations; heldout_first: the same held-out categories at every num_entities.
+      num_colors=8,
+      num_sizes=1,
+      heldout_first=False,
       text_len=16,
       vocab_size=1000,
       noise_frac=0.1,        # alt-texts that name no entity at all

@@ -148,7 +148,7 @@ def _train_and_evaluate(config, workdir, fresh_run):
   # ------------------------------------------------------------------ loop
   run_evals = lambda names, s: periodic_evals.run(
       evaluators, names, s, towers_at(state.params), writer, workdir)
-  if first_step == 0:
+  if first_step == 0 and config.get('eval_at_start', True):
     run_evals(periodic_evals.due(evaluators, 0), 0)
   feed = device_feed.DeviceFeed(
       data_iter, functools.partial(sharding.global_batch, mesh),

@@ -179,7 +179,62 @@ def test_refuses_foreign_folder(tmp_path):
     ({'builder': 'web'}, r"builder='web'; expected one of \('direct', 'i2e'\)"),
     ({'distractor_frac': 1.5}, r'distractor_frac=1.5; expected a fraction in \[0, 1\]'),
     ({'bootstrap_steps': 0}, 'bootstrap_steps >= 1'),
+    ({'num_colors': 17}, r'8 <= num_colors <= 16 and 1 <= num_sizes <= 3; got 17, 1'),
+    ({'num_colors': 16, 'num_sizes': 3, 'num_entities': 3100}, '3072 attribute combinations'),
 ])
 def test_config_errors(cfg, message):
   with pytest.raises(ValueError, match=message):
     demo_world.resolve_config(cfg)
+
+
+def _sweep_world(n):
+  cfg = demo_world.resolve_config(dict(num_entities=n, num_colors=16, num_sizes=3,
+                                       heldout_first=True, retrieval_categories=40))
+  return world.make_world(np.random.default_rng(cfg.seed), cfg)
+
+
+def test_larger_grid_keeps_held_out_categories_at_every_size():
+  """The entity sweep's worlds: one held-out set at every size, never a train entity; each
+  smaller world's entities are the first ones of the larger (a denser sample of one grid)."""
+  worlds = {n: _sweep_world(n) for n in (24, 150, 3000)}
+  heldout = {tuple(c) for c in worlds[24].heldout}
+  assert len(heldout) == 40
+  for n, w in worlds.items():
+    assert {tuple(c) for c in w.heldout} == heldout and len(w.combos) == n
+    train = {tuple(c) for c in w.combos}
+    assert len(train) == n and not train & heldout
+    assert len(set(w.descriptions)) == n            # every entity is told apart by its text
+    assert not set(w.descriptions) & {world.describe(c) for c in w.heldout}
+    np.testing.assert_array_equal(w.combos[:24], worlds[24].combos)
+  big = worlds[3000].combos   # all 16 colours and 3 sizes are drawn
+  assert set(big[:, 1]) == set(range(16)) and set(big[:, 3]) == {0, 1, 2}
+  assert 'a small violet ' in ' '.join(worlds[3000].descriptions)
+
+
+def test_default_world_is_generator_4s():
+  """The grid's new fields at their defaults draw the world every earlier corpus was made
+  from: the 512 (shape, colour, background) combinations in the seed's permutation."""
+  cfg = demo_world.resolve_config({})
+  w = world.make_world(np.random.default_rng(cfg.seed), cfg)
+  order = np.random.default_rng(cfg.seed).permutation(512)
+  expected = np.stack(np.unravel_index(order, (8, 8, 8)), 1)
+  np.testing.assert_array_equal(w.combos[:, :3], expected[:cfg.num_entities])
+  np.testing.assert_array_equal(w.heldout[:, :3],
+                                expected[cfg.num_entities:][:cfg.retrieval_categories])
+  assert not w.combos[:, 3].any() and all(DESCRIPTION_RE.match(d) for d in w.descriptions)
+
+
+def test_sizes_render_at_their_scale():
+  """A small object covers less of the image than a default one, a large one more."""
+  rng = np.random.default_rng(0)
+  covered = []
+  for size in range(3):
+    combo = np.array([0, 5, 0, size])  # a blue circle on a dark background
+    images = render.render_jpegs(rng, [[combo]] * 40, 48)
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert('RGB'), np.float64)
+                       for j in images])
+    covered.append(float(((pixels[..., 2] - pixels[..., 0]) > 80).mean()))
+  default, small, large = covered
+  scale = world.SIZE_SCALE
+  assert small == pytest.approx(default * scale[1] ** 2, rel=0.2)
+  assert large == pytest.approx(default * scale[2] ** 2, rel=0.2)

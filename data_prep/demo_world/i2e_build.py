@@ -85,20 +85,12 @@ def commands(paths, cfg, beam_flags=BEAM_FLAGS):
   """[(step name, argv)] of steps 2-5; `beam_flags` pick the Beam runner of steps 2, 3, 5."""
   py, web_dir = [sys.executable, '-m'], paths['web']
   pairs_glob = os.path.join(web_dir, web.PAIRS_GLOB)
-  # The world draws every image at image_size px: none is too small for the demo.
-  common = [f'--config.seed={cfg.seed}', f'--config.write.vocab_size={cfg.vocab_size}',
-            f'--config.write.num_shards={cfg.num_shards}',
-            f'--config.clean.min_image_size={min(cfg.image_size, 32)}',
-            # Flat shapes drawn at image_size px: their pHashes collide across entities (within
-            # 3 bits for 205 of generator 4's 12,106 images, 156 of them another entity's), so
-            # near-duplicate dedup, made for re-encoded photos, is off for the demo.
-            '--config.dedup.near_duplicate_distance=-1']
   return [
       ('build_kb', py + ['data_prep.build_kb', '--wikidata',
                          os.path.join(web_dir, web.DUMP_PATH), '--out', paths['kb'],
                          *beam_flags]),
       ('pairs_corpus', py + ['data_prep.build_i2e', '--pairs', pairs_glob, '--pairs_only',
-                             '--out', paths['pairs'], *common, *beam_flags,
+                             '--out', paths['pairs'], *_common_flags(cfg), *beam_flags,
                              f'--config.write.text_len={PAIRS_TEXT_LEN}']),
       ('bootstrap_clip', py + ['mofi_jax.train', f'--config={BOOTSTRAP_CONFIG}',
                                f'--workdir={paths["bootstrap_clip"]}',
@@ -106,13 +98,32 @@ def commands(paths, cfg, beam_flags=BEAM_FLAGS):
                                f'--config.total_steps={cfg.bootstrap_steps}',
                                f'--config.ckpt.every_steps={cfg.bootstrap_steps}',
                                f'--config.seed={cfg.seed}']),
-      ('i2e_corpus', py + ['data_prep.build_i2e', '--pairs', pairs_glob, '--kb', paths['kb'],
-                           '--clip', paths['bootstrap_clip'], '--out', paths['corpus'], *common,
-                           *beam_flags,
-                           f'--config.write.text_len={cfg.text_len}',
-                           f'--config.select.threshold={cfg.clip_threshold}',
-                           f'--config.global_passes.min_images={cfg.min_images}']),
+      ('i2e_corpus', i2e_corpus_argv(paths, cfg, paths['corpus'], beam_flags=beam_flags)),
   ]
+
+
+def i2e_corpus_argv(paths, cfg, out, *, threshold=None, link_top_k=None,
+                    beam_flags=BEAM_FLAGS):
+  """Step 5's command writing to `out`: the world's CLIP threshold unless `threshold` is
+  given; `link_top_k=1` makes it the text-only top-1 linker (CLIP then only thresholds)."""
+  threshold = cfg.clip_threshold if threshold is None else threshold
+  extra = [] if link_top_k is None else [f'--config.link.top_k={link_top_k}']
+  return [sys.executable, '-m', 'data_prep.build_i2e',
+          '--pairs', os.path.join(paths['web'], web.PAIRS_GLOB), '--kb', paths['kb'],
+          '--clip', paths['bootstrap_clip'], '--out', out, *_common_flags(cfg), *beam_flags,
+          f'--config.write.text_len={cfg.text_len}', f'--config.select.threshold={threshold}',
+          f'--config.global_passes.min_images={cfg.min_images}', *extra]
+
+
+def _common_flags(cfg):
+  # The world draws every image at image_size px: none is too small for the demo.
+  return [f'--config.seed={cfg.seed}', f'--config.write.vocab_size={cfg.vocab_size}',
+          f'--config.write.num_shards={cfg.num_shards}',
+          f'--config.clean.min_image_size={min(cfg.image_size, 32)}',
+          # Flat shapes drawn at image_size px: their pHashes collide across entities (within
+          # 3 bits for 205 of generator 4's 12,106 images, 156 of them another entity's), so
+          # near-duplicate dedup, made for re-encoded photos, is off for the demo.
+          '--config.dedup.near_duplicate_distance=-1']
 
 
 def cpu_env():

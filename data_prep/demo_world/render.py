@@ -7,7 +7,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from data_prep.demo_world.world import BACKGROUNDS, COLORS, SHAPES, describe
+from data_prep.demo_world.world import (BACKGROUNDS, PALETTE, SHAPES, SIZE_SCALE, SIZES,
+                                        color_name, describe)
 
 RETRIEVAL_PER_CATEGORY = 10  # GPR1200 layout: exactly 10 images per category.
 _RENDER_CHUNK = 512
@@ -30,9 +31,12 @@ def _sample_params(rng, combos_per_image):
   """Per-image instance variation: position, scale, rotation, colour jitter, pattern."""
   n = len(combos_per_image)
   two = np.array([len(c) == 2 for c in combos_per_image])[:, None]
-  first = np.array([c[0] for c in combos_per_image]).reshape(n, 3)
-  second = np.array([c[-1] for c in combos_per_image]).reshape(n, 3)
-  color = np.array(list(COLORS.values()), np.float32)[np.stack([first[:, 1], second[:, 1]], 1)]
+  first = np.array([c[0] for c in combos_per_image]).reshape(n, -1)
+  second = np.array([c[-1] for c in combos_per_image]).reshape(n, -1)
+  color = np.array(list(PALETTE.values()), np.float32)[np.stack([first[:, 1], second[:, 1]], 1)]
+  scale = np.ones((n, 2))
+  if first.shape[1] > 3:   # the size attribute (world.SIZES); a factor of 1 in the default world
+    scale = np.array(SIZE_SCALE)[np.stack([first[:, 3], second[:, 3]], 1)]
   # Pairs sit side by side and are smaller; singles sit near the centre.
   pair_x = np.array([0.28, 0.72]) + rng.uniform(-0.04, 0.04, (n, 2))
   params = dict(
@@ -40,7 +44,8 @@ def _sample_params(rng, combos_per_image):
       color=color * rng.uniform(0.85, 1.1, (n, 2, 1)) + rng.normal(0, 12, (n, 2, 3)),
       cx=np.where(two, pair_x, 0.5 + rng.uniform(-0.12, 0.12, (n, 2))),
       cy=0.5 + rng.uniform(-0.1, 0.1, (n, 2)),
-      radius=np.where(two, rng.uniform(0.15, 0.2, (n, 2)), rng.uniform(0.24, 0.36, (n, 2))),
+      radius=scale * np.where(two, rng.uniform(0.15, 0.2, (n, 2)),
+                              rng.uniform(0.24, 0.36, (n, 2))),
       angle=np.deg2rad(rng.uniform(-20, 20, (n, 2))),
       bg=first[:, 2], period=rng.uniform(0.15, 0.25, n), phase=rng.uniform(0, 1, (n, 2)),
       lo=rng.uniform(25, 60, n), hi=rng.uniform(170, 235, n),
@@ -122,7 +127,8 @@ def write_retrieval(rng, folder, combos, size):
     with open(os.path.join(folder, f'{category}_{name}.jpg'), 'wb') as f:
       f.write(jpeg)
   info = [dict(category=i, description=describe(c), shape=SHAPES[c[0]],
-               color=list(COLORS)[c[1]], background=BACKGROUNDS[c[2]])
+               color=color_name(c[1]), background=BACKGROUNDS[c[2]],
+               **({'size': SIZES[c[3]]} if c[3] else {}))
           for i, c in enumerate(combos)]
   with open(os.path.join(folder, 'categories.json'), 'w') as f:
     json.dump(info, f, indent=1)

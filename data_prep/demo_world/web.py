@@ -128,7 +128,7 @@ def generate(out_dir, cfg):
 def _drawn(world, kb, lab):
   bg = world_lib.BACKGROUNDS[world.combos[lab[0]][2]]  # Rendering uses the first's background.
   return dict(objects=[dict(entity=kb[e].qid, shape=world_lib.SHAPES[world.combos[e][0]],
-                            color=list(world_lib.COLORS)[world.combos[e][1]]) for e in lab],
+                            color=world_lib.color_name(world.combos[e][1])) for e in lab],
               background=bg, true=[kb[e].qid for e in lab])
 
 

@@ -1,11 +1,17 @@
 """The demo world: entities as combinations of visual attributes, their names and words.
 
-An entity is a combination shape x foreground colour x background. All combinations are
-shuffled with the seed; the first `num_entities` are the train entities and the next
-`retrieval_categories` are held out for retrieval, so held-out categories are new
-combinations of seen attributes: a model that learns attributes generalises to them, one
+An entity is a combination shape x foreground colour x background x size. All
+combinations are shuffled with the seed; the first `num_entities` are the train entities
+and the next `retrieval_categories` are held out for retrieval, so held-out categories are
+new combinations of seen attributes: a model that learns attributes generalises to them, one
 that memorises entities does not. Every builder draws the world first, so it is the same
 for a seed.
+
+The default world has 8 colours and one size (8 x 8 x 8 = 512 combinations). `num_colors`
+up to 16 adds hues halfway between the first eight (closer colours) and `num_sizes` 3 adds
+small and large objects: up to 3,072 combinations, for worlds of thousands of entities.
+`heldout_first` takes the held-out categories from the front of the shuffle, so worlds of
+every `num_entities` (same seed and grid) hold out the same categories.
 """
 import dataclasses
 
@@ -17,13 +23,24 @@ COLORS = {
     'green': (40, 180, 60), 'cyan': (40, 205, 215), 'blue': (40, 70, 225),
     'purple': (135, 50, 205), 'magenta': (225, 50, 170),
 }
+# Halfway between consecutive COLORS (red-orange, orange-yellow, ..., magenta-red); none can
+# be a generated name (make_names: every syllable starts with a consonant).
+EXTRA_COLORS = {
+    'vermilion': (232, 90, 30), 'amber': (240, 180, 30), 'chartreuse': (140, 200, 50),
+    'teal': (40, 192, 138), 'azure': (40, 138, 220), 'indigo': (88, 60, 215),
+    'violet': (180, 50, 188), 'crimson': (222, 45, 105),
+}
+PALETTE = {**COLORS, **EXTRA_COLORS}
+# Size 0 is the default world's (no word in the description); its radius factor is 1.
+SIZES = ('', 'small', 'large')
+SIZE_SCALE = (1.0, 0.65, 1.3)
 BACKGROUNDS = ('dark', 'light', 'horizontally striped', 'vertically striped', 'checkered',
                'dotted', 'diagonally striped', 'gradient')
 
 
 @dataclasses.dataclass
 class World:
-  """The procedural entities: attribute combos [C, 3] (shape, colour, background indices)."""
+  """The procedural entities: attribute combos [C, 4] (shape, colour, background, size)."""
   combos: np.ndarray       # train entities
   heldout: np.ndarray      # retrieval categories: unseen combinations of seen attributes
   names: list
@@ -33,20 +50,34 @@ class World:
 
 def make_world(rng, cfg):
   """The entity world of `cfg`; both builders draw it first, so it is the same for a seed."""
-  combos = rng.permutation(len(SHAPES) * len(COLORS) * len(BACKGROUNDS))
-  combos = np.stack(np.unravel_index(combos, (len(SHAPES), len(COLORS), len(BACKGROUNDS))), 1)
-  train_combos = combos[:cfg.num_entities]
+  grid = grid_shape(cfg)
+  combos = np.stack(np.unravel_index(rng.permutation(int(np.prod(grid))), grid), 1)
+  held = cfg.retrieval_categories
+  if cfg.heldout_first:
+    heldout, train_combos = combos[:held], combos[held:held + cfg.num_entities]
+  else:
+    train_combos, heldout = combos[:cfg.num_entities], combos[cfg.num_entities:][:held]
   names = make_names(rng, cfg.num_entities)
   qids = [f'Q{1000 + q}' for q in rng.choice(10_000_000, cfg.num_entities, replace=False)]
-  return World(combos=train_combos,
-               heldout=combos[cfg.num_entities:cfg.num_entities + cfg.retrieval_categories],
-               names=names, qids=qids, descriptions=[describe(c) for c in train_combos])
+  return World(combos=train_combos, heldout=heldout, names=names, qids=qids,
+               descriptions=[describe(c) for c in train_combos])
+
+
+def grid_shape(cfg):
+  """(shapes, colours, backgrounds, sizes) of the world's attribute grid."""
+  return (len(SHAPES), cfg.num_colors, len(BACKGROUNDS), cfg.num_sizes)
+
+
+def color_name(index):
+  return list(PALETTE)[index]
 
 
 def describe(combo):
-  shape, color, bg = SHAPES[combo[0]], list(COLORS)[combo[1]], BACKGROUNDS[combo[2]]
-  article = 'an' if color[0] in 'aeiou' else 'a'
-  return f'{article} {color} {shape} on a {bg} background'
+  size = SIZES[combo[3]] if len(combo) > 3 else ''
+  shape, color, bg = SHAPES[combo[0]], color_name(combo[1]), BACKGROUNDS[combo[2]]
+  adjectives = f'{size} {color}' if size else color
+  article = 'an' if adjectives[0] in 'aeiou' else 'a'
+  return f'{article} {adjectives} {shape} on a {bg} background'
 
 
 def draw_labels(rng, cfg):

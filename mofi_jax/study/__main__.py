@@ -1,7 +1,13 @@
-r"""The paper's comparison in miniature: five models, same tower and budget, two seeds.
+r"""The paper's comparisons in miniature, on the synthetic world, built the real way.
 
-  python -m mofi_jax.study --workdir /tmp/mofi_study            # ~25 min on 2 CPU cores
-  python -m mofi_jax.study --workdir /tmp/mofi_study_q --quick  # a few minutes, 1 seed
+  python -m mofi_jax.study --workdir W                       # five recipes, 2 seeds (~25 min)
+  python -m mofi_jax.study --workdir W --sweep entities      # label-space size (< 60 min)
+  python -m mofi_jax.study --workdir W --sweep selection     # CLIP threshold (< 60 min)
+  ... --quick                                                # minutes; checks the machinery
+
+recipes (default): five models, same tower and budget, two seeds (arms.py).
+entities, selection: sweeps.py gives their designs; W/worlds/ holds the worlds, shared by
+the sweeps, and W/<sweep>/ their runs, results.csv, results.md and plots.
 
 Stages: build the data (raw web pairs -> I2E with the Beam pipeline and its
 bootstrap CLIP), train and evaluate every (model, seed), then write
@@ -16,8 +22,9 @@ import time
 import jax
 from absl import logging
 
-from mofi_jax import cli_errors, inference, run_setup, train
-from mofi_jax.study import arms, data, heldout, plots, report
+from mofi_jax import cli_errors, run_setup
+from mofi_jax.study import arms, data, heldout, plots, report, sweep
+from mofi_jax.study.runner import say, train_all
 
 HEADLINE = ['retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1']
 
@@ -26,39 +33,12 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog='python -m mofi_jax.study', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', required=True)
+  p.add_argument('--sweep', choices=('recipes', 'entities', 'selection'), default='recipes')
   p.add_argument('--quick', action='store_true', help='tiny data and few steps')
   p.add_argument('--seeds', type=lambda s: [int(x) for x in s.split(',')], default=None,
                  help='comma-separated, e.g. 0,1,2 (default 0,1)')
   p.add_argument('--steps', type=int, default=None, help='train steps per model')
   return p.parse_args(argv)
-
-
-def say(msg):
-  print(f'[study {time.strftime("%H:%M:%S")}] {msg}', flush=True)
-
-
-def train_all(runs, root):
-  """Trains and evaluates every run; returns [{'arm', 'seed', 'workdir', ...}]."""
-  rows, durations = [], []
-  for i, run in enumerate(runs):
-    workdir = os.path.join(root, 'runs', run.arm, f'seed{run.seed}')
-    eta = (sum(durations) / len(durations) * (len(runs) - i)) if durations else None
-    say(f'model {i + 1}/{len(runs)}: {run.name} - training {run.config.total_steps} steps'
-        + (f' (about {eta / 60:.1f} min left)' if eta else ''))
-    start = time.time()
-    if not _finished(workdir, run.config.total_steps):
-      train.train_and_evaluate(run.config, workdir)
-    durations.append(time.time() - start)
-    jax.set_mesh(None)
-    config_file = os.path.join(workdir, inference.CONFIG_FILE)
-    rows.append(dict(arm=run.arm, seed=run.seed, workdir=workdir, config_file=config_file,
-                     metrics=report.final_metrics(workdir)))
-  return rows
-
-
-def _finished(workdir, total_steps):
-  ckpts = os.path.join(workdir, 'checkpoints', str(total_steps))
-  return os.path.isdir(ckpts) and os.path.exists(os.path.join(workdir, 'eval_results.jsonl'))
 
 
 def write_outputs(root, rows, corpora, header):
@@ -114,6 +94,9 @@ def study(args):
   root = os.path.abspath(args.workdir)
   os.makedirs(root, exist_ok=True)
   _cache_compiles(root)
+  if args.sweep != 'recipes':
+    sweep.run(args.sweep, root, quick=args.quick, seeds=args.seeds, total_steps=args.steps)
+    return
   t0 = time.time()
   # ------------------------------------------------------------------ data
   say('stage 1/3: data (raw web pairs -> pairs corpus, bootstrap CLIP, I2E)')

@@ -41,8 +41,10 @@ class Run:
     return f'{self.arm}/seed{self.seed}'
 
 
-def arm_config(arm, seed, *, corpora, total_steps):
-  """The demo config turned into `arm`, trained on `corpora[spec.corpus]`."""
+def arm_config(arm, seed, *, corpora, total_steps, curve_points=4):
+  """The demo config turned into `arm`, trained on `corpora[spec.corpus]`, evaluated on
+  `corpora['heldout']`: retrieval at `curve_points` + 1 steps, the rest at start and end;
+  curve_points=0: every evaluator at the end only."""
   spec = ARMS[arm]
   c = demo.get_config(spec['mode'])
   c.seed = seed
@@ -55,11 +57,13 @@ def arm_config(arm, seed, *, corpora, total_steps):
   c.input.entity_template = spec.get('template', c.input.entity_template)
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, total_steps // 7))
   c.ckpt.update(every_steps=total_steps, keep=1)
+  c.eval_at_start = curve_points > 0
+  c.log.peak_flops_per_chip = -1.0   # no MFU: a study compares quality, not speed
   for name in list(c.evals.keys()):
     ev = c.evals[name]
-    # The mAP curve gets 5 points; the other evals run at the start and the end only.
-    ev.every_steps = max(1, total_steps // 4) if ev.type == 'gpr1200' else total_steps
-    ev.data_dir = ev.data_dir.replace('{data_dir}', corpora['i2e'])
+    ev.every_steps = (max(1, total_steps // curve_points)
+                      if ev.type == 'gpr1200' and curve_points else total_steps)
+    ev.data_dir = corpora['heldout']
     if ev.get('type') == 'zeroshot' and spec['mode'] == 'supervised':
       del c.evals[name]             # no text tower: nothing to score class names with
   return c
