@@ -238,3 +238,16 @@ def test_sizes_render_at_their_scale():
   scale = world.SIZE_SCALE
   assert small == pytest.approx(default * scale[1] ** 2, rel=0.2)
   assert large == pytest.approx(default * scale[2] ** 2, rel=0.2)
+
+
+def test_held_out_images_are_the_same_at_every_size(tmp_path):
+  """heldout_first: the retrieval folder's bytes do not depend on num_entities."""
+  folders = []
+  for n in (5, 9):
+    out = tmp_path / str(n)
+    out.mkdir()
+    demo_world.direct.generate(str(out), demo_world.resolve_config(dict(
+        SMALL, num_entities=n, num_colors=16, num_sizes=3, heldout_first=True)))
+    folder = out / demo_world.RETRIEVAL_DIR
+    folders.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+  assert folders[0] == folders[1] and len(folders[0]) == 2 * 10 + 1

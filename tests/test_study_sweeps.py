@@ -30,10 +30,16 @@ def test_designs_follow_the_issue(quick):
   assert len(ent.sizes) >= (3 if quick else 4) and len(ent.seeds) == (1 if quick else 2)
   assert set(ent.arms) == {'i2t_clip', 'i2e_clip_name_desc', 'supervised', 'mofi'}
   worlds = [demo_world.resolve_config(ent.world(n)) for n in ent.sizes]
-  # Worlds differ in their number of entities only; every one fits the grid.
-  for w in worlds:
-    assert {k: v for k, v in w.items() if k != 'num_entities'} == {
-        k: v for k, v in worlds[0].items() if k != 'num_entities'}
+  # Worlds differ in their number of entities and bootstrap steps only; every bootstrap CLIP
+  # sees its world's pairs the design's number of times (128 pairs a step), or trains for the
+  # minimum number of steps.
+  varying = ('num_entities', 'bootstrap_steps')
+  for n, w in zip(ent.sizes, worlds):
+    assert {k: v for k, v in w.items() if k not in varying} == {
+        k: v for k, v in worlds[0].items() if k not in varying}
+    epochs = w.bootstrap_steps * 128 / (n * ent.images_per_entity)
+    assert w.bootstrap_steps == ent.min_bootstrap_steps or (
+        ent.bootstrap_epochs <= epochs < ent.bootstrap_epochs + 128 / (n * ent.images_per_entity))
   assert worlds[0].heldout_first and worlds[0].builder == 'i2e'
   thresholds = [c.threshold for c in sel.corpora if c.link_top_k is None]
   assert thresholds[0] == sweeps.ALL_LINKED and thresholds == sorted(thresholds)

@@ -45,7 +45,8 @@ def generate(out_dir, cfg):
   if len({key for key, _ in records}) != len(records):
     raise RuntimeError('synthetic corpus: duplicate image keys (content hash collision).')
   _write_shards(out_dir, [r for _, r in records], cfg.num_shards)
-  render.write_retrieval(rng, os.path.join(out_dir, RETRIEVAL_DIR), heldout_combos, cfg.image_size)
+  render.write_retrieval(world.heldout_rng(rng, cfg), os.path.join(out_dir, RETRIEVAL_DIR),
+                         heldout_combos, cfg.image_size)
   meta = dict(schema_version=schema.SCHEMA_VERSION, num_entities=cfg.num_entities,
               num_train_examples=len(records), num_shards=cfg.num_shards,
               text_len=cfg.text_len, vocab_size=tok.get_vocab_size(),

@@ -110,8 +110,9 @@ def generate(out_dir, cfg):
     for key, lab, truth in zip(keys, labels, truths):  # The key as the corpus holds it.
       f.write(json.dumps(dict(key=f'{PAIRS_DIR}/{key}', **_drawn(world, kb, lab), **truth))
               + '\n')
-  render.write_retrieval(rng, os.path.join(out_dir, config_lib.RETRIEVAL_DIR), world.heldout,
-                            cfg.image_size)
+  render.write_retrieval(world_lib.heldout_rng(rng, cfg),
+                         os.path.join(out_dir, config_lib.RETRIEVAL_DIR), world.heldout,
+                         cfg.image_size)
   kinds = [e.kind for e in kb]
   meta = dict(web_version=WEB_VERSION, synthetic_config=cfg.to_dict(), num_pairs=len(keys),
               num_shards=cfg.num_shards, num_kb_entities=len(kb),

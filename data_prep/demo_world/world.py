@@ -10,8 +10,9 @@ for a seed.
 The default world has 8 colours and one size (8 x 8 x 8 = 512 combinations). `num_colors`
 up to 16 adds hues halfway between the first eight (closer colours) and `num_sizes` 3 adds
 small and large objects: up to 3,072 combinations, for worlds of thousands of entities.
-`heldout_first` takes the held-out categories from the front of the shuffle, so worlds of
-every `num_entities` (same seed and grid) hold out the same categories.
+`heldout_first` takes the held-out categories from the front of the shuffle and renders
+their images from a generator of their own (`heldout_rng`), so worlds of every
+`num_entities` (same seed and grid) hold out the same categories in the same images.
 """
 import dataclasses
 
@@ -61,6 +62,12 @@ def make_world(rng, cfg):
   qids = [f'Q{1000 + q}' for q in rng.choice(10_000_000, cfg.num_entities, replace=False)]
   return World(combos=train_combos, heldout=heldout, names=names, qids=qids,
                descriptions=[describe(c) for c in train_combos])
+
+
+def heldout_rng(rng, cfg):
+  """The generator the held-out images are drawn with: the world's own (the default world,
+  whose images depend on everything drawn before them), or one of their own."""
+  return np.random.default_rng([cfg.seed, 1]) if cfg.heldout_first else rng
 
 
 def grid_shape(cfg):
