@@ -11,8 +11,8 @@ os.environ.setdefault('MOFI_JAX_CACHE', tempfile.mkdtemp(prefix='mofi_jax_cache-
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Under CI=true a skip of a `required` test fails the run (tests/required_tests.py).
-from required_tests import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-    pytest_configure, pytest_runtest_makereport)
+import required_tests  # pylint: disable=g-import-not-at-top,wrong-import-position
+from required_tests import pytest_runtest_makereport  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 # ~130 images of 20 entities: big enough for multi-entity and noisy records, built in < 1 s.
 TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shards=4,
@@ -25,10 +25,17 @@ TINY_CORPUS_CONFIG = dict(seed=1, num_entities=20, images_per_entity=6, num_shar
 TEST_TIMEOUT_S = 1200
 
 
+def pytest_configure(config):
+  required_tests.pytest_configure(config)
+  config.addinivalue_line('markers', 'longest: collected first, so that xdist starts it at '
+                          'once and the other worker runs the rest beside it')
+
+
 def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker('timeout') is None:
       item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
+  items.sort(key=lambda item: item.get_closest_marker('longest') is None)  # stable
 
 
 @pytest.fixture(scope='session')

@@ -95,16 +95,20 @@ def test_csv_markdown_and_plotted_means_equal_a_recount(tmp_path):
 
 # ------------------------------------------------------------------ the quick sweeps, run
 
-@pytest.fixture(scope='module')
-def quick(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('study'))
+@pytest.mark.longest
+@pytest.mark.timeout(2400)   # about 13 min alone on 2 cores; more beside the other tests
+def test_quick_sweeps_end_to_end(tmp_path):
+  """Both quick sweeps from the command line, in one workdir (one test, so that one xdist
+  worker builds the worlds once), then their outputs against a recount."""
+  root = str(tmp_path)
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   for name in ('entities', 'selection'):
     proc = subprocess.run([sys.executable, '-m', 'mofi_jax.study', '--workdir', root,
                            '--sweep', name, '--quick'], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-  return root
+  check_entity_sweep(root)
+  check_selection_sweep(root)
 
 
 def _last_evals(workdir):
@@ -143,7 +147,8 @@ def _folder_bytes(folder):
   return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(f'{folder}/*'))}
 
 
-def test_entity_sweep_rows_are_what_each_world_and_run_wrote(quick):
+def check_entity_sweep(quick):
+  """Rows are what each world and run wrote; one held-out set at every size."""
   design = sweeps.ENTITIES_QUICK
   out = os.path.join(quick, 'entities')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
@@ -188,7 +193,8 @@ def _precision_recall(records, truth):
   return kept_true / kept, found / mentioned
 
 
-def test_selection_sweep_corpora_against_the_ground_truth(quick):
+def check_selection_sweep(quick):
+  """Each corpus's selection figures recounted from its records and the ground truth."""
   design = sweeps.SELECTION_QUICK
   out = os.path.join(quick, 'selection')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
