@@ -5,6 +5,7 @@ corpus (selection). Its runs live under {root}/{sweep}/{point}/runs/{arm}/seed{s
 skips what finished. Results are computed only from what each run wrote
 (eval_results.jsonl) and what each build wrote (stats.json, selection.json).
 """
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -15,6 +16,7 @@ from mofi_jax.study import arms, sweep_plots, sweep_report, sweeps, worlds
 from mofi_jax.study.runner import say, train_all
 
 METRICS = ('retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1')
+BUILD_WORKERS = 2
 CORPUS_KEYS = ('precision', 'recall', 'ambiguous_recall', 'distractors_removed')
 
 
@@ -57,22 +59,29 @@ def _arms(design):
   return design.arms if hasattr(design, 'arms') else (design.arm,)
 
 
+def _in_parallel(fn, items):
+  """[fn(item)], BUILD_WORKERS at a time: each build is a chain of subprocesses, mostly one
+  core each (start-up, compiles, an in-memory Beam runner), so two overlap well."""
+  with concurrent.futures.ThreadPoolExecutor(BUILD_WORKERS) as pool:
+    return list(pool.map(fn, items))
+
+
 def _entity_points(design, root):
-  """(point name, corpora, csv fields) per world size."""
-  for n in design.sizes:
-    world = design.world(n)
-    corpora = worlds.build_world(root, world, log=say)
-    yield worlds.world_name(world), corpora, dict(
+  """(point name, corpora, csv fields) per world size; every world is built first."""
+  built = _in_parallel(lambda n: worlds.build_world(root, design.world(n), log=say),
+                       design.sizes)
+  for n, corpora in zip(design.sizes, built):
+    yield worlds.world_name(design.world(n)), corpora, dict(
         x=n, **_corpus_fields(corpora['i2e'], corpora['selection']))
 
 
 def _selection_points(design, root):
   """(point name, corpora, csv fields) per corpus: the world's pairs and held-out folder,
-  the threshold's I2E corpus."""
+  the threshold's I2E corpus. The world is built first, then every corpus."""
   world = worlds.build_world(root, design.world, log=say)
-  for corpus in design.corpora:
-    folder, selection = worlds.build_selection_corpus(root, world, design.world, corpus,
-                                                      log=say)
+  built = _in_parallel(lambda c: worlds.build_selection_corpus(root, world, design.world, c,
+                                                               log=say), design.corpora)
+  for corpus, (folder, selection) in zip(design.corpora, built):
     corpora = dict(world, i2e=folder)
     yield corpus.name, corpora, dict(
         x=corpus.threshold, link_top_k=corpus.link_top_k or '',
