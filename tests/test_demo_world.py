@@ -251,3 +251,17 @@ def test_held_out_images_are_the_same_at_every_size(tmp_path):
     folder = out / demo_world.RETRIEVAL_DIR
     folders.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
   assert folders[0] == folders[1] and len(folders[0]) == 2 * 10 + 1
+
+
+@pytest.mark.parametrize('text, expected', [('false', False), ('True', True), ('0', False),
+                                            ('yes', True)])
+def test_true_false_flags_read_their_text(text, expected):
+  """--heldout_first False must not read as bool('False'), which is True."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from data_prep.demo_world import web  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser()
+  web.add_config_flags(parser)
+  assert parser.parse_args(['--heldout_first', text]).heldout_first is expected
+  assert parser.parse_args([]).heldout_first is False
+  with pytest.raises(SystemExit):
+    parser.parse_args(['--heldout_first', 'maybe'])

@@ -60,6 +60,7 @@ def _rows(rng):
           metrics['zeroshot/top1'] = float(rng.uniform())
         rows.append(dict(point=f'w{x}', x=x, corpus_entities=x - 1, corpus_images=9 * x,
                          selection_precision=0.9, selection_recall=float(rng.uniform()),
+                         selection_drawn_entities_kept=1 - 1 / x,
                          arm=arm, seed=seed, config_file=f'/r/{x}/{arm}/{seed}.json',
                          workdir='', metrics=metrics))
   return rows
@@ -74,7 +75,10 @@ def test_csv_markdown_and_plotted_means_equal_a_recount(tmp_path):
     assert (b['point'], int(b['x']), b['arm'], int(b['seed'])) == (
         r['point'], r['x'], r['arm'], r['seed'])
     assert float(b['retrieval/map']) == pytest.approx(r['metrics']['retrieval/map'], abs=1e-6)
-    assert b['zeroshot/top1'] == ('' if r['arm'] == 'supervised' else b['zeroshot/top1'])
+    if r['arm'] == 'supervised':
+      assert b['zeroshot/top1'] == ''
+    else:
+      assert float(b['zeroshot/top1']) == pytest.approx(r['metrics']['zeroshot/top1'], abs=1e-6)
   groups = collections.defaultdict(list)
   for b in back:
     if b['zeroshot/top1']:
@@ -82,7 +86,7 @@ def test_csv_markdown_and_plotted_means_equal_a_recount(tmp_path):
   series = sweep_plots.entity_curves(str(tmp_path / 'c.png'), rows, METRICS)
   assert os.path.getsize(tmp_path / 'c.png') > 10_000
   assert set(series) == {'retrieval/map', 'zeroshot/top1', 'corpus'}
-  assert series['corpus']['entities kept / world'] == [(x - 1) / x for x in (10, 100, 1000)]
+  assert series['corpus']['drawn_entities_kept'] == [1 - 1 / x for x in (10, 100, 1000)]
   assert [(p[0], p[1]) for p in series['zeroshot/top1']['mofi']] == [
       (x, pytest.approx(statistics.fmean(v), abs=1e-6)) for x, v in sorted(groups.items())]
   sweep_report.write_markdown(tmp_path / 'results.md', 'entities', sweeps.ENTITIES, rows,
@@ -101,11 +105,14 @@ def test_quick_sweeps_end_to_end(tmp_path):
   """Both quick sweeps from the command line, in one workdir (one test, so that one xdist
   worker builds the worlds once), then their outputs against a recount."""
   root = str(tmp_path)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  # One CPU device, as a user's run has (the suite simulates 8).
+  xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                       if not f.startswith('--xla_force_host_platform_device_count'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags)
   for name in ('entities', 'selection'):
     proc = subprocess.run([sys.executable, '-m', 'mofi_jax.study', '--workdir', root,
                            '--sweep', name, '--quick'], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1150)
     assert proc.returncode == 0, proc.stderr[-3000:]
   check_entity_sweep(root)
   check_selection_sweep(root)
@@ -127,8 +134,10 @@ def _last_evals(workdir):
 
 
 def _check_rows_against_runs(rows, out):
+  """Each row's metrics are its run's last evals, and the run trained on the row's corpus
+  (row['_corpus'], or the world's pairs for I2T CLIP) with the row's seed."""
   for row in rows:
-    workdir = os.path.join(out, row['point'], 'runs', row['arm'], f'seed{row["seed"]}')
+    workdir = os.path.join(out, row['_runs'], 'runs', row['arm'], f'seed{row["seed"]}')
     evals = _last_evals(workdir)
     for m in METRICS:
       if m in evals:
@@ -139,7 +148,10 @@ def _check_rows_against_runs(rows, out):
       config = json.load(f)
     with open(os.path.join(out, row['config'])) as f:   # the copy results are published with
       assert json.load(f) == config
-    assert config['input']['data_dir'].endswith('/pairs') == (row['arm'] == 'i2t_clip')
+    assert config['seed'] == config['input']['seed'] == int(row['seed'])
+    pairs = os.path.join(row['_heldout'], '..', 'i2e_build', 'pairs')
+    expected = pairs if row['arm'] == 'i2t_clip' else row['_corpus']
+    assert os.path.realpath(config['input']['data_dir']) == os.path.realpath(expected)
     assert {e['data_dir'] for e in config['evals'].values()} == {row['_heldout']}
 
 
@@ -147,16 +159,16 @@ def _folder_bytes(folder):
   return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(f'{folder}/*'))}
 
 
-def check_entity_sweep(quick):
+def check_entity_sweep(root):
   """Rows are what each world and run wrote; one held-out set at every size."""
   design = sweeps.ENTITIES_QUICK
-  out = os.path.join(quick, 'entities')
+  out = os.path.join(root, 'entities')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
   assert [(int(r['x']), r['arm']) for r in rows] == [
       (n, a) for n in design.sizes for _ in design.seeds for a in design.arms]
   heldout = None
   for row in rows:
-    world = os.path.join(quick, 'worlds', row['point'])
+    world = os.path.join(root, 'worlds', row['point'])
     with open(os.path.join(world, 'corpus.json')) as f:
       meta = json.load(f)
     assert (int(row['corpus_entities']), int(row['corpus_images'])) == (
@@ -169,7 +181,7 @@ def check_entity_sweep(quick):
                                                                        'entities.jsonl'))}
     held = {c['description'] for c in json.loads(folder['categories.json'])}
     assert len(held) == 40 and not trained & held
-    row['_heldout'] = os.path.join(world, 'retrieval')
+    row.update(_heldout=os.path.join(world, 'retrieval'), _corpus=world, _runs=row['point'])
   _check_rows_against_runs(rows, out)
   assert os.path.getsize(os.path.join(out, 'entities_curves.png')) > 10_000
 
@@ -193,26 +205,27 @@ def _precision_recall(records, truth):
   return kept_true / kept, found / mentioned
 
 
-def check_selection_sweep(quick):
+def check_selection_sweep(root):
   """Each corpus's selection figures recounted from its records and the ground truth."""
   design = sweeps.SELECTION_QUICK
-  out = os.path.join(quick, 'selection')
+  out = os.path.join(root, 'selection')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
   assert [r['point'] for r in rows] == [c.name for c in design.corpora for _ in design.seeds]
-  world = os.path.join(quick, 'worlds', f'entities{design.world["num_entities"]}_ipe'
+  world = os.path.join(root, 'worlds', f'entities{design.world["num_entities"]}_ipe'
                                         f'{design.world["images_per_entity"]}')
   with open(os.path.join(world, 'i2e_build', 'web', 'ground_truth.jsonl')) as f:
     truth = {t['key']: t for t in map(json.loads, f)}
   kept = {}
   for row in rows:
     corpus = (world if row['point'] == f'clip_{demo_world.default_config().clip_threshold:g}'
-              else os.path.join(quick, 'corpora', os.path.basename(world), row['point']))
+              else os.path.join(root, 'corpora', os.path.basename(world), row['point']))
     kept[row['point']] = records = _records(corpus)
     assert len(records) == int(row['corpus_images'])
     precision, recall = _precision_recall(records, truth)
     assert float(row['selection_precision']) == pytest.approx(precision, abs=1e-4)
     assert float(row['selection_recall']) == pytest.approx(recall, abs=1e-4)
-    row['_heldout'] = os.path.join(world, 'retrieval')
+    row.update(_heldout=os.path.join(world, 'retrieval'), _corpus=corpus,
+               _runs=os.path.join(os.path.basename(world), row['point']))
   _check_rows_against_runs(rows, out)
   # One CLIP, one choice per mention: a stricter threshold keeps a subset of each image's
   # entities, and keeping every linked mention is the least precise of them.
@@ -222,7 +235,7 @@ def check_selection_sweep(quick):
   precision = {r['point']: float(r['selection_precision']) for r in rows}
   assert precision[clip[0]] < max(precision[c] for c in clip[1:])
   # The text-only linker had one candidate per mention to choose from.
-  table = pq.read_table(os.path.join(quick, 'corpora', os.path.basename(world), 'text_top1',
+  table = pq.read_table(os.path.join(root, 'corpora', os.path.basename(world), 'text_top1',
                                      'metadata')).to_pylist()
   assert table and all(len(m['entity_ids']) == 1 for r in table for m in r['mentions'])
   assert os.path.getsize(os.path.join(out, 'selection_curves.png')) > 10_000

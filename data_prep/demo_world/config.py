@@ -51,12 +51,13 @@ def resolve_config(cfg=None):
 
 # Fields added after generator 4 with defaults that draw the same world: recorded only when
 # set otherwise, so that corpora made before them stay valid.
-_LATER_FIELDS = dict(num_colors=8, num_sizes=1, heldout_first=False)
+_LATER_FIELDS = ('num_colors', 'num_sizes', 'heldout_first')
 
 
 def meta_stamp(cfg):
   """What corpus.json records of the world, so that a stale corpus is detected."""
+  defaults = default_config()
   fields = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
-            if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+            if not (k in _LATER_FIELDS and v == defaults[k])}
   return dict(source='synthetic', generator_version=GENERATOR_VERSION,
               synthetic_config=fields)

@@ -114,7 +114,8 @@ def generate(out_dir, cfg):
                          os.path.join(out_dir, config_lib.RETRIEVAL_DIR), world.heldout,
                          cfg.image_size)
   kinds = [e.kind for e in kb]
-  meta = dict(web_version=WEB_VERSION, synthetic_config=cfg.to_dict(), num_pairs=len(keys),
+  meta = dict(web_version=WEB_VERSION, num_pairs=len(keys),
+              synthetic_config=config_lib.meta_stamp(cfg)['synthetic_config'],
               num_shards=cfg.num_shards, num_kb_entities=len(kb),
               num_non_visual=len(web_kb.non_visual_items(kb)),
               **{f'num_{k}': kinds.count(k) for k in ('drawable', 'place', 'person')},
@@ -254,9 +255,18 @@ def _add(tar, name, data):
 
 
 def add_config_flags(parser):
-  """One flag per field of config_lib.default_config()."""
+  """One flag per field of config_lib.default_config(); true/false ones read 'true'/'false'."""
   for key, value in config_lib.default_config().items():
-    parser.add_argument(f'--{key}', type=type(value), default=value)
+    parser.add_argument(f'--{key}', type=_flag_bool if isinstance(value, bool) else type(value),
+                        default=value)
+
+
+def _flag_bool(text):
+  value = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}.get(
+      text.strip().lower())
+  if value is None:
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+  return value
 
 
 def main(argv=None):

@@ -31,14 +31,15 @@ def build(root, *, quick=False, log=print):
     if not os.path.isdir(path):
       raise FileNotFoundError(f'study data: {name} folder {path} is missing; delete '
                               f'{root} and re-run to rebuild it.')
-  stats = _stats(corpus)
+  stats = read_stats(corpus)
   log(f'data: {stats.get("inputs")} raw pairs -> {stats.get("written")} I2E images, '
       f'{len(schema.load_entities(corpus))} entities; selection '
       f'{json.dumps(stats.get(i2e_build.SELECTION_KEY, {}))}')
   return corpora
 
 
-def _stats(corpus):
+def read_stats(corpus):
+  """The corpus's stats.json ({} without one)."""
   path = os.path.join(corpus, 'stats.json')
   if not os.path.exists(path):
     return {}
@@ -48,7 +49,7 @@ def _stats(corpus):
 
 def describe(corpora, runs, seconds):
   """The header of results.md: what was compared, on what, how long it took."""
-  stats = _stats(corpora['i2e'])
+  stats = read_stats(corpora['i2e'])
   meta = schema.load_corpus_meta(corpora['i2e'])
   pairs_meta = schema.load_corpus_meta(corpora['pairs'])
   c = runs[0].config

@@ -1,8 +1,8 @@
 """The two sweeps, end to end: worlds (or corpora), runs, then results.csv, results.md and plots.
 
 Each point of a sweep is one corpus: a world of N entities (entities) or one threshold's
-corpus (selection). Its runs live under {root}/{sweep}/{point}/runs/{arm}/seed{s}; a re-run
-skips what finished. Results are computed only from what each run wrote
+corpus of one world (selection). Its runs live under {root}/entities/{world}/runs/{arm}/seed{s}
+or {root}/selection/{world}/{corpus}/runs/...; a re-run skips what finished. Results are computed only from what each run wrote
 (eval_results.jsonl) and what each build wrote (stats.json, selection.json).
 """
 import concurrent.futures
@@ -17,11 +17,13 @@ from mofi_jax.study.runner import say, train_all
 
 METRICS = ('retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1')
 BUILD_WORKERS = 2
-CORPUS_KEYS = ('precision', 'recall', 'ambiguous_recall', 'distractors_removed')
+CORPUS_KEYS = ('precision', 'recall', 'ambiguous_recall', 'distractors_removed',
+               'drawn_entities_kept')
 
 
 def run(name, root, *, quick=False, seeds=None, total_steps=None):
-  """Runs sweep `name` ('entities' | 'selection') under `root`; returns the results folder."""
+  """Runs sweep `name` ('entities' | 'selection') under `root`; returns (the results folder,
+  the plotted series)."""
   t0 = time.time()
   out = os.path.join(root, name)
   design = sweeps.entities(quick) if name == 'entities' else sweeps.selection(quick)
@@ -29,13 +31,13 @@ def run(name, root, *, quick=False, seeds=None, total_steps=None):
                                total_steps=total_steps or design.total_steps)
   points = _entity_points if name == 'entities' else _selection_points
   rows = []
-  for point, corpora, info in points(design, root):
+  for point, run_root, corpora, info in points(design, root):
     runs = [arms.Run(arm, seed, arms.arm_config(arm, seed, corpora=corpora,
                                                 total_steps=design.total_steps,
                                                 curve_points=0))
-            for seed in design.seeds for arm in _arms(design)]
+            for seed in design.seeds for arm in design.arms]
     say(f'{name} sweep, point {point}: {len(runs)} runs')
-    for row in train_all(runs, os.path.join(out, point)):
+    for row in train_all(runs, os.path.join(out, run_root)):
       rows.append(dict(row, point=point, config_file=_keep_config(out, point, row), **info))
   say(f'{name} sweep: writing results.csv, results.md and plots into {out}')
   sweep_report.write_csv(os.path.join(out, sweep_report.CSV), rows)
@@ -55,10 +57,6 @@ def _keep_config(out, point, row):
   return name
 
 
-def _arms(design):
-  return design.arms if hasattr(design, 'arms') else (design.arm,)
-
-
 def _in_parallel(fn, items):
   """[fn(item)], BUILD_WORKERS at a time: each build is a chain of subprocesses, mostly one
   core each (start-up, compiles, an in-memory Beam runner), so two overlap well."""
@@ -67,11 +65,14 @@ def _in_parallel(fn, items):
 
 
 def _entity_points(design, root):
-  """(point name, corpora, csv fields) per world size; every world is built first."""
-  built = _in_parallel(lambda n: worlds.build_world(root, design.world(n), log=say),
-                       design.sizes)
-  for n, corpora in zip(design.sizes, built):
-    yield worlds.world_name(design.world(n)), corpora, dict(
+  """(point name, its runs' folder, corpora, csv fields) per world size; every world is
+  built first, the largest first (it takes longest)."""
+  order = sorted(design.sizes, reverse=True)
+  built = dict(zip(order, _in_parallel(
+      lambda n: worlds.build_world(root, design.world(n), log=say), order)))
+  for n in design.sizes:
+    name, corpora = worlds.world_name(design.world(n)), built[n]
+    yield name, name, corpora, dict(
         x=n, **_corpus_fields(corpora['i2e'], corpora['selection']))
 
 
@@ -81,11 +82,12 @@ def _selection_points(design, root):
   world = worlds.build_world(root, design.world, log=say)
   built = _in_parallel(lambda c: worlds.build_selection_corpus(root, world, design.world, c,
                                                                log=say), design.corpora)
+  world_name = worlds.world_name(design.world)
   for corpus, (folder, selection) in zip(design.corpora, built):
-    corpora = dict(world, i2e=folder)
-    yield corpus.name, corpora, dict(
-        x=corpus.threshold, link_top_k=corpus.link_top_k or '',
-        **_corpus_fields(folder, selection))
+    # x: the threshold; none for the text-only linker, which thresholds nothing.
+    yield corpus.name, os.path.join(world_name, corpus.name), dict(world, i2e=folder), dict(
+        x=None if corpus.link_top_k else corpus.threshold,
+        link_top_k=corpus.link_top_k or '', **_corpus_fields(folder, selection))
 
 
 def _corpus_fields(corpus, selection):

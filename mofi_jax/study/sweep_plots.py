@@ -72,11 +72,10 @@ def entity_curves(path, rows, metrics):
 
 
 def _corpus_panel(ax, rows):
-  first = {r['point']: r for r in rows}
-  x = [first[p]['x'] for p in first]
-  series = {k.replace('selection_', ''): [first[p].get(k) for p in first]
-            for k in CORPUS_METRICS}
-  series['entities kept / world'] = [first[p]['corpus_entities'] / first[p]['x'] for p in first]
+  by_point = {r['point']: r for r in rows}   # the corpus fields are the same in each row
+  x = [r['x'] for r in by_point.values()]
+  series = {k.replace('selection_', ''): [r.get(k) for r in by_point.values()]
+            for k in CORPUS_METRICS + ('selection_drawn_entities_kept',)}
   for label, v in series.items():
     ax.plot(x, [np.nan if y is None else y for y in v], marker='o', label=label)
   ax.set(xscale='log', xlabel='entities in the world (log)', title='each world\'s I2E corpus')

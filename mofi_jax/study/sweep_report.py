@@ -10,7 +10,7 @@ from mofi_jax.study import sweep_plots
 CSV = 'results.csv'
 POINT_KEYS = ('point', 'x', 'link_top_k', 'corpus_entities', 'corpus_images',
               'selection_precision', 'selection_recall', 'selection_ambiguous_recall',
-              'selection_distractors_removed')
+              'selection_distractors_removed', 'selection_drawn_entities_kept')
 
 
 def write_csv(path, rows):
@@ -67,7 +67,8 @@ def write_markdown(path, name, design, rows, metrics, *, minutes):
            'selection recall |', '|---|---|---|---|---|---|']
   for p in points:
     r = first[p]
-    lines.append(f'| {p} | {r["x"]:g} | {r["corpus_entities"]} | {r["corpus_images"]} | '
+    x = 'none' if r['x'] is None else 'all linked' if r['x'] <= -1e8 else f'{r["x"]:g}'
+    lines.append(f'| {p} | {x} | {r["corpus_entities"]} | {r["corpus_images"]} | '
                  f'{_num(r.get("selection_precision"))} | {_num(r.get("selection_recall"))} |')
   lines += ['', '| point | model | ' + ' | '.join(metrics) + ' |',
             '|---|---|' + '---|' * len(metrics)]

@@ -1,8 +1,9 @@
 """The two sweeps' designs, fixed before their first full run (issue 35).
 
 entities   Worlds of growing label space at a fixed number of images per entity, each
-           built by the real I2E pipeline with its own bootstrap CLIP (trained for the same
-           number of epochs of the world's pairs, at least min_bootstrap_steps), selecting
+           built by the real I2E pipeline with its own bootstrap CLIP (trained for
+           bootstrap_epochs passes over the world's pairs, or min_bootstrap_steps where that
+           is more: 7.1 passes at 150 entities, 2.7 at 400, 2 from 1,000 up), selecting
            at the demo world's threshold. Four recipes, two
            seeds, one compute budget (steps x batch) per run. The attribute grid is the
            same at every size (8 shapes x 16 colours x 8 backgrounds x 3 sizes = 3,072
@@ -64,6 +65,10 @@ class SelectionSweep:
   arm: str
   seeds: Tuple[int, ...]
   total_steps: int
+
+  @property
+  def arms(self):
+    return (self.arm,)
 
 
 RECIPES = ('i2t_clip', 'i2e_clip_name_desc', 'supervised', 'mofi')
