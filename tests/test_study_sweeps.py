@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from data_prep import demo_world
-from mofi_jax.study import sweep_plots, sweep_report, sweeps
+from mofi_jax.study import sweep_plots, sweep_report, sweeps, worlds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ('retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1')
@@ -240,3 +240,22 @@ def check_selection_sweep(root):
   assert table and all(len(m['entity_ids']) == 1 for r in table for m in r['mentions'])
   assert os.path.getsize(os.path.join(out, 'selection_curves.png')) > 10_000
   assert not math.isnan(precision['text_top1'])
+
+
+def test_a_corpus_from_another_build_of_the_world_is_refused(tmp_path):
+  design = sweeps.SELECTION_QUICK
+  world = tmp_path / 'worlds' / 'w'
+  world.mkdir(parents=True)
+  (world / 'entities.jsonl').write_text('{"id": "Q1"}\n')
+  (world / 'tokenizer.json').write_text('{}')
+  corpus = design.corpora[0]
+  out = tmp_path / 'corpora' / worlds.world_name(design.world) / corpus.name
+  out.mkdir(parents=True)
+  paths = dict(i2e=str(world), selection={})
+  (out / worlds.SELECTION_FILE).write_text(json.dumps(
+      dict(precision=0.5, world_fingerprint=worlds.world_fingerprint(str(world)))))
+  folder, metrics = worlds.build_selection_corpus(str(tmp_path), paths, design.world, corpus)
+  assert folder == str(out) and metrics['precision'] == 0.5      # the same build: reused
+  (world / 'entities.jsonl').write_text('{"id": "Q2"}\n')          # the world was rebuilt
+  with pytest.raises(Exception, match=f'{out}: built from another build of the world'):
+    worlds.build_selection_corpus(str(tmp_path), paths, design.world, corpus)
