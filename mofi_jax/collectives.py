@@ -18,6 +18,12 @@ generic `async-start` wraps a computation whose own collective line is read). Fo
            shards), all-reduce 2 (n-1)/n x payload (a reduce-scatter then an all-gather),
            all-to-all (n-1)/n x payload, collective-permute the payload.
 
+ICI time (`ici_seconds`): the group's devices span some dimensions of the slice's torus; a
+ring runs over each spanned dimension at once, using 2 links a chip (both directions) where
+the dimension wraps and the group covers it whole, 1 where it is a line (a sub-ring, or a
+slice without wraparound). A permute sends its payload over one link. Latency is not
+modelled: at these sizes (MBs per collective) bandwidth dominates.
+
 A loop body's collectives appear once in the text, as its FLOPs do in XLA's cost analysis:
 step_analysis counts them from unrolled, shallow compiles and extrapolates by depth.
 """
@@ -111,3 +117,19 @@ def _groups(inst, kind):
   m = _EXPLICIT.search(inst)
   groups = re.findall(r'\{([\d,]*)\}', m.group(1)) if m else []
   return tuple(tuple(int(i) for i in g.split(',') if i) for g in groups) or ((),)
+
+
+def ici_seconds(collective, coords, chip, shape):
+  """Seconds one device spends sending `collective`'s bytes over ICI (module docstring).
+
+  coords: {device id: torus coordinates}; chip: tpu_specs.Chip; shape: the slice's shape.
+  """
+  if collective.kind == 'collective-permute':
+    return collective.payload / chip.ici_link_bytes_per_s
+  points = np.array([coords[d][:len(shape)] for d in collective.groups[0]])
+  links = 0
+  for dim, size in enumerate(shape):
+    extent = len(set(points[:, dim].tolist()))
+    if extent > 1:
+      links += 2 if chip.wraps(size) and extent == size else 1
+  return collective.sent / (links * chip.ici_link_bytes_per_s) if links else 0.0

@@ -7,7 +7,14 @@ so `v4-128` is 64 chips (4x4x4), while v5e and v6e names count chips.
 
 Chip figures: peak dense bf16 FLOP/s and HBM bandwidth are Google Cloud's
 published per-chip numbers; host vCPUs are those of the 4-chip TPU VM machine
-types (ct4p-hightpu-4t, ct5lp-hightpu-4t, ct5p-hightpu-4t, ct6e-standard-4t). HBM is what the TPU compiler lets a program use,
+types (ct4p-hightpu-4t, ct5lp-hightpu-4t, ct5p-hightpu-4t, ct6e-standard-4t). ICI: one link's bandwidth in one
+direction, from each generation's Cloud TPU page: v5e 400 GB/s and v6e 800 GB/s
+bidirectional per chip over 4 ports, v5p 1,200 GB/s bidirectional per chip over 6 ports
+(3D torus), so 50, 100 and 100 GB/s a link a direction; v4's page gives no per-chip figure,
+only 1.1 PB/s all-reduce bandwidth per 4,096-chip pod, 269 GB/s one way per chip (the same
+ratio gives v5e's 200 and v6e's 400), so 45 GB/s over its 6 ports. Wraparound: a v5e or v6e
+slice is a torus only at the full 16x16 pod; a v4 or v5p slice dimension wraps when it is a
+multiple of 4 (whole cubes). HBM is what the TPU compiler lets a program use,
 as libtpu 0.0.42 reports it when a compile runs out ("exceeds available HBM
 (15.75G)" on v5e): a little under the nominal 16/32/95/32 GiB.
 """
@@ -30,13 +37,20 @@ class Chip:
   chip_config: str        # 'megacore': two TensorCores act as one device
   cores_per_chip: int     # what the Cloud slice name counts per chip
   host_vcpus: int         # vCPUs of the 4-chip TPU VM host that feeds input
+  ici_link_bytes_per_s: float   # one ICI link, one direction (module docstring)
+
+  def wraps(self, size):
+    """Whether a slice dimension of `size` chips has a wraparound link (module docstring)."""
+    return size > 2 and (size == 16 if self.ndims == 2 else size % 4 == 0)
 
 
 CHIPS = {
-    'v4': Chip('v4', 'v4', int(30.75 * GiB), 275e12, 1.2e12, 3, 'megacore', 2, 240),
-    'v5e': Chip('v5e', 'v5e', int(15.75 * GiB), 197e12, 0.819e12, 2, 'default', 1, 112),
-    'v5p': Chip('v5p', 'v5p', int(95.74 * GiB), 459e12, 2.765e12, 3, 'megacore', 2, 208),
-    'v6e': Chip('v6e', 'v6e', int(31.25 * GiB), 918e12, 1.64e12, 2, 'default', 1, 180),
+    'v4': Chip('v4', 'v4', int(30.75 * GiB), 275e12, 1.2e12, 3, 'megacore', 2, 240,
+               1.1e15 / 4096 / 6),
+    'v5e': Chip('v5e', 'v5e', int(15.75 * GiB), 197e12, 0.819e12, 2, 'default', 1, 112, 50e9),
+    'v5p': Chip('v5p', 'v5p', int(95.74 * GiB), 459e12, 2.765e12, 3, 'megacore', 2, 208,
+                100e9),
+    'v6e': Chip('v6e', 'v6e', int(31.25 * GiB), 918e12, 1.64e12, 2, 'default', 1, 180, 100e9),
 }
 ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v5': 'v5p', 'v4p': 'v4'}
 

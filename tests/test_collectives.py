@@ -97,3 +97,33 @@ def test_a_v5e_2x4_compile_moves_the_same_bytes():
           ('all-to-all', block, model), ('collective-permute', block, ring)} <= found
   assert (('reduce-scatter', block // 4, model) in found) != (
       ('all-reduce', block, model) in found)
+
+
+def _grid(shape):
+  """{device id: coords} of a 2D slice, ids in x-major order as libtpu numbers them."""
+  return {x + shape[0] * y: (x, y) for y in range(shape[1]) for x in range(shape[0])}
+
+
+@pytest.mark.parametrize('group, links', [
+    ([x for x in range(16)], 2),                       # a whole wrapped row: both directions
+    ([x for x in range(4)], 1),                        # a sub-ring of the row is a line
+    ([16 * y for y in range(16)], 2),                  # a whole column
+    (list(range(256)), 4),                             # every chip: both dimensions
+    ([x + 16 * y for x in range(2) for y in range(2)], 2),   # a 2x2 block: two lines
+])
+def test_ici_time_over_a_v5e_pod(group, links):
+  chip = tpu_specs.CHIPS['v5e']
+  c = collectives.Collective('ag', 'all-gather', 2 ** 20 * len(group), (tuple(group),))
+  sent = 2 ** 20 * (len(group) - 1)                    # (n-1)/n of the gathered array
+  seconds = collectives.ici_seconds(c, _grid((16, 16)), chip, (16, 16))
+  assert seconds == pytest.approx(sent / (links * 50e9))
+
+
+def test_ici_time_on_a_slice_without_wraparound():
+  """v5e:4x4 is a mesh: a whole row is still a line."""
+  chip = tpu_specs.CHIPS['v5e']
+  c = collectives.Collective('ar', 'all-reduce', 4096, ((0, 1, 2, 3),))
+  assert collectives.ici_seconds(c, _grid((4, 4)), chip, (4, 4)) == pytest.approx(
+      2 * 4096 * 3 / 4 / 50e9)
+  permute = collectives.Collective('cp', 'collective-permute', 4096, ((0, 1), (1, 0)))
+  assert collectives.ici_seconds(permute, _grid((4, 4)), chip, (4, 4)) == 4096 / 50e9
