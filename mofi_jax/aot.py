@@ -107,24 +107,26 @@ def analyse(config, topology, min_headroom=0.10, with_cost=True, label=''):
                 headroom=headroom, fits=headroom >= min_headroom)
   # The cost compiles take longer than the one above: only for a step that fits.
   if with_cost and report['fits']:
-    report.update(_cost_report(config, mesh, topology, report['topology']['hosts']))
+    report.update(_cost_report(config, mesh, topology, devices, report['topology']['hosts']))
   return report
 
 
-def _cost_report(config, mesh, topology, hosts):
+def _cost_report(config, mesh, topology, devices, hosts):
   t = time.perf_counter()
-  cost = step_analysis.step_cost(config, mesh)
+  cost = step_analysis.step_cost(config, mesh,
+                                 links=step_analysis.IciModel.of(devices, topology))
   chip = topology.chip
   step = step_analysis.StepTime.roofline(cost, chip.peak_bf16_flops,
                                          chip.hbm_bytes_per_s)
   model_flops = step_analysis.model_flops(config)
+  mfu = lambda seconds: model_flops / topology.num_chips / (seconds * chip.peak_bf16_flops)
   images_per_s = config.input.batch_size / step.seconds
   return dict(
-      cost=dict(flops=cost.flops, bytes=cost.bytes,
+      cost=dict(flops=cost.flops, bytes=cost.bytes, collective_bytes_sent=cost.sent,
                 method='depth-1/2 unrolled compiles, extrapolated per layer'),
       cost_compile_s=time.perf_counter() - t,
       step_time=dataclasses.asdict(step), model_flops=model_flops,
-      mfu=model_flops / topology.num_chips / (step.seconds * chip.peak_bf16_flops),
+      mfu=mfu(step.seconds), mfu_serial=mfu(step.serial_s),
       images_per_s=images_per_s, images_per_s_per_host=images_per_s / hosts)
 
 
@@ -155,13 +157,16 @@ def format_report(r):
     s = r['step_time']
     lines += [
         f'per chip cost: {r["cost"]["flops"]:.3e} FLOP, {r["cost"]["bytes"]:.3e} '
-        f'HBM bytes ({r["cost"]["method"]})',
-        f'step time (roofline; the compiler gives no time): max(compute '
-        f'{s["compute_s"]:.3f} s, HBM {s["hbm_s"]:.3f} s) = {s["seconds"]:.3f} s, '
-        f'{s["bound"]}-bound',
+        f'HBM bytes, {r["cost"]["collective_bytes_sent"]:.3e} bytes sent in collectives '
+        f'({r["cost"]["method"]})',
+        f'step time (the compiler gives no time): compute {s["compute_s"]:.3f} s, HBM '
+        f'{s["hbm_s"]:.3f} s, ICI {s["ici_s"]:.3f} s; overlapped max(...) = '
+        f'{s["seconds"]:.3f} s ({s["bound"]}-bound), serial max(compute, HBM) + ICI = '
+        f'{s["serial_s"]:.3f} s',
         f'throughput: {r["images_per_s"]:,.0f} images/s, '
         f'{r["images_per_s_per_host"]:,.0f} per host',
-        f'MFU: {r["mfu"]:.3f} (model FLOPs {r["model_flops"]:.3e}/step: 3x '
+        f'MFU: {r["mfu"]:.3f} overlapped, {r["mfu_serial"]:.3f} serial (model FLOPs '
+        f'{r["model_flops"]:.3e}/step: 3x '
         f'forward matmuls, no remat, over {topo["chips"]} x '
         f'{r["chip"]["peak_bf16_flops"]:.3g} bf16 FLOP/s)']
   return '\n'.join(lines)

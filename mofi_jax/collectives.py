@@ -66,8 +66,10 @@ class Collective:
 
 
 def parse(hlo_text, num_devices=None):
-  """[Collective] of every collective instruction in `hlo_text`, in text order; empty
-  replica groups (one group of every device) need `num_devices`."""
+  """[Collective] of every collective instruction in `hlo_text`, in text order. Empty
+  replica groups are one group of every device: `num_devices`, or the module header's
+  num_partitions x replica_count."""
+  num_devices = num_devices or _header_devices(hlo_text)
   out = []
   for inst in kernel_cost.INSTRUCTION.split(hlo_text):
     m = _OP.match(inst)
@@ -77,10 +79,21 @@ def parse(hlo_text, num_devices=None):
     groups = _groups(inst, kind)
     if groups == ((),):
       if num_devices is None:
-        raise ValueError(f'{name}: replica_groups={{}} means every device; pass num_devices')
+        raise ValueError(f'{name}: replica_groups={{}} means every device, and the text '
+                         'has no module header to count them; pass num_devices')
       groups = (tuple(range(num_devices)),)
     out.append(Collective(name, kind, _payload(result, kind, bool(is_async)), groups))
   return out
+
+
+def _header_devices(hlo_text):
+  header = hlo_text[:hlo_text.find('\n')]
+  partitions = re.search(r'num_partitions=(\d+)', header)
+  replicas = re.search(r'replica_count=(\d+)', header)
+  if not (partitions or replicas):
+    return None
+  return int(partitions.group(1) if partitions else 1) * int(replicas.group(1) if replicas
+                                                            else 1)
 
 
 def _arrays(result):

@@ -11,7 +11,7 @@ import re
 import flax.linen as nn
 import jax
 
-from mofi_jax import kernel_cost, run_setup, sharding, trainer
+from mofi_jax import collectives, kernel_cost, run_setup, sharding, trainer
 from mofi_jax.models import mofi
 
 # A tile as large as any class shard: the cost compiles walk it in one step.
@@ -86,25 +86,56 @@ class Memory:
 @dataclasses.dataclass(frozen=True)
 class Cost:
   """Per-device FLOPs and HBM bytes accessed: XLA's cost_analysis, plus what it
-  leaves out of the Pallas kernels (kernel_cost)."""
+  leaves out of the Pallas kernels (kernel_cost); and the bytes a device sends in
+  collectives and the seconds they take on ICI (collectives.py; 0 without a link model)."""
   flops: float
   bytes: float
+  sent: float = 0.0
+  ici_s: float = 0.0
 
   @classmethod
-  def of(cls, compiled):
+  def of(cls, compiled, links=None):
+    """links: an `IciModel` of the slice, or None (collective bytes only)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    text = compiled.as_text()
     xla = cls(float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0)))
-    return xla + cls(*kernel_cost.uncounted(compiled.as_text()))
+    found = collectives.parse(text, num_devices=links.num_devices if links else None)
+    sent = float(sum(c.sent for c in found))
+    ici_s = float(sum(links.seconds(c) for c in found)) if links else 0.0
+    return xla + cls(*kernel_cost.uncounted(text)) + cls(0.0, 0.0, sent, ici_s)
+
+  def _map(self, other, op):
+    return Cost(*(op(a, b) for a, b in zip(dataclasses.astuple(self),
+                                           dataclasses.astuple(other))))
 
   def __add__(self, other):
-    return Cost(self.flops + other.flops, self.bytes + other.bytes)
+    return self._map(other, lambda a, b: a + b)
 
   def __sub__(self, other):
-    return Cost(self.flops - other.flops, self.bytes - other.bytes)
+    return self._map(other, lambda a, b: a - b)
 
   def __mul__(self, k):
-    return Cost(self.flops * k, self.bytes * k)
+    return Cost(*(a * k for a in dataclasses.astuple(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class IciModel:
+  """A slice's devices on its torus: each collective's ICI seconds (collectives.ici_seconds)."""
+  coords: dict             # device id -> torus coordinates
+  chip: object             # tpu_specs.Chip
+  shape: tuple             # the slice's shape in chips
+
+  @classmethod
+  def of(cls, devices, topology):
+    return cls({d.id: tuple(d.coords) for d in devices}, topology.chip, topology.shape)
+
+  @property
+  def num_devices(self):
+    return len(self.coords)
+
+  def seconds(self, collective):
+    return collectives.ici_seconds(collective, self.coords, self.chip, self.shape)
 
 
 def tower_depths(config):
@@ -126,7 +157,7 @@ def _shallow(config, depths):
   return c
 
 
-def step_cost(config, mesh, compile_fn=None):
+def step_cost(config, mesh, compile_fn=None, links=None):
   """Per-device cost of one step with every layer and loss tile counted.
 
   XLA's cost analysis counts a while-loop body once, so a scanned layer stack
@@ -134,16 +165,16 @@ def step_cost(config, mesh, compile_fn=None):
   Unrolling a 32-layer stack makes a slow compile; instead three shallow,
   unrolled compiles (depths 1/1, 2/1, 1/2) give the cost outside the towers and
   one layer of each tower, and the full depth is extrapolated linearly, which
-  is exact for identical layers.
+  is exact for identical layers. Collectives are counted the same way (links: IciModel).
   """
   compile_fn = compile_fn or (lambda c: lower_train_step(c, mesh).compile())
   depths = tower_depths(config)
   ones = {tower: 1 for tower in depths}
-  base = Cost.of(compile_fn(_shallow(config, ones)))
+  base = Cost.of(compile_fn(_shallow(config, ones)), links)
   total = base
   for tower, depth in depths.items():
     if depth > 1:
-      deeper = Cost.of(compile_fn(_shallow(config, {**ones, tower: 2})))
+      deeper = Cost.of(compile_fn(_shallow(config, {**ones, tower: 2})), links)
       total = total + (deeper - base) * (depth - 1)
   return total
 
@@ -178,17 +209,21 @@ def model_flops(config):
 
 @dataclasses.dataclass(frozen=True)
 class StepTime:
-  """A roofline: max(FLOPs / peak, HBM bytes / bandwidth), collectives assumed
-  hidden behind compute. XLA's own `optimal_seconds` is not used: for these
-  programs it comes back negative, and it too counts loop bodies once."""
-  seconds: float
+  """Two bounds on a step's time from its per-device compute, HBM and ICI times:
+  overlapped = max(compute, HBM, ICI) (every collective hidden behind the rest), serial =
+  max(compute, HBM) + ICI (none hidden). XLA's own `optimal_seconds` is not used: for
+  these programs it comes back negative, and it too counts loop bodies once."""
+  seconds: float        # the overlapped bound
+  serial_s: float
   compute_s: float
   hbm_s: float
-  bound: str        # 'compute' | 'HBM'
+  ici_s: float
+  bound: str            # 'compute' | 'HBM' | 'ICI': what sets the overlapped bound
 
   @classmethod
   def roofline(cls, cost, peak_flops, hbm_bytes_per_s):
-    compute_s = cost.flops / peak_flops
-    hbm_s = cost.bytes / hbm_bytes_per_s
-    return cls(max(compute_s, hbm_s), compute_s, hbm_s,
-               'compute' if compute_s >= hbm_s else 'HBM')
+    times = {'compute': cost.flops / peak_flops, 'HBM': cost.bytes / hbm_bytes_per_s,
+             'ICI': cost.ici_s}
+    bound = max(times, key=times.get)
+    return cls(times[bound], max(times['compute'], times['HBM']) + times['ICI'],
+               times['compute'], times['HBM'], times['ICI'], bound)

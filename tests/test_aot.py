@@ -113,6 +113,7 @@ def test_cost_extrapolation_equals_a_fully_unrolled_compile():
   want = step_analysis.Cost.of(compile_fn(unrolled))
   assert got.flops == pytest.approx(want.flops, rel=0.01)
   assert got.bytes == pytest.approx(want.bytes, rel=0.05)
+  assert got.sent == want.sent == 0       # one device: nothing to send
   # The scanned, tiled program as compiled counts loop bodies once: the
   # correction matters.
   assert step_analysis.Cost.of(compile_fn(c)).flops < 0.8 * want.flops
@@ -260,3 +261,17 @@ def test_splash_attention_compiles_for_a_tpu_slice(remat, forward_kernels):
   assert sorted(set(phases)) == ['fused_bwd', 'fwd']
   assert (phases.count('fwd'), phases.count('fused_bwd')) == (forward_kernels, 2)
   assert {k.q for k in kernels} == {(8, 2, 128, 16)}
+
+
+def test_collective_bytes_extrapolate_like_flops():
+  """On 8 devices (FSDP): the bytes sent in collectives, from depth-1/2 compiles extrapolated
+  to depth 3, equal those of the whole step unrolled."""
+  c = tiny_config('supervised')
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
+  compile_fn = lambda cfg: step_analysis.lower_train_step(cfg, mesh).compile()
+  got = step_analysis.step_cost(c, mesh)
+  unrolled = c.copy_and_resolve_references()
+  unrolled.model.scan = False
+  unrolled.loss.tile_size = 10 ** 9
+  want = step_analysis.Cost.of(compile_fn(unrolled))
+  assert want.sent > 0 and got.sent == pytest.approx(want.sent, rel=0.01)

@@ -76,7 +76,7 @@ def test_async_starts_count_their_results_once():
   found = collectives.parse(hlo, num_devices=4)
   assert [(c.kind, c.payload, c.group_size) for c in found] == [
       ('all-gather', 64, 4), ('collective-permute', 64, 2), ('all-reduce', 128, 4)]
-  with pytest.raises(ValueError, match='ars: replica_groups={} means every device'):
+  with pytest.raises(ValueError, match='ars: replica_groups={} means every device, and the text has no'):
     collectives.parse(hlo)
 
 
