@@ -159,9 +159,8 @@ def _folder_bytes(folder):
   return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(f'{folder}/*'))}
 
 
-def check_entity_sweep(root):
+def check_entity_sweep(root, design=sweeps.ENTITIES_QUICK):
   """Rows are what each world and run wrote; one held-out set at every size."""
-  design = sweeps.ENTITIES_QUICK
   out = os.path.join(root, 'entities')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
   assert [(int(r['x']), r['arm']) for r in rows] == [
@@ -205,9 +204,8 @@ def _precision_recall(records, truth):
   return kept_true / kept, found / mentioned
 
 
-def check_selection_sweep(root):
+def check_selection_sweep(root, design=sweeps.SELECTION_QUICK):
   """Each corpus's selection figures recounted from its records and the ground truth."""
-  design = sweeps.SELECTION_QUICK
   out = os.path.join(root, 'selection')
   rows = sweep_report.read_csv(os.path.join(out, 'results.csv'))
   assert [r['point'] for r in rows] == [c.name for c in design.corpora for _ in design.seeds]

@@ -15,7 +15,7 @@ def say(msg):
 
 def train_all(runs, root, log=say):
   """Trains and evaluates every run under {root}/runs/; returns [{'arm', 'seed', 'workdir',
-  'config_file', 'metrics'}]."""
+  'found_finished', 'config_file', 'metrics'}] (found_finished: by an earlier invocation)."""
   rows, durations = [], []
   for i, run in enumerate(runs):
     workdir = os.path.join(root, 'runs', run.arm, f'seed{run.seed}')
@@ -23,11 +23,12 @@ def train_all(runs, root, log=say):
     log(f'model {i + 1}/{len(runs)}: {run.name} - training {run.config.total_steps} steps'
         + (f' (about {eta / 60:.1f} min left)' if eta else ''))
     start = time.time()
-    if not finished(workdir, run.config.total_steps):
+    found = finished(workdir, run.config.total_steps)
+    if not found:
       train.train_and_evaluate(run.config, workdir)
     durations.append(time.time() - start)
     jax.set_mesh(None)
-    rows.append(dict(arm=run.arm, seed=run.seed, workdir=workdir,
+    rows.append(dict(arm=run.arm, seed=run.seed, workdir=workdir, found_finished=found,
                      config_file=os.path.join(workdir, inference.CONFIG_FILE),
                      metrics=report.final_metrics(workdir)))
   return rows

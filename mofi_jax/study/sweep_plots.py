@@ -36,10 +36,12 @@ def _broken(x, y, break_at):
   return np.insert(x, i, np.nan), np.insert(y, i, np.nan)
 
 
-def _draw(ax, series, break_at=None):
+def _draw(ax, series, break_at=None, colors=None):
+  """colors: {label: colour}, so that a model keeps its colour in panels that lack another."""
   for arm, pts in series.items():
     x, mean, lo, hi = (np.array([p[i] for p in pts], np.float64) for i in range(4))
-    line, = ax.plot(*_broken(x, mean, break_at), marker='o', label=arm)
+    line, = ax.plot(*_broken(x, mean, break_at), marker='o', label=arm,
+                    color=(colors or {}).get(arm))
     ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt='none', ecolor=line.get_color(),
                 capsize=3, alpha=0.7)
     for xi, (*_, seeds) in zip(x, pts):
@@ -58,9 +60,10 @@ def entity_curves(path, rows, metrics):
   for ax in axes[len(shown) + 1:]:
     ax.axis('off')
   out = {'corpus': _corpus_panel(axes[len(shown)], rows)}
+  colors = {arm: f'C{i}' for i, arm in enumerate(dict.fromkeys(r['arm'] for r in rows))}
   for ax, m in zip(axes, shown):
     out[m] = model_series(rows, m, positions)
-    _draw(ax, out[m])
+    _draw(ax, out[m], colors=colors)
     ax.set(xscale='log', xlabel='entities in the world (log)', ylabel=m, title=m)
     _log_ticks(ax, sorted(set(positions.values())))
   axes[0].legend(fontsize=8)

@@ -59,10 +59,12 @@ def write_markdown(path, name, design, rows, metrics, *, minutes):
   summary = summarise(rows, metrics)
   points = list(dict.fromkeys(r['point'] for r in rows))
   first = {p: next(r for r in rows if r['point'] == p) for p in points}
+  found = sum(bool(r.get('found_finished')) for r in rows)
   lines = [f'# Sweep: {name}', '',
            f'- Design (mofi_jax/study/sweeps.py): `{_design_line(design)}`.',
-           f'- Wall time {minutes:.1f} min, built worlds included unless found. Mean ± sample '
-           'std over seeds; one row per run in results.csv.', '',
+           f'- Wall time of this invocation {minutes:.1f} min ({found} of {len(rows)} runs '
+           'found finished by an earlier one; worlds built here included). Mean ± sample std '
+           'over seeds; one row per run in results.csv.', '',
            '| point | x | corpus entities | corpus images | selection precision | '
            'selection recall |', '|---|---|---|---|---|---|']
   for p in points:
