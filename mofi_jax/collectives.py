@@ -97,21 +97,21 @@ def _header_devices(hlo_text):
 
 
 def _arrays(result):
-  """Byte sizes of the arrays in a result type, in order (tuples flattened)."""
-  sizes = []
+  """(bytes, has dimensions) of each array in a result type, in order (tuples flattened)."""
+  out = []
   for dtype, dims in kernel_cost.SHAPE.findall(result):
     count = int(np.prod([int(d) for d in dims.split(',') if d])) if dims else 1
-    sizes.append(count * kernel_cost.DTYPE_BYTES.get(dtype, 4))
-  return sizes
+    out.append((count * kernel_cost.DTYPE_BYTES.get(dtype, 4), bool(dims)))
+  return out
 
 
 def _payload(result, kind, is_async):
-  sizes = _arrays(result)
+  arrays = _arrays(result)
   if is_async and kind in ('all-gather', 'collective-permute'):
-    # (operands..., results...[, u32[] contexts]): the second half of the arrays.
-    arrays = [s for s, (_, dims) in zip(sizes, kernel_cost.SHAPE.findall(result)) if dims]
-    return sum(arrays[len(arrays) // 2:])
-  return sum(sizes)
+    # (operands..., results...[, u32[] contexts]): the second half of the non-scalars.
+    sizes = [size for size, shaped in arrays if shaped]
+    return sum(sizes[len(sizes) // 2:])
+  return sum(size for size, _ in arrays)
 
 
 def _groups(inst, kind):
@@ -139,6 +139,8 @@ def ici_seconds(collective, coords, chip, shape):
   """
   if collective.kind == 'collective-permute':
     return collective.payload / chip.ici_link_bytes_per_s
+  # Every group of one collective has the same shape on the torus (XLA builds them from
+  # mesh axes), so the first one stands for all.
   points = np.array([coords[d][:len(shape)] for d in collective.groups[0]])
   links = 0
   for dim, size in enumerate(shape):

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from data_prep import demo_world
+from data_prep.demo_world import i2e_build
 from mofi_jax.study import sweep_plots, sweep_report, sweeps, worlds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,10 +106,7 @@ def test_quick_sweeps_end_to_end(tmp_path):
   """Both quick sweeps from the command line, in one workdir (one test, so that one xdist
   worker builds the worlds once), then their outputs against a recount."""
   root = str(tmp_path)
-  # One CPU device, as a user's run has (the suite simulates 8).
-  xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                       if not f.startswith('--xla_force_host_platform_device_count'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags)
+  env = i2e_build.cpu_env()   # one CPU device, as a user's run has (the suite simulates 8)
   for name in ('entities', 'selection'):
     proc = subprocess.run([sys.executable, '-m', 'mofi_jax.study', '--workdir', root,
                            '--sweep', name, '--quick'], cwd=REPO, env=env,

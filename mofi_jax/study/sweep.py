@@ -1,8 +1,9 @@
 """The two sweeps, end to end: worlds (or corpora), runs, then results.csv, results.md and plots.
 
 Each point of a sweep is one corpus: a world of N entities (entities) or one threshold's
-corpus of one world (selection). Its runs live under {root}/entities/{world}/runs/{arm}/seed{s}
-or {root}/selection/{world}/{corpus}/runs/...; a re-run skips what finished. Results are computed only from what each run wrote
+corpus of one world (selection). Its runs live under
+{root}/entities/{world}/runs/{arm}/seed{s} or {root}/selection/{world}/{corpus}/runs/...; a
+re-run skips what finished. Results are computed only from what each run wrote
 (eval_results.jsonl) and what each build wrote (stats.json, selection.json).
 """
 import concurrent.futures
@@ -17,8 +18,6 @@ from mofi_jax.study.runner import say, train_all
 
 METRICS = ('retrieval/map', 'zeroshot/top1', 'linear_probe/top1', 'knn/top1')
 BUILD_WORKERS = 2
-CORPUS_KEYS = ('precision', 'recall', 'ambiguous_recall', 'distractors_removed',
-               'drawn_entities_kept')
 
 
 def run(name, root, *, quick=False, seeds=None, total_steps=None):
@@ -94,5 +93,5 @@ def _corpus_fields(corpus, selection):
   """The corpus's size and its selection scored against the world's ground truth."""
   meta = schema.load_corpus_meta(corpus)
   out = dict(corpus_entities=meta['num_entities'], corpus_images=meta['num_train_examples'])
-  out.update({f'selection_{k}': selection.get(k) for k in CORPUS_KEYS})
+  out.update({f'selection_{k}': selection.get(k) for k in sweep_report.CORPUS_KEYS})
   return out

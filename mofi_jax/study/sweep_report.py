@@ -8,9 +8,11 @@ import numpy as np
 from mofi_jax.study import sweep_plots
 
 CSV = 'results.csv'
+# A corpus's selection figures against the ground truth (selection.selection_metrics keys).
+CORPUS_KEYS = ('precision', 'recall', 'ambiguous_recall', 'distractors_removed',
+               'drawn_entities_kept')
 POINT_KEYS = ('point', 'x', 'link_top_k', 'corpus_entities', 'corpus_images',
-              'selection_precision', 'selection_recall', 'selection_ambiguous_recall',
-              'selection_distractors_removed', 'selection_drawn_entities_kept')
+              *(f'selection_{k}' for k in CORPUS_KEYS))
 
 
 def write_csv(path, rows):
